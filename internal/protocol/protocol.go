@@ -1,0 +1,463 @@
+// Package protocol defines Muster's wire protocol in one place: the NATS
+// subjects, the request and reply envelopes, the actions and their bodies,
+// the stable error codes and the size limits every decoder enforces.
+//
+// docs/protocol.md describes the same protocol for readers, with examples
+// that can be replayed with the nats CLI. Keep the two in step.
+package protocol
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+)
+
+// Version strings carried in every envelope. A receiver rejects an envelope
+// whose protocol field it does not know.
+const (
+	RequestProtocol = "muster:request:1"
+	ReplyProtocol   = "muster:reply:1"
+	EventProtocol   = "muster:lifecycle:1"
+	MetadataProto   = "muster:metadata:1"
+)
+
+// Size limits. Every message from a node or a helper is checked against one of
+// these before it is decoded.
+const (
+	// MaxMessageSize bounds any request, reply, event or metadata message.
+	MaxMessageSize = 256 * 1024
+	// MaxIdentityLength bounds a node identity (a DNS name is at most 253).
+	MaxIdentityLength = 253
+	// MaxTTL is the longest TTL a request may ask for.
+	MaxTTL = 10 * time.Minute
+	// DefaultTTL is used when a sender does not set one.
+	DefaultTTL = 60 * time.Second
+)
+
+// Collectives and components.
+const (
+	// ProvisioningCollective is the collective every unprovisioned node joins.
+	ProvisioningCollective = "provisioning"
+	// DefaultMainCollective is the production collective when a node's
+	// configuration names none.
+	DefaultMainCollective = "mcollective"
+	// AgentComponent names the node daemon in lifecycle subjects.
+	AgentComponent = "muster-agent"
+	// ProvisionerComponent names the provisioner in lifecycle subjects.
+	ProvisionerComponent = "muster-provisioner"
+)
+
+// Subjects that do not depend on a collective.
+const (
+	// MetadataSubject receives every waiting node's metadata (identity + facts).
+	MetadataSubject = "choria.provisioning_data"
+	// LifecyclePrefix prefixes lifecycle events: choria.lifecycle.event.<type>.<component>.
+	LifecyclePrefix = "choria.lifecycle.event"
+)
+
+// Agents a node serves.
+const (
+	AgentRPCUtil   = "rpcutil"
+	AgentProvision = "choria_provision"
+	AgentDiscovery = "discovery"
+)
+
+// Actions, by agent.
+const (
+	ActionPing        = "ping"        // discovery, rpcutil
+	ActionInventory   = "inventory"   // rpcutil
+	ActionGenCSR      = "gencsr"      // choria_provision
+	ActionConfigure   = "configure"   // choria_provision
+	ActionRestart     = "restart"     // choria_provision
+	ActionReprovision = "reprovision" // choria_provision
+	ActionShutdown    = "shutdown"    // choria_provision
+)
+
+// Lifecycle event types.
+const (
+	EventStartup     = "startup"
+	EventProvisioned = "provisioned"
+	EventShutdown    = "shutdown"
+)
+
+// NodeSubject is the subject on which a single node receives requests in the
+// given collective: <collective>.node.<identity>.
+func NodeSubject(collective, identity string) string {
+	return collective + ".node." + identity
+}
+
+// BroadcastSubject is the subject on which every node of a collective
+// receives requests for an agent: <collective>.broadcast.agent.<agent>.
+func BroadcastSubject(collective, agent string) string {
+	return collective + ".broadcast.agent." + agent
+}
+
+// LifecycleSubject is choria.lifecycle.event.<type>.<component>.
+func LifecycleSubject(eventType, component string) string {
+	return LifecyclePrefix + "." + eventType + "." + component
+}
+
+// Code is a stable error code carried in replies. Codes are part of the
+// protocol: add new ones, never change the meaning of existing ones.
+type Code string
+
+// Reply codes.
+const (
+	CodeOK            Code = "ok"
+	CodeBadRequest    Code = "bad_request"    // undecodable or invalid request
+	CodeUnauthorized  Code = "unauthorized"   // token or signature check failed
+	CodeExpired       Code = "expired"        // request older than its TTL
+	CodeUnknownAction Code = "unknown_action" // agent or action not served in this mode
+	CodeInvalidCert   Code = "invalid_certificate"
+	CodeConflict      Code = "conflict" // e.g. configure before gencsr
+	CodeTooLarge      Code = "too_large"
+	CodeInternal      Code = "internal" // node-side failure; details stay on the node
+)
+
+// Sentinel errors returned by the decoders and validators in this package.
+var (
+	ErrTooLarge        = errors.New("message too large")
+	ErrBadProtocol     = errors.New("unknown protocol version")
+	ErrMissingField    = errors.New("missing required field")
+	ErrInvalidIdentity = errors.New("invalid identity")
+	ErrExpired         = errors.New("request expired")
+	ErrBadTTL          = errors.New("invalid ttl")
+)
+
+// Request is the envelope of every request the provisioner (or an operator
+// tool) sends to a node.
+type Request struct {
+	Protocol string `json:"protocol"`
+	// ID is unique per request; a node never processes an ID twice.
+	ID string `json:"id"`
+	// Sender names the requester (provisioner instance name).
+	Sender string `json:"sender"`
+	// Target is the addressed identity, empty for broadcasts.
+	Target string `json:"target,omitempty"`
+	Agent  string `json:"agent"`
+	Action string `json:"action"`
+	// Time is when the request was made, in UTC.
+	Time time.Time `json:"time"`
+	// TTL in whole seconds: the request is void after Time+TTL.
+	TTL int `json:"ttl"`
+	// Token is the fleet provisioning token (Choria's shared-token model).
+	Token string `json:"token,omitempty"`
+	// Body is the action's input; its type depends on Agent and Action.
+	Body json.RawMessage `json:"body,omitempty"`
+}
+
+// Reply is the envelope of every reply from a node.
+type Reply struct {
+	Protocol string          `json:"protocol"`
+	ID       string          `json:"id"`     // the request's ID
+	Sender   string          `json:"sender"` // the replying node's identity
+	Time     time.Time       `json:"time"`
+	Code     Code            `json:"code"`
+	Message  string          `json:"message,omitempty"`
+	Body     json.RawMessage `json:"body,omitempty"`
+}
+
+// Err returns nil for a successful reply and a *ReplyError otherwise.
+func (r *Reply) Err() error {
+	if r.Code == CodeOK {
+		return nil
+	}
+	return &ReplyError{Code: r.Code, Message: r.Message, Sender: r.Sender}
+}
+
+// ReplyError is a non-ok reply received from a node.
+type ReplyError struct {
+	Code    Code
+	Message string
+	Sender  string
+}
+
+func (e *ReplyError) Error() string {
+	return fmt.Sprintf("%s replied %s: %s", e.Sender, e.Code, e.Message)
+}
+
+// Metadata is what a waiting node publishes on MetadataSubject.
+type Metadata struct {
+	Protocol string            `json:"protocol"`
+	Identity string            `json:"identity"`
+	Time     time.Time         `json:"time"`
+	Version  string            `json:"version"`
+	Facts    map[string]string `json:"facts"`
+}
+
+// Event is a lifecycle event, published on LifecycleSubject(Type, Component).
+type Event struct {
+	Protocol  string    `json:"protocol"`
+	ID        string    `json:"id"`
+	Identity  string    `json:"identity"`
+	Component string    `json:"component"`
+	Type      string    `json:"type"`
+	Time      time.Time `json:"time"`
+	Version   string    `json:"version,omitempty"`
+}
+
+// PingReply is the body of a discovery or rpcutil ping reply.
+type PingReply struct {
+	Identity string    `json:"identity"`
+	Mode     string    `json:"mode"` // "provisioning" or "production"
+	Time     time.Time `json:"time"`
+}
+
+// Inventory is the body of an rpcutil inventory reply. Its first eight fields
+// are the Choria inventory the helper receives (COMPAT.md); Config carries the
+// node's configuration keys (secrets masked), including ones it does not use.
+type Inventory struct {
+	Agents         []string          `json:"agents"`
+	Facts          map[string]string `json:"facts"`
+	Classes        []string          `json:"classes"`
+	Collectives    []string          `json:"collectives"`
+	MainCollective string            `json:"main_collective"`
+	Version        string            `json:"version"`
+	DataPlugins    []string          `json:"data_plugins"`
+	Upgradable     bool              `json:"upgradable"`
+	Config         map[string]string `json:"config,omitempty"`
+}
+
+// Key types a node can generate in gencsr.
+const (
+	KeyECDSAP256 = "ecdsa-p256"
+	KeyRSA       = "rsa"
+)
+
+// GenCSRRequest is the body of choria_provision gencsr.
+type GenCSRRequest struct {
+	// KeyType is KeyECDSAP256 (default) or KeyRSA.
+	KeyType string `json:"key_type,omitempty"`
+	// RSABits is the RSA modulus size, 2048 (default), 3072 or 4096.
+	RSABits int `json:"rsa_bits,omitempty"`
+	// Subject fields, all optional. The CN is always the node identity.
+	Country      string `json:"C,omitempty"`
+	Locality     string `json:"L,omitempty"`
+	Organization string `json:"O,omitempty"`
+	OrgUnit      string `json:"OU,omitempty"`
+	State        string `json:"ST,omitempty"`
+}
+
+// GenCSRReply is the body of a gencsr reply. The private key stays on the node.
+type GenCSRReply struct {
+	CSR       string `json:"csr"`
+	PublicKey string `json:"public_key"`
+	SSLDir    string `json:"ssldir"`
+}
+
+// ConfigureRequest is the body of choria_provision configure.
+type ConfigureRequest struct {
+	Configuration  map[string]string `json:"configuration"`
+	Certificate    string            `json:"certificate,omitempty"`
+	CA             string            `json:"ca,omitempty"`
+	SSLDir         string            `json:"ssldir,omitempty"`
+	ActionPolicies map[string]string `json:"action_policies,omitempty"`
+	OPAPolicies    map[string]string `json:"opa_policies,omitempty"`
+}
+
+// RestartRequest is the body of choria_provision restart and reprovision.
+type RestartRequest struct {
+	// SplayMillis is the longest random delay before restarting.
+	SplayMillis int `json:"splay_ms,omitempty"`
+}
+
+// ShutdownRequest is the body of choria_provision shutdown.
+type ShutdownRequest struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+// ValidateIdentity checks that id can be a node identity: a DNS-like name of
+// letters, digits, '-', '_' and '.', no empty labels, no leading or trailing
+// dot, at most MaxIdentityLength bytes. Such an identity is a safe NATS
+// subject suffix and a safe file name component.
+func ValidateIdentity(id string) error {
+	if id == "" {
+		return fmt.Errorf("%w: empty", ErrInvalidIdentity)
+	}
+	if len(id) > MaxIdentityLength {
+		return fmt.Errorf("%w: longer than %d bytes", ErrInvalidIdentity, MaxIdentityLength)
+	}
+	if id[0] == '.' || id[len(id)-1] == '.' || strings.Contains(id, "..") {
+		return fmt.Errorf("%w: %q has an empty label", ErrInvalidIdentity, id)
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.':
+		default:
+			return fmt.Errorf("%w: %q has character %q", ErrInvalidIdentity, id, c)
+		}
+	}
+	return nil
+}
+
+// Marshal encodes v as JSON, refusing results over MaxMessageSize.
+func Marshal(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > MaxMessageSize {
+		return nil, fmt.Errorf("encode %T: %d bytes: %w", v, len(b), ErrTooLarge)
+	}
+	return b, nil
+}
+
+// DecodeStrict decodes data into v, refusing data over limit bytes, unknown
+// fields and trailing data.
+func DecodeStrict(data []byte, limit int, v any) error {
+	if len(data) > limit {
+		return fmt.Errorf("%d bytes, limit %d: %w", len(data), limit, ErrTooLarge)
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("trailing data after JSON value")
+	}
+	return nil
+}
+
+// DecodeLenient decodes data into v, refusing data over limit bytes and
+// trailing data but ignoring unknown fields (for replies and events, which
+// newer peers may extend).
+func DecodeLenient(data []byte, limit int, v any) error {
+	if len(data) > limit {
+		return fmt.Errorf("%d bytes, limit %d: %w", len(data), limit, ErrTooLarge)
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(v); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("trailing data after JSON value")
+	}
+	return nil
+}
+
+// DecodeRequest decodes and validates a request envelope. The body is not
+// decoded; use DecodeStrict on Body with the action's type.
+func DecodeRequest(data []byte) (*Request, error) {
+	var r Request
+	if err := DecodeStrict(data, MaxMessageSize, &r); err != nil {
+		return nil, fmt.Errorf("decode request: %w", err)
+	}
+	if err := r.Validate(); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
+// Validate checks the envelope fields (not freshness; see CheckFresh).
+func (r *Request) Validate() error {
+	var errs []error
+	if r.Protocol != RequestProtocol {
+		errs = append(errs, fmt.Errorf("protocol %q: %w", r.Protocol, ErrBadProtocol))
+	}
+	if r.ID == "" || len(r.ID) > 128 {
+		errs = append(errs, fmt.Errorf("id: %w", ErrMissingField))
+	}
+	if r.Agent == "" || len(r.Agent) > 64 {
+		errs = append(errs, fmt.Errorf("agent: %w", ErrMissingField))
+	}
+	if r.Action == "" || len(r.Action) > 64 {
+		errs = append(errs, fmt.Errorf("action: %w", ErrMissingField))
+	}
+	if r.Time.IsZero() {
+		errs = append(errs, fmt.Errorf("time: %w", ErrMissingField))
+	}
+	if r.TTL <= 0 || time.Duration(r.TTL)*time.Second > MaxTTL {
+		errs = append(errs, fmt.Errorf("ttl %d: %w", r.TTL, ErrBadTTL))
+	}
+	if r.Target != "" {
+		if err := ValidateIdentity(r.Target); err != nil {
+			errs = append(errs, fmt.Errorf("target: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// CheckFresh reports ErrExpired when now is past Time+TTL, or when Time lies
+// further than skew in the future.
+func (r *Request) CheckFresh(now time.Time, skew time.Duration) error {
+	if r.Time.After(now.Add(skew)) {
+		return fmt.Errorf("request %s made %s in the future: %w", r.ID, r.Time.Sub(now).Round(time.Millisecond), ErrExpired)
+	}
+	if now.After(r.Time.Add(time.Duration(r.TTL)*time.Second + skew)) {
+		return fmt.Errorf("request %s older than its ttl of %ds: %w", r.ID, r.TTL, ErrExpired)
+	}
+	return nil
+}
+
+// DecodeReply decodes a reply envelope (lenient about unknown fields).
+func DecodeReply(data []byte) (*Reply, error) {
+	var r Reply
+	if err := DecodeLenient(data, MaxMessageSize, &r); err != nil {
+		return nil, fmt.Errorf("decode reply: %w", err)
+	}
+	if r.Protocol != ReplyProtocol {
+		return nil, fmt.Errorf("decode reply: protocol %q: %w", r.Protocol, ErrBadProtocol)
+	}
+	if r.Code == "" {
+		return nil, fmt.Errorf("decode reply: code: %w", ErrMissingField)
+	}
+	if err := ValidateIdentity(r.Sender); err != nil {
+		return nil, fmt.Errorf("decode reply sender: %w", err)
+	}
+	return &r, nil
+}
+
+// DecodeMetadata decodes and validates a metadata message.
+func DecodeMetadata(data []byte) (*Metadata, error) {
+	var m Metadata
+	if err := DecodeLenient(data, MaxMessageSize, &m); err != nil {
+		return nil, fmt.Errorf("decode metadata: %w", err)
+	}
+	if m.Protocol != MetadataProto {
+		return nil, fmt.Errorf("decode metadata: protocol %q: %w", m.Protocol, ErrBadProtocol)
+	}
+	if err := ValidateIdentity(m.Identity); err != nil {
+		return nil, fmt.Errorf("decode metadata: %w", err)
+	}
+	return &m, nil
+}
+
+// DecodeEvent decodes and validates a lifecycle event.
+func DecodeEvent(data []byte) (*Event, error) {
+	var e Event
+	if err := DecodeLenient(data, MaxMessageSize, &e); err != nil {
+		return nil, fmt.Errorf("decode event: %w", err)
+	}
+	if e.Protocol != EventProtocol {
+		return nil, fmt.Errorf("decode event: protocol %q: %w", e.Protocol, ErrBadProtocol)
+	}
+	if err := ValidateIdentity(e.Identity); err != nil {
+		return nil, fmt.Errorf("decode event: %w", err)
+	}
+	if e.Type == "" || e.Component == "" {
+		return nil, fmt.Errorf("decode event: type or component: %w", ErrMissingField)
+	}
+	return &e, nil
+}
+
+// NewReply builds a reply to req from sender with the given code and body.
+func NewReply(req *Request, sender string, code Code, msg string, body any) (*Reply, error) {
+	r := &Reply{Protocol: ReplyProtocol, Sender: sender, Time: time.Now().UTC(), Code: code, Message: msg}
+	if req != nil {
+		r.ID = req.ID
+	}
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return nil, err
+		}
+		r.Body = b
+	}
+	return r, nil
+}
