@@ -1,0 +1,129 @@
+package pki
+
+import (
+	"crypto/x509"
+	"errors"
+	"strings"
+	"testing"
+)
+
+func TestKeyAndCSR(t *testing.T) {
+	cases := []struct {
+		name    string
+		keyType string
+		bits    int
+		err     error
+	}{
+		{"default ecdsa", "", 0, nil},
+		{"ecdsa named", "ecdsa-p256", 0, nil},
+		{"rsa default bits", "rsa", 0, nil},
+		{"rsa 1024 refused", "rsa", 1024, ErrKeyPolicy},
+		{"dsa refused", "dsa", 0, ErrKeyPolicy},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			key, err := GenerateKey(c.keyType, c.bits)
+			if c.err != nil {
+				if !errors.Is(err, c.err) {
+					t.Fatalf("err %v, want %v", err, c.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			csrPEM, err := CreateCSR(key, "n1.example.net", CSRSubject{Country: "mt"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			csr, err := ParseCSR(csrPEM)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if csr.Subject.CommonName != "n1.example.net" || len(csr.DNSNames) != 1 {
+				t.Fatalf("subject %v sans %v", csr.Subject, csr.DNSNames)
+			}
+			if !SamePublicKey(key.Public(), csr.PublicKey) {
+				t.Fatal("csr key differs")
+			}
+			keyPEM, err := MarshalPrivateKey(key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			back, err := ParsePrivateKey(keyPEM)
+			if err != nil || !SamePublicKey(back.Public(), key.Public()) {
+				t.Fatalf("private key round trip: %v", err)
+			}
+		})
+	}
+}
+
+func TestParseRejects(t *testing.T) {
+	key, _ := GenerateKey("", 0)
+	csrPEM, _ := CreateCSR(key, "n1", CSRSubject{})
+	tampered := []byte(strings.Replace(string(csrPEM), "A", "B", 3))
+	cases := []struct {
+		name string
+		data []byte
+	}{
+		{"empty", nil},
+		{"garbage", []byte("hello")},
+		{"trailing", append(append([]byte{}, csrPEM...), []byte("junk")...)},
+		{"two blocks", append(append([]byte{}, csrPEM...), csrPEM...)},
+		{"tampered", tampered},
+		{"huge", []byte(strings.Repeat("A", MaxPEMSize+1))},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if _, err := ParseCSR(c.data); err == nil {
+				t.Fatal("parsed")
+			}
+			if _, err := ParseCertificates(c.data); err == nil {
+				t.Fatal("parsed as certificates")
+			}
+		})
+	}
+}
+
+func TestParsePin(t *testing.T) {
+	good := "sha256:" + strings.Repeat("ab", 32)
+	if p, err := ParsePin(strings.ToUpper(good)); err != nil || p != good {
+		t.Fatalf("ParsePin = %q, %v", p, err)
+	}
+	for _, bad := range []string{"", "ab", "sha1:" + strings.Repeat("ab", 20), "sha256:zz", "sha256:" + strings.Repeat("ab", 31)} {
+		if _, err := ParsePin(bad); !errors.Is(err, ErrBadPin) {
+			t.Errorf("ParsePin(%q) = %v", bad, err)
+		}
+	}
+}
+
+func FuzzParseCSR(f *testing.F) {
+	key, _ := GenerateKey("", 0)
+	csrPEM, _ := CreateCSR(key, "n1.example.net", CSRSubject{})
+	f.Add(csrPEM)
+	f.Add([]byte("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		csr, err := ParseCSR(data)
+		if err == nil && csr.CheckSignature() != nil {
+			t.Fatal("csr with bad signature accepted")
+		}
+	})
+}
+
+func FuzzParsePEM(f *testing.F) {
+	f.Add([]byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"))
+	f.Add([]byte("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if certs, err := ParseCertificates(data); err == nil {
+			for _, c := range certs {
+				if c == nil {
+					t.Fatal("nil certificate")
+				}
+			}
+		}
+		_, _ = ParsePrivateKey(data)
+		if c, err := x509.ParseCertificate(data); err == nil {
+			_ = Pin(c)
+		}
+	})
+}

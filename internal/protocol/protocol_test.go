@@ -1,0 +1,194 @@
+package protocol
+
+import (
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+func validRequest() *Request {
+	return &Request{
+		Protocol: RequestProtocol, ID: "abc123", Sender: "prov", Target: "node1.example.net",
+		Agent: AgentRPCUtil, Action: ActionPing, Time: time.Now().UTC(), TTL: 60,
+	}
+}
+
+func TestValidateIdentity(t *testing.T) {
+	cases := []struct {
+		name string
+		id   string
+		ok   bool
+	}{
+		{"fqdn", "node1.example.net", true},
+		{"short", "n", true},
+		{"underscore and dash", "web_01-a", true},
+		{"empty", "", false},
+		{"leading dot", ".node", false},
+		{"trailing dot", "node.", false},
+		{"double dot", "a..b", false},
+		{"slash", "a/b", false},
+		{"dotdot path", "../etc", false},
+		{"wildcard", "a.*", false},
+		{"full wildcard", ">", false},
+		{"space", "a b", false},
+		{"newline", "a\nb", false},
+		{"too long", strings.Repeat("a", MaxIdentityLength+1), false},
+		{"max length", strings.Repeat("a", MaxIdentityLength), true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			err := ValidateIdentity(c.id)
+			if (err == nil) != c.ok {
+				t.Fatalf("ValidateIdentity(%q) = %v, want ok=%v", c.id, err, c.ok)
+			}
+			if err != nil && !errors.Is(err, ErrInvalidIdentity) {
+				t.Fatalf("error %v is not ErrInvalidIdentity", err)
+			}
+		})
+	}
+}
+
+func TestDecodeRequest(t *testing.T) {
+	good, _ := json.Marshal(validRequest())
+	if _, err := DecodeRequest(good); err != nil {
+		t.Fatalf("valid request: %v", err)
+	}
+	cases := []struct {
+		name string
+		data string
+		want error
+	}{
+		{"unknown field", strings.Replace(string(good), `"id"`, `"evil":1,"id"`, 1), nil},
+		{"trailing data", string(good) + "{}", nil},
+		{"bad protocol", strings.Replace(string(good), RequestProtocol, "muster:request:9", 1), ErrBadProtocol},
+		{"bad target", strings.Replace(string(good), "node1.example.net", "../x", 1), ErrInvalidIdentity},
+		{"zero ttl", strings.Replace(string(good), `"ttl":60`, `"ttl":0`, 1), ErrBadTTL},
+		{"huge ttl", strings.Replace(string(good), `"ttl":60`, `"ttl":100000`, 1), ErrBadTTL},
+		{"too large", `{"id":"` + strings.Repeat("a", MaxMessageSize) + `"}`, ErrTooLarge},
+		{"not json", "hello", nil},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := DecodeRequest([]byte(c.data))
+			if err == nil {
+				t.Fatal("decoded, want error")
+			}
+			if c.want != nil && !errors.Is(err, c.want) {
+				t.Fatalf("error %v, want %v", err, c.want)
+			}
+		})
+	}
+}
+
+func TestCheckFresh(t *testing.T) {
+	now := time.Now()
+	r := validRequest()
+	r.Time = now
+	if err := r.CheckFresh(now.Add(30*time.Second), time.Second); err != nil {
+		t.Fatalf("fresh request refused: %v", err)
+	}
+	if err := r.CheckFresh(now.Add(2*time.Minute), time.Second); !errors.Is(err, ErrExpired) {
+		t.Fatalf("stale request: %v", err)
+	}
+	r.Time = now.Add(time.Minute)
+	if err := r.CheckFresh(now, 5*time.Second); !errors.Is(err, ErrExpired) {
+		t.Fatalf("future request: %v", err)
+	}
+}
+
+func TestReplyRoundTrip(t *testing.T) {
+	req := validRequest()
+	rep, err := NewReply(req, "node1.example.net", CodeBadRequest, "no", PingReply{Identity: "node1.example.net"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Marshal(rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := DecodeReply(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var re *ReplyError
+	if err := got.Err(); !errors.As(err, &re) || re.Code != CodeBadRequest {
+		t.Fatalf("Err() = %v", err)
+	}
+	if got.ID != req.ID {
+		t.Fatalf("id %q, want %q", got.ID, req.ID)
+	}
+}
+
+func TestSubjects(t *testing.T) {
+	if s := NodeSubject(ProvisioningCollective, "n1.example.net"); s != "provisioning.node.n1.example.net" {
+		t.Fatal(s)
+	}
+	if s := BroadcastSubject(ProvisioningCollective, AgentDiscovery); s != "provisioning.broadcast.agent.discovery" {
+		t.Fatal(s)
+	}
+	if s := LifecycleSubject(EventStartup, AgentComponent); s != "choria.lifecycle.event.startup.muster-agent" {
+		t.Fatal(s)
+	}
+}
+
+func FuzzDecodeRequest(f *testing.F) {
+	good, _ := json.Marshal(validRequest())
+	f.Add(good)
+	f.Add([]byte(`{"protocol":"muster:request:1"}`))
+	f.Add([]byte(`[]`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r, err := DecodeRequest(data)
+		if err != nil {
+			return
+		}
+		if r.Validate() != nil {
+			t.Fatal("DecodeRequest returned an invalid request")
+		}
+		if r.Target != "" && ValidateIdentity(r.Target) != nil {
+			t.Fatal("invalid target accepted")
+		}
+	})
+}
+
+func FuzzDecodeReply(f *testing.F) {
+	rep, _ := NewReply(validRequest(), "n1", CodeOK, "", map[string]int{"a": 1})
+	b, _ := json.Marshal(rep)
+	f.Add(b)
+	f.Add([]byte(`{"protocol":"muster:reply:1","code":"ok","sender":"../x"}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r, err := DecodeReply(data)
+		if err == nil && ValidateIdentity(r.Sender) != nil {
+			t.Fatal("reply with invalid sender accepted")
+		}
+	})
+}
+
+func FuzzDecodeMetadataEvent(f *testing.F) {
+	m, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Facts: map[string]string{"a": "b"}})
+	e, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventStartup, Component: AgentComponent})
+	f.Add(m)
+	f.Add(e)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		if md, err := DecodeMetadata(data); err == nil && ValidateIdentity(md.Identity) != nil {
+			t.Fatal("metadata with invalid identity accepted")
+		}
+		if ev, err := DecodeEvent(data); err == nil && (ValidateIdentity(ev.Identity) != nil || ev.Type == "") {
+			t.Fatal("invalid event accepted")
+		}
+	})
+}
+
+func FuzzValidateIdentity(f *testing.F) {
+	f.Add("node1.example.net")
+	f.Add("../../etc/passwd")
+	f.Fuzz(func(t *testing.T, id string) {
+		if ValidateIdentity(id) != nil {
+			return
+		}
+		if strings.ContainsAny(id, "/\\ \n\r\t*>") || strings.Contains(id, "..") || len(id) > MaxIdentityLength {
+			t.Fatalf("identity %q accepted", id)
+		}
+	})
+}
