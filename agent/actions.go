@@ -1,0 +1,249 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/fsutil"
+	"github.com/muster-io/muster/internal/pki"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// PoliciesDir is the directory under the state directory where configure
+// installs action and OPA policies.
+const PoliciesDir = "policies"
+
+// maxPolicySize bounds one policy file.
+const maxPolicySize = 64 * 1024
+
+func (s *session) genCSR(body protocol.GenCSRRequest, log *logrus.Entry) answer {
+	key, err := pki.GenerateKey(body.KeyType, body.RSABits)
+	if err != nil {
+		return fail(protocol.CodeBadRequest, "%v", err)
+	}
+	csrPEM, err := pki.CreateCSR(key, s.a.id, pki.CSRSubject{
+		Country: body.Country, Locality: body.Locality, Organization: body.Organization,
+		OrgUnit: body.OrgUnit, State: body.State,
+	})
+	if err != nil {
+		return fail(protocol.CodeBadRequest, "subject fields: %v", errors.Unwrap(err))
+	}
+	keyPEM, err := pki.MarshalPrivateKey(key)
+	if err != nil {
+		log.WithError(err).Error("gencsr: encode key")
+		return fail(protocol.CodeInternal, "could not encode the key")
+	}
+	pubPEM, err := pki.MarshalPublicKey(key.Public())
+	if err != nil {
+		log.WithError(err).Error("gencsr: encode public key")
+		return fail(protocol.CodeInternal, "could not encode the public key")
+	}
+	if err := os.MkdirAll(s.a.sslDir, 0o700); err != nil {
+		log.WithError(err).Error("gencsr: create ssldir")
+		return fail(protocol.CodeInternal, "could not create the ssl directory")
+	}
+	if err := fsutil.WriteFilesAtomic([]fsutil.File{
+		{Path: filepath.Join(s.a.sslDir, KeyFile), Data: keyPEM, Perm: 0o600},
+		{Path: filepath.Join(s.a.sslDir, CSRFile), Data: csrPEM, Perm: 0o644},
+	}); err != nil {
+		log.WithError(err).Error("gencsr: write key and csr")
+		return fail(protocol.CodeInternal, "could not store the key")
+	}
+	log.WithField("key_type", keyTypeName(body)).Info("generated a private key and CSR")
+	return ok(protocol.GenCSRReply{CSR: string(csrPEM), PublicKey: string(pubPEM), SSLDir: s.a.sslDir})
+}
+
+func keyTypeName(b protocol.GenCSRRequest) string {
+	if b.KeyType == protocol.KeyRSA {
+		bits := b.RSABits
+		if bits == 0 {
+			bits = 2048
+		}
+		return fmt.Sprintf("rsa-%d", bits)
+	}
+	return protocol.KeyECDSAP256
+}
+
+// configure verifies everything the request carries before writing anything,
+// then writes certificate, CA, policies and finally the configuration.
+func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *logrus.Entry) answer {
+	a := s.a
+	if body.SSLDir != "" && (!filepath.IsAbs(body.SSLDir) || filepath.Clean(body.SSLDir) != a.sslDir) {
+		return fail(protocol.CodeBadRequest, "ssldir must be this node's ssldir as reported by gencsr")
+	}
+	cfg, err := config.FromMap(body.Configuration)
+	if err != nil {
+		return fail(protocol.CodeBadRequest, "configuration: %v", err)
+	}
+	if id, set := cfg.Get(config.KeyIdentity); set && id != a.id {
+		return fail(protocol.CodeBadRequest, "configuration: identity %q is not this node's identity %q", id, a.id)
+	}
+	var files []fsutil.File
+	certPath := filepath.Join(a.sslDir, CertFile)
+	caPath := filepath.Join(a.sslDir, CAFile)
+	keyPath := filepath.Join(a.sslDir, KeyFile)
+	certInstalled := false
+	switch {
+	case body.Certificate != "":
+		keyPEM, err := os.ReadFile(keyPath)
+		if errors.Is(err, os.ErrNotExist) {
+			return fail(protocol.CodeConflict, "no private key on this node: gencsr must come before configure with a certificate")
+		}
+		if err != nil {
+			log.WithError(err).Error("configure: read private key")
+			return fail(protocol.CodeInternal, "could not read the private key")
+		}
+		key, err := pki.ParsePrivateKey(keyPEM)
+		if err != nil {
+			log.WithError(err).Error("configure: parse private key")
+			return fail(protocol.CodeConflict, "the private key on this node is unusable: run gencsr again")
+		}
+		if body.CA == "" {
+			return fail(protocol.CodeInvalidCert, "a certificate needs the ca that signed it")
+		}
+		if _, err := pki.VerifyLeaf([]byte(body.Certificate), []byte(body.CA), key.Public(), a.id, now); err != nil {
+			return fail(protocol.CodeInvalidCert, "%v", err)
+		}
+		files = append(files,
+			fsutil.File{Path: certPath, Data: []byte(body.Certificate), Perm: 0o644},
+			fsutil.File{Path: caPath, Data: []byte(body.CA), Perm: 0o644})
+		certInstalled = true
+	case body.CA != "":
+		if _, err := pki.ParseCertificates([]byte(body.CA)); err != nil {
+			return fail(protocol.CodeInvalidCert, "ca: %v", err)
+		}
+		files = append(files, fsutil.File{Path: caPath, Data: []byte(body.CA), Perm: 0o644})
+	}
+	polFiles, ans := a.policyFiles(body)
+	if ans != nil {
+		return *ans
+	}
+	files = append(files, polFiles...)
+
+	defaults := map[string]string{config.KeyIdentity: a.id}
+	if certInstalled {
+		defaults[config.KeySecurityProv] = "file"
+		defaults[config.KeyCertificate] = certPath
+		defaults[config.KeyKey] = keyPath
+		defaults[config.KeyCA] = caPath
+		if _, set := cfg.Get(config.KeyProvision); !set {
+			log.Infof("helper did not set %s; setting it to false because a certificate was installed", config.KeyProvision)
+			defaults[config.KeyProvision] = "false"
+		}
+	}
+	for k, v := range defaults {
+		if _, set := cfg.Get(k); !set {
+			if err := cfg.Set(k, v); err != nil {
+				log.WithError(err).Error("configure: default key")
+				return fail(protocol.CodeInternal, "could not build the configuration")
+			}
+		}
+	}
+	files = append(files, fsutil.File{Path: a.configFile, Data: cfg.Bytes(), Perm: 0o600})
+
+	if len(polFiles) > 0 {
+		if err := os.MkdirAll(filepath.Join(a.stateDir, PoliciesDir), 0o700); err != nil {
+			log.WithError(err).Error("configure: create policies dir")
+			return fail(protocol.CodeInternal, "could not create the policies directory")
+		}
+	}
+	if err := os.MkdirAll(filepath.Dir(a.configFile), 0o700); err != nil {
+		log.WithError(err).Error("configure: create config dir")
+		return fail(protocol.CodeInternal, "could not create the configuration directory")
+	}
+	if err := fsutil.WriteFilesAtomic(files); err != nil {
+		log.WithError(err).Error("configure: write files")
+		return fail(protocol.CodeInternal, "could not write the configuration")
+	}
+	s.cfg = cfg
+	log.WithFields(logrus.Fields{"certificate": certInstalled, "keys": cfg.Len()}).Info("configured; waiting for restart")
+	return ok(nil)
+}
+
+// policyFiles validates the policies of a configure request.
+func (a *Agent) policyFiles(body protocol.ConfigureRequest) ([]fsutil.File, *answer) {
+	var files []fsutil.File
+	for _, set := range []struct {
+		m   map[string]string
+		ext string
+	}{{body.ActionPolicies, ".policy"}, {body.OPAPolicies, ".rego"}} {
+		for name, text := range set.m {
+			if err := protocol.ValidateIdentity(name); err != nil {
+				an := fail(protocol.CodeBadRequest, "policy name %q: must be letters, digits, '-', '_' and '.'", name)
+				return nil, &an
+			}
+			if len(text) > maxPolicySize {
+				an := fail(protocol.CodeBadRequest, "policy %q: larger than %d bytes", name, maxPolicySize)
+				return nil, &an
+			}
+			files = append(files, fsutil.File{Path: filepath.Join(a.stateDir, PoliciesDir, name+set.ext), Data: []byte(text), Perm: 0o644})
+		}
+	}
+	return files, nil
+}
+
+func splayOf(body protocol.RestartRequest) (time.Duration, *answer) {
+	if body.SplayMillis < 0 {
+		an := fail(protocol.CodeBadRequest, "splay_ms %d: must not be negative", body.SplayMillis)
+		return 0, &an
+	}
+	max := DefaultRestartSplay
+	if body.SplayMillis > 0 {
+		max = time.Duration(body.SplayMillis) * time.Millisecond
+	}
+	if max > MaxRestartSplay {
+		max = MaxRestartSplay
+	}
+	return time.Duration(rand.Int64N(int64(max) + 1)), nil
+}
+
+func (s *session) restart(body protocol.RestartRequest) answer {
+	d, an := splayOf(body)
+	if an != nil {
+		return *an
+	}
+	return answer{code: protocol.CodeOK, act: actRestart, splay: d}
+}
+
+func (s *session) reprovision(body protocol.RestartRequest, log *logrus.Entry) answer {
+	d, an := splayOf(body)
+	if an != nil {
+		return *an
+	}
+	cfg, err := config.Load(s.a.configFile)
+	if errors.Is(err, os.ErrNotExist) {
+		cfg, err = config.New(), nil
+	}
+	if err != nil {
+		log.WithError(err).Error("reprovision: read configuration")
+		return fail(protocol.CodeInternal, "could not read the configuration")
+	}
+	if err := cfg.Set(config.KeyProvision, "true"); err != nil {
+		log.WithError(err).Error("reprovision: set provision")
+		return fail(protocol.CodeInternal, "could not update the configuration")
+	}
+	if err := cfg.Save(s.a.configFile); err != nil {
+		log.WithError(err).Error("reprovision: write configuration")
+		return fail(protocol.CodeInternal, "could not write the configuration")
+	}
+	s.cfg = cfg
+	log.Info("reprovision requested; restarting into provisioning mode")
+	return answer{code: protocol.CodeOK, act: actRestart, splay: d}
+}
+
+func (s *session) shutdown(body protocol.ShutdownRequest, now time.Time, log *logrus.Entry) answer {
+	marker := fmt.Sprintf("shut down by request at %s\n", now.UTC().Format(time.RFC3339))
+	if err := fsutil.WriteFileAtomic(filepath.Join(s.a.stateDir, ShutdownMarker), []byte(marker), 0o600); err != nil {
+		log.WithError(err).Error("shutdown: write marker")
+		return fail(protocol.CodeInternal, "could not write the shutdown marker")
+	}
+	log.WithField("reason", body.Reason).Warn("shutdown requested; the agent stays down until the marker file is removed")
+	return answer{code: protocol.CodeOK, act: actShutdown}
+}

@@ -1,0 +1,207 @@
+package agent
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/muster-io/muster/internal/pki"
+)
+
+// ErrPinMismatch is the TLS verification error when no certificate of the
+// broker's chain matches the configured CA pin.
+var ErrPinMismatch = errors.New("no certificate in the broker's chain matches the CA pin")
+
+// provisioningTLS builds the client TLS configuration for the provisioning
+// brokers: server authentication only, no client certificate.
+func (a *Agent) provisioningTLS() (*tls.Config, error) {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12}
+	if a.prov.InsecureSkipVerify {
+		tc.InsecureSkipVerify = true
+		return tc, nil
+	}
+	var roots *x509.CertPool
+	if len(a.caPEM) > 0 {
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(a.caPEM) {
+			return nil, errors.New("provisioning ca: no certificate")
+		}
+		tc.RootCAs = roots
+	}
+	if a.caPin == "" {
+		return tc, nil
+	}
+	// With a pin, the pinned certificate anchors verification. When a CA is
+	// also given the standard verification runs first and the pin is
+	// checked on top; without one, standard verification is replaced.
+	tc.InsecureSkipVerify = roots == nil
+	pin := a.caPin
+	tc.VerifyConnection = func(cs tls.ConnectionState) error {
+		err := verifyPinned(cs, pin)
+		if err != nil {
+			// Logged on the first failure and then every 100th, so a
+			// misconfigured pin is visible without flooding the log.
+			if n := a.tlsRefused.Add(1); n%100 == 1 {
+				a.log.WithError(err).WithField("failures", n).Warn("provisioning broker failed the CA pin check")
+			}
+		}
+		return err
+	}
+	return tc, nil
+}
+
+// verifyPinned finds the certificate whose public key matches pin among the
+// certificates the server sent (and the verified chains) and verifies the
+// leaf against it, including the host name.
+func verifyPinned(cs tls.ConnectionState, pin string) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("broker sent no certificate")
+	}
+	var anchor *x509.Certificate
+	candidates := append([]*x509.Certificate{}, cs.PeerCertificates...)
+	for _, ch := range cs.VerifiedChains {
+		candidates = append(candidates, ch...)
+	}
+	for _, c := range candidates {
+		if pki.Pin(c) == pin {
+			anchor = c
+			break
+		}
+	}
+	if anchor == nil {
+		return ErrPinMismatch
+	}
+	leaf := cs.PeerCertificates[0]
+	roots := x509.NewCertPool()
+	roots.AddCert(anchor)
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{
+		Roots:         roots,
+		Intermediates: inter,
+		DNSName:       cs.ServerName,
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}); err != nil {
+		return fmt.Errorf("broker certificate does not verify against the pinned CA: %w", err)
+	}
+	return nil
+}
+
+// productionTLS builds the mutual TLS configuration from the paths in the
+// configuration.
+func productionTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("load client certificate: %w", err)
+	}
+	caPEM, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("load ca: %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		return nil, errors.New("load ca: no certificate")
+	}
+	return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{pair}, RootCAs: roots}, nil
+}
+
+// baseOptions are the NATS options every connection of the agent uses.
+// connected receives a signal when the connection is established.
+func (a *Agent) baseOptions(connected chan<- struct{}, closed chan<- struct{}) []nats.Option {
+	log := a.log
+	return []nats.Option{
+		nats.Name(a.id),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(a.reconnWait),
+		nats.ReconnectJitter(a.reconnWait/2, a.reconnWait),
+		nats.NoCallbacksAfterClientClose(),
+		nats.ConnectHandler(func(*nats.Conn) { signal(connected) }),
+		nats.ClosedHandler(func(*nats.Conn) { signal(closed) }),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				log.WithError(err).Warn("disconnected from broker")
+			}
+		}),
+		nats.ReconnectHandler(func(nc *nats.Conn) {
+			log.WithField("broker", nc.ConnectedUrlRedacted()).Info("reconnected to broker")
+		}),
+		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
+			log.WithError(err).Debug("connection attempt failed")
+		}),
+		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+			log.WithError(err).Warn("broker connection error")
+		}),
+	}
+}
+
+func signal(ch chan<- struct{}) {
+	if ch == nil {
+		return
+	}
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// isRefusal reports whether a connection error means the broker refused this
+// node (TLS or authorization failure), as opposed to a network problem.
+func isRefusal(err error) bool {
+	if err == nil {
+		return false
+	}
+	if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAccountAuthExpired) {
+		return true
+	}
+	var cve *tls.CertificateVerificationError
+	var alert tls.AlertError
+	var rh tls.RecordHeaderError
+	if errors.As(err, &cve) || errors.As(err, &alert) || errors.As(err, &rh) {
+		return true
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return false
+	}
+	s := err.Error()
+	return strings.Contains(s, "tls:") || strings.Contains(s, "x509:") || strings.Contains(strings.ToLower(s), "authorization")
+}
+
+// jitter returns d scaled by a random factor in [1-f, 1+f].
+func jitter(d time.Duration, f float64) time.Duration {
+	if d <= 0 {
+		return 0
+	}
+	return time.Duration(float64(d) * (1 - f + 2*f*rand.Float64()))
+}
+
+// urlList joins normalised broker URLs for nats.Connect.
+func urlList(brokers []string) (string, error) {
+	out := make([]string, 0, len(brokers))
+	for _, b := range brokers {
+		for _, part := range strings.Split(b, ",") {
+			if strings.TrimSpace(part) == "" {
+				continue
+			}
+			u, err := brokerURL(part)
+			if err != nil {
+				return "", fmt.Errorf("broker %q: %w", part, err)
+			}
+			out = append(out, u)
+		}
+	}
+	if len(out) == 0 {
+		return "", errors.New("no broker address")
+	}
+	return strings.Join(out, ","), nil
+}

@@ -1,0 +1,263 @@
+package agent
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// maxSeen bounds the duplicate-request cache of one agent.
+const maxSeen = 65536
+
+// action is what the session loop must do after replying.
+type action int
+
+const (
+	actNone action = iota
+	actRestart
+	actShutdown
+)
+
+// result is the outcome of one request.
+type result struct {
+	reply []byte        // nil: do not reply
+	act   action        // follow-up for the session loop
+	splay time.Duration // restart splay
+}
+
+// session is the state of one mode run: what the dispatcher needs to answer.
+type session struct {
+	a              *Agent
+	mode           Mode
+	cfg            *config.Config // may be nil
+	facts          map[string]string
+	collectives    []string
+	mainCollective string
+	nodeSubject    string
+	agents         []string
+}
+
+// outcome of an action handler: the reply code, message and body.
+type answer struct {
+	code  protocol.Code
+	msg   string
+	body  any
+	act   action
+	splay time.Duration
+}
+
+func ok(body any) answer { return answer{code: protocol.CodeOK, body: body} }
+
+func fail(code protocol.Code, format string, args ...any) answer {
+	return answer{code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+// handle answers one message received on subject. It never panics on any
+// input; it returns no reply for invalid broadcasts.
+func (s *session) handle(subject string, data []byte, now time.Time) result {
+	directed := subject == s.nodeSubject
+	log := s.a.log
+	if len(data) > protocol.MaxMessageSize {
+		return s.refuse(directed, nil, protocol.CodeTooLarge, fmt.Sprintf("request of %d bytes exceeds %d", len(data), protocol.MaxMessageSize))
+	}
+	req, err := protocol.DecodeRequest(data)
+	if err != nil {
+		log.WithError(err).Debug("invalid request")
+		code := protocol.CodeBadRequest
+		if errors.Is(err, protocol.ErrTooLarge) {
+			code = protocol.CodeTooLarge
+		}
+		return s.refuse(directed, nil, code, err.Error())
+	}
+	log = log.WithFields(logrus.Fields{"request_id": req.ID, "agent": req.Agent, "action": req.Action, "sender": req.Sender})
+	if err := req.CheckFresh(now, RequestSkew); err != nil {
+		log.WithError(err).Warn("refused stale request")
+		return s.refuse(directed, req, protocol.CodeExpired, err.Error())
+	}
+	if directed && req.Target != s.a.id {
+		return s.refuse(directed, req, protocol.CodeBadRequest, fmt.Sprintf("target %q is not this node", req.Target))
+	}
+	if !directed && req.Target != "" && req.Target != s.a.id {
+		return result{}
+	}
+	if !s.serves(req.Agent, req.Action) {
+		return s.refuse(directed, req, protocol.CodeUnknownAction, fmt.Sprintf("%s %s is not served in %s mode", req.Agent, req.Action, s.mode))
+	}
+	if s.needsToken(req.Agent) && !s.a.tokenOK(req.Token) {
+		log.Warn("refused request with a wrong token")
+		return s.refuse(directed, req, protocol.CodeUnauthorized, "token mismatch")
+	}
+	if !s.a.remember(req, now) {
+		log.Warn("refused duplicate request")
+		return s.refuse(directed, req, protocol.CodeBadRequest, "request id already processed")
+	}
+	ans := s.dispatch(req, now, log)
+	if ans.code != protocol.CodeOK && !directed {
+		return result{}
+	}
+	return result{reply: s.encode(req, ans, log), act: ans.act, splay: ans.splay}
+}
+
+// refuse builds an error reply, or none for a broadcast.
+func (s *session) refuse(directed bool, req *protocol.Request, code protocol.Code, msg string) result {
+	if !directed {
+		return result{}
+	}
+	return result{reply: s.encode(req, answer{code: code, msg: msg}, s.a.log)}
+}
+
+func (s *session) encode(req *protocol.Request, ans answer, log *logrus.Entry) []byte {
+	rep, err := protocol.NewReply(req, s.a.id, ans.code, ans.msg, ans.body)
+	var data []byte
+	if err == nil {
+		data, err = protocol.Marshal(rep)
+	}
+	if err != nil {
+		log.WithError(err).Error("encode reply")
+		rep, _ = protocol.NewReply(req, s.a.id, protocol.CodeInternal, "could not encode the reply", nil)
+		data, _ = json.Marshal(rep)
+	}
+	return data
+}
+
+// serves reports whether agent/action is served in the session's mode.
+func (s *session) serves(agent, act string) bool {
+	switch agent {
+	case protocol.AgentDiscovery:
+		return s.mode == ModeProvisioning && act == protocol.ActionPing
+	case protocol.AgentRPCUtil:
+		return act == protocol.ActionPing || act == protocol.ActionInventory
+	case protocol.AgentProvision:
+		if s.mode == ModeProduction {
+			return act == protocol.ActionReprovision
+		}
+		switch act {
+		case protocol.ActionGenCSR, protocol.ActionConfigure, protocol.ActionRestart, protocol.ActionReprovision, protocol.ActionShutdown:
+			return true
+		}
+	}
+	return false
+}
+
+// needsToken: discovery pings are open (they reveal what metadata already
+// publishes); production rpcutil is protected by mTLS instead.
+func (s *session) needsToken(agent string) bool {
+	switch agent {
+	case protocol.AgentDiscovery:
+		return false
+	case protocol.AgentRPCUtil:
+		return s.mode == ModeProvisioning
+	}
+	return true
+}
+
+func (a *Agent) tokenOK(got string) bool {
+	if a.prov.Token == "" {
+		return true
+	}
+	return subtle.ConstantTimeCompare([]byte(got), []byte(a.prov.Token)) == 1
+}
+
+// remember records req.ID until the request expires; false when it was
+// already seen (or the cache is full of live entries).
+func (a *Agent) remember(req *protocol.Request, now time.Time) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if exp, dup := a.seen[req.ID]; dup && now.Before(exp) {
+		return false
+	}
+	if len(a.seen) >= maxSeen/2 {
+		for id, exp := range a.seen {
+			if !now.Before(exp) {
+				delete(a.seen, id)
+			}
+		}
+		if len(a.seen) >= maxSeen {
+			return false
+		}
+	}
+	a.seen[req.ID] = req.Time.Add(time.Duration(req.TTL)*time.Second + RequestSkew)
+	return true
+}
+
+func (s *session) dispatch(req *protocol.Request, now time.Time, log *logrus.Entry) answer {
+	switch req.Agent + "." + req.Action {
+	case protocol.AgentDiscovery + "." + protocol.ActionPing, protocol.AgentRPCUtil + "." + protocol.ActionPing:
+		if a := decodeBody(req, &struct{}{}); a != nil {
+			return *a
+		}
+		return ok(protocol.PingReply{Identity: s.a.id, Mode: s.mode.String(), Time: now.UTC()})
+	case protocol.AgentRPCUtil + "." + protocol.ActionInventory:
+		if a := decodeBody(req, &struct{}{}); a != nil {
+			return *a
+		}
+		return ok(s.inventory())
+	case protocol.AgentProvision + "." + protocol.ActionGenCSR:
+		var body protocol.GenCSRRequest
+		if a := decodeBody(req, &body); a != nil {
+			return *a
+		}
+		return s.genCSR(body, log)
+	case protocol.AgentProvision + "." + protocol.ActionConfigure:
+		var body protocol.ConfigureRequest
+		if a := decodeBody(req, &body); a != nil {
+			return *a
+		}
+		return s.configure(body, now, log)
+	case protocol.AgentProvision + "." + protocol.ActionRestart:
+		var body protocol.RestartRequest
+		if a := decodeBody(req, &body); a != nil {
+			return *a
+		}
+		return s.restart(body)
+	case protocol.AgentProvision + "." + protocol.ActionReprovision:
+		var body protocol.RestartRequest
+		if a := decodeBody(req, &body); a != nil {
+			return *a
+		}
+		return s.reprovision(body, log)
+	case protocol.AgentProvision + "." + protocol.ActionShutdown:
+		var body protocol.ShutdownRequest
+		if a := decodeBody(req, &body); a != nil {
+			return *a
+		}
+		return s.shutdown(body, now, log)
+	}
+	return fail(protocol.CodeUnknownAction, "%s %s is not served", req.Agent, req.Action)
+}
+
+// decodeBody decodes the request body strictly into v; an empty or null body
+// leaves v at its zero value.
+func decodeBody(req *protocol.Request, v any) *answer {
+	if len(req.Body) == 0 || string(req.Body) == "null" {
+		return nil
+	}
+	if err := protocol.DecodeStrict(req.Body, protocol.MaxMessageSize, v); err != nil {
+		a := fail(protocol.CodeBadRequest, "body of %s %s: %v", req.Agent, req.Action, err)
+		return &a
+	}
+	return nil
+}
+
+func (s *session) inventory() protocol.Inventory {
+	inv := protocol.Inventory{
+		Agents:         append([]string{}, s.agents...),
+		Facts:          copyMap(s.facts),
+		Classes:        []string{},
+		Collectives:    append([]string{}, s.collectives...),
+		MainCollective: s.mainCollective,
+		Version:        s.a.version,
+		DataPlugins:    []string{},
+	}
+	if s.cfg != nil {
+		inv.Config = s.cfg.Masked()
+	}
+	return inv
+}

@@ -1,0 +1,118 @@
+package agent
+
+import (
+	"testing"
+	"time"
+
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+func fuzzSession(t testing.TB, mode Mode) *session {
+	a, err := New(Options{Identity: "fuzz.node", StateDir: t.TempDir(), Provisioning: ProvisioningSettings{Token: testToken}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	coll := protocol.ProvisioningCollective
+	if mode == ModeProduction {
+		coll = protocol.DefaultMainCollective
+	}
+	return &session{
+		a: a, mode: mode, facts: map[string]string{}, collectives: []string{coll}, mainCollective: coll,
+		nodeSubject: protocol.NodeSubject(coll, a.id), agents: []string{protocol.AgentRPCUtil},
+	}
+}
+
+func TestHandleBroadcastErrorsAreSilent(t *testing.T) {
+	s := fuzzSession(t, ModeProvisioning)
+	bcast := protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentRPCUtil)
+	cases := []struct {
+		name      string
+		subject   string
+		data      []byte
+		wantReply bool
+		wantCode  protocol.Code
+	}{
+		{"garbage directed", s.nodeSubject, []byte("{"), true, protocol.CodeBadRequest},
+		{"garbage broadcast", bcast, []byte("{"), false, ""},
+		{"wrong token broadcast", bcast, newRequest("", "", protocol.AgentRPCUtil, protocol.ActionPing, "x", time.Now(), nil), false, ""},
+		{"ok broadcast", bcast, newRequest("", "", protocol.AgentRPCUtil, protocol.ActionPing, testToken, time.Now(), nil), true, protocol.CodeOK},
+		{"other target broadcast", bcast, newRequest("", "other", protocol.AgentRPCUtil, protocol.ActionPing, testToken, time.Now(), nil), false, ""},
+		{"other target directed", s.nodeSubject, newRequest("", "other", protocol.AgentRPCUtil, protocol.ActionPing, testToken, time.Now(), nil), true, protocol.CodeBadRequest},
+		{"unknown action", s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentRPCUtil, "reboot", testToken, time.Now(), nil), true, protocol.CodeUnknownAction},
+		{"discovery needs no token", protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery), newRequest("", "", protocol.AgentDiscovery, protocol.ActionPing, "", time.Now(), nil), true, protocol.CodeOK},
+		{"negative splay", s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentProvision, protocol.ActionRestart, testToken, time.Now(), protocol.RestartRequest{SplayMillis: -1}), true, protocol.CodeBadRequest},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			res := s.handle(tc.subject, tc.data, time.Now())
+			if (res.reply != nil) != tc.wantReply {
+				t.Fatalf("reply %q, want reply %v", res.reply, tc.wantReply)
+			}
+			if !tc.wantReply {
+				return
+			}
+			rep, err := protocol.DecodeReply(res.reply)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.Code != tc.wantCode {
+				t.Fatalf("code %s (%s), want %s", rep.Code, rep.Message, tc.wantCode)
+			}
+		})
+	}
+}
+
+func TestRestartSplayCapped(t *testing.T) {
+	cases := []struct {
+		name string
+		ms   int
+		max  time.Duration
+	}{
+		{"default", 0, DefaultRestartSplay},
+		{"small", 5, 5 * time.Millisecond},
+		{"capped", 10_000_000, MaxRestartSplay},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			for range 50 {
+				d, an := splayOf(protocol.RestartRequest{SplayMillis: tc.ms})
+				if an != nil || d < 0 || d > tc.max {
+					t.Fatalf("splay %s (%v), max %s", d, an, tc.max)
+				}
+			}
+		})
+	}
+}
+
+// FuzzHandleRequest feeds arbitrary bytes to the dispatcher: it never
+// panics and always produces a valid reply from this node, or none.
+func FuzzHandleRequest(f *testing.F) {
+	now := time.Now()
+	f.Add([]byte("{}"), true)
+	f.Add([]byte("not json"), false)
+	f.Add(newRequest("a", "fuzz.node", protocol.AgentRPCUtil, protocol.ActionInventory, testToken, now, nil), true)
+	f.Add(newRequest("b", "fuzz.node", protocol.AgentProvision, protocol.ActionConfigure, testToken, now, map[string]any{"configuration": map[string]string{"a": "b"}}), true)
+	f.Add(newRequest("c", "", protocol.AgentDiscovery, protocol.ActionPing, "", now, nil), false)
+	f.Add(newRequest("d", "fuzz.node", protocol.AgentProvision, protocol.ActionRestart, testToken, now, map[string]int{"splay_ms": 1}), true)
+	s := fuzzSession(f, ModeProvisioning)
+	f.Fuzz(func(t *testing.T, data []byte, directed bool) {
+		subject := protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentRPCUtil)
+		if directed {
+			subject = s.nodeSubject
+		}
+		res := s.handle(subject, data, now)
+		if res.reply == nil {
+			if directed {
+				t.Fatal("directed request without a reply")
+			}
+			return
+		}
+		rep, err := protocol.DecodeReply(res.reply)
+		if err != nil {
+			t.Fatalf("invalid reply %q: %v", res.reply, err)
+		}
+		if rep.Sender != "fuzz.node" {
+			t.Fatalf("reply sender %q", rep.Sender)
+		}
+	})
+}

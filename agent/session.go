@@ -1,0 +1,292 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+
+	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// msgBuffer is the per-agent buffer of received requests.
+const msgBuffer = 256
+
+// flushTimeout bounds the flush of replies before a connection closes.
+const flushTimeout = 2 * time.Second
+
+// outReconnect: the production connection closed; connect again.
+const outReconnect outcome = 100
+
+func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error) {
+	s := &session{
+		a:              a,
+		mode:           ModeProvisioning,
+		cfg:            d.Config,
+		facts:          a.currentFacts(),
+		collectives:    []string{protocol.ProvisioningCollective},
+		mainCollective: protocol.ProvisioningCollective,
+		nodeSubject:    protocol.NodeSubject(protocol.ProvisioningCollective, a.id),
+		agents:         []string{protocol.AgentDiscovery, protocol.AgentRPCUtil, protocol.AgentProvision},
+	}
+	connected := make(chan struct{}, 1)
+	opts := append(a.baseOptions(connected, nil), nats.RetryOnFailedConnect(true))
+	urls := nats.DefaultURL
+	if a.inProcess != nil {
+		opts = append(opts, nats.InProcessServer(a.inProcess))
+		if len(a.prov.Brokers) > 0 {
+			urls, _ = urlList(a.prov.Brokers)
+		}
+	} else {
+		var err error
+		if urls, err = urlList(a.prov.Brokers); err != nil {
+			return 0, fmt.Errorf("provisioning mode: %w", err)
+		}
+		tc, err := a.provisioningTLS()
+		if err != nil {
+			return 0, fmt.Errorf("provisioning mode: %w", err)
+		}
+		opts = append(opts, nats.Secure(tc))
+	}
+	nc, err := nats.Connect(urls, opts...)
+	if err != nil {
+		return 0, fmt.Errorf("connect to provisioning brokers: %w", err)
+	}
+	defer nc.Close()
+	msgs := make(chan *nats.Msg, msgBuffer)
+	for _, subj := range []string{
+		s.nodeSubject,
+		protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery),
+		protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentRPCUtil),
+	} {
+		if _, err := nc.ChanSubscribe(subj, msgs); err != nil {
+			return 0, fmt.Errorf("subscribe %s: %w", subj, err)
+		}
+	}
+	return s.loop(ctx, nc, msgs, connected, nil, nil), nil
+}
+
+func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) {
+	cfg := d.Config
+	main := cfg.Value(config.KeyMainCollective)
+	if main == "" {
+		main = protocol.DefaultMainCollective
+	}
+	collectives := splitList(cfg.Value(config.KeyCollectives))
+	if len(collectives) == 0 {
+		collectives = []string{main}
+	}
+	s := &session{
+		a:              a,
+		mode:           ModeProduction,
+		cfg:            cfg,
+		facts:          a.currentFacts(),
+		collectives:    collectives,
+		mainCollective: main,
+		nodeSubject:    protocol.NodeSubject(main, a.id),
+		agents:         []string{protocol.AgentRPCUtil, protocol.AgentProvision},
+	}
+	urls, err := urlList([]string{cfg.Value(config.KeyMiddlewareHosts)})
+	if err != nil {
+		return 0, fmt.Errorf("production mode: %s: %w", config.KeyMiddlewareHosts, err)
+	}
+	var expiry <-chan time.Time
+	if !d.NotAfter.IsZero() {
+		t := time.NewTimer(time.Until(d.NotAfter))
+		defer t.Stop()
+		expiry = t.C
+	}
+	refused := 0
+	for {
+		if ctx.Err() != nil {
+			return outDone, nil
+		}
+		if !d.NotAfter.IsZero() && time.Now().After(d.NotAfter) {
+			a.log.Warn("certificate expired; falling back to provisioning mode")
+			return outFallback, nil
+		}
+		connected := make(chan struct{}, 1)
+		closed := make(chan struct{}, 1)
+		opts := append(a.baseOptions(connected, closed), nats.MaxReconnects(10))
+		if a.inProcess != nil {
+			opts = append(opts, nats.InProcessServer(a.inProcess))
+		} else {
+			tc, err := productionTLS(cfg.Value(config.KeyCertificate), cfg.Value(config.KeyKey), cfg.Value(config.KeyCA))
+			if err != nil {
+				return 0, fmt.Errorf("production mode: %w", err)
+			}
+			opts = append(opts, nats.Secure(tc))
+		}
+		nc, err := nats.Connect(urls, opts...)
+		if err != nil {
+			if isRefusal(err) {
+				refused++
+				a.log.WithError(err).WithField("refused", refused).Warn("production broker refused the connection")
+				if refused >= a.fallbackN {
+					a.log.Warnf("production brokers refused %d connections in a row; falling back to provisioning mode", refused)
+					return outFallback, nil
+				}
+			} else {
+				refused = 0
+				a.log.WithError(err).Warn("could not connect to the production brokers")
+			}
+			t := time.NewTimer(jitter(a.reconnWait, 0.5))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return outDone, nil
+			case <-expiry:
+				t.Stop()
+				a.log.Warn("certificate expired; falling back to provisioning mode")
+				return outFallback, nil
+			case <-t.C:
+			}
+			continue
+		}
+		refused = 0
+		out, err := s.serveProduction(ctx, nc, connected, closed, expiry)
+		nc.Close()
+		if err != nil {
+			return 0, err
+		}
+		if out != outReconnect {
+			return out, nil
+		}
+		a.log.Warn("lost the production brokers; connecting again")
+	}
+}
+
+func (s *session) serveProduction(ctx context.Context, nc *nats.Conn, connected, closed <-chan struct{}, expiry <-chan time.Time) (outcome, error) {
+	msgs := make(chan *nats.Msg, msgBuffer)
+	for _, subj := range []string{s.nodeSubject, protocol.BroadcastSubject(s.mainCollective, protocol.AgentRPCUtil)} {
+		if _, err := nc.ChanSubscribe(subj, msgs); err != nil {
+			return 0, fmt.Errorf("subscribe %s: %w", subj, err)
+		}
+	}
+	return s.loop(ctx, nc, msgs, connected, closed, expiry), nil
+}
+
+// loop serves one connection until the context ends, a restart or shutdown
+// is due, or (production) the connection closes.
+func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg, connected, closed <-chan struct{}, expiry <-chan time.Time) outcome {
+	a := s.a
+	var mdC <-chan time.Time
+	var mdTimer *time.Timer
+	defer func() {
+		if mdTimer != nil {
+			mdTimer.Stop()
+		}
+	}()
+	var restartC <-chan time.Time
+	var restartTimer *time.Timer
+	defer func() {
+		if restartTimer != nil {
+			restartTimer.Stop()
+		}
+	}()
+	announced := false
+	for {
+		select {
+		case <-ctx.Done():
+			return outDone
+		case <-closed:
+			return outReconnect
+		case <-expiry:
+			a.log.Warn("certificate expired; falling back to provisioning mode")
+			return outFallback
+		case <-connected:
+			if announced {
+				continue
+			}
+			announced = true
+			now := time.Now()
+			if s.mode == ModeProvisioning {
+				a.publishEvent(nc, protocol.EventStartup, now)
+				a.publishMetadata(nc, s.facts, now)
+				mdTimer = time.NewTimer(jitter(a.mdInterval, 0.25))
+				mdC = mdTimer.C
+			} else {
+				a.publishEvent(nc, protocol.EventProvisioned, now)
+			}
+			a.log.WithField("broker", nc.ConnectedUrlRedacted()).Infof("connected in %s mode", s.mode)
+			if a.observer != nil {
+				a.observer.ModeChanged(a.id, s.mode, now)
+			}
+		case <-mdC:
+			a.publishMetadata(nc, s.facts, time.Now())
+			mdTimer.Reset(jitter(a.mdInterval, 0.25))
+		case <-restartC:
+			_ = nc.FlushTimeout(flushTimeout)
+			return outRestart
+		case m := <-msgs:
+			res := s.handle(m.Subject, m.Data, time.Now())
+			if res.reply != nil && m.Reply != "" {
+				if err := nc.Publish(m.Reply, res.reply); err != nil {
+					a.log.WithError(err).Warn("could not send a reply")
+				}
+			}
+			switch res.act {
+			case actRestart:
+				if restartTimer == nil {
+					a.log.WithField("splay", res.splay.String()).Info("restart scheduled")
+					restartTimer = time.NewTimer(res.splay)
+					restartC = restartTimer.C
+				}
+			case actShutdown:
+				a.publishEvent(nc, protocol.EventShutdown, time.Now())
+				_ = nc.FlushTimeout(flushTimeout)
+				return outShutdown
+			}
+		}
+	}
+}
+
+func (a *Agent) publishEvent(nc *nats.Conn, typ string, now time.Time) {
+	ev := protocol.Event{
+		Protocol:  protocol.EventProtocol,
+		ID:        nuid.Next(),
+		Identity:  a.id,
+		Component: protocol.AgentComponent,
+		Type:      typ,
+		Time:      now.UTC(),
+		Version:   a.version,
+	}
+	data, err := protocol.Marshal(ev)
+	if err == nil {
+		err = nc.Publish(protocol.LifecycleSubject(typ, protocol.AgentComponent), data)
+	}
+	if err != nil {
+		a.log.WithError(err).WithField("event", typ).Warn("could not publish lifecycle event")
+	}
+}
+
+func (a *Agent) publishMetadata(nc *nats.Conn, facts map[string]string, now time.Time) {
+	md := protocol.Metadata{
+		Protocol: protocol.MetadataProto,
+		Identity: a.id,
+		Time:     now.UTC(),
+		Version:  a.version,
+		Facts:    facts,
+	}
+	data, err := protocol.Marshal(md)
+	if err == nil {
+		err = nc.Publish(protocol.MetadataSubject, data)
+	}
+	if err != nil {
+		a.log.WithError(err).Warn("could not publish metadata")
+	}
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}

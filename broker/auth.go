@@ -1,0 +1,199 @@
+package broker
+
+import (
+	"encoding/base64"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nkeys"
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// Account names.
+const (
+	// PROVISIONING is the account of unprovisioned nodes and provisioners.
+	PROVISIONING = "PROVISIONING"
+	// PRODUCTION is the account of nodes and operators with a certificate
+	// from the broker's CA.
+	PRODUCTION = "PRODUCTION"
+)
+
+// Subjects of the import between the accounts.
+const (
+	// LifecycleExport is the stream PRODUCTION exports.
+	LifecycleExport = "choria.lifecycle.event.>"
+	// ProductionPrefix is where PROVISIONING sees PRODUCTION's lifecycle
+	// events: production.choria.lifecycle.event.>.
+	ProductionPrefix = "production"
+)
+
+// UserKind is the kind of user a connection was authenticated as.
+type UserKind int
+
+// User kinds, in the order the authenticator tries them.
+const (
+	// UserNode is a production node: a verified certificate, user = CN.
+	UserNode UserKind = iota
+	// UserAdmin is a production certificate whose CN is in admins.
+	UserAdmin
+	// UserProvisioner is a connection with a listed nkey.
+	UserProvisioner
+	// UserUnprovisioned is a connection with neither: a waiting node.
+	UserUnprovisioned
+)
+
+// String returns the kind's name, used as the result label of
+// muster_broker_authentications_total.
+func (k UserKind) String() string {
+	switch k {
+	case UserNode:
+		return "production"
+	case UserAdmin:
+		return "admin"
+	case UserProvisioner:
+		return "provisioner"
+	case UserUnprovisioned:
+		return "unprovisioned"
+	}
+	return "unknown"
+}
+
+// UnprovisionedUser is the user name of connections without certificate or
+// nkey.
+const UnprovisionedUser = "unprovisioned"
+
+// authResults are the label values of the authentication counter.
+var authResults = []string{"production", "admin", "provisioner", "unprovisioned", "rejected"}
+
+// authenticator implements server.Authentication with Muster's rules (see
+// docs/broker.md). The accounts are set by Broker.Start before the server
+// accepts connections.
+type authenticator struct {
+	log          *logrus.Entry
+	provisioners map[string]struct{}
+	admins       map[string]struct{}
+	production   *server.Account
+	provisioning *server.Account
+
+	counts [5]atomic.Uint64 // indexed like authResults
+
+	limMu      sync.Mutex
+	limLast    time.Time
+	suppressed int
+}
+
+func newAuthenticator(log *logrus.Entry, provisioners, admins []string) *authenticator {
+	a := &authenticator{
+		log:          log,
+		provisioners: make(map[string]struct{}, len(provisioners)),
+		admins:       make(map[string]struct{}, len(admins)),
+	}
+	for _, p := range provisioners {
+		a.provisioners[p] = struct{}{}
+	}
+	for _, c := range admins {
+		a.admins[c] = struct{}{}
+	}
+	return a
+}
+
+// permissions returns the permissions of a user of kind with the given
+// name. nil means everything within the user's account, which is what every
+// kind gets today.
+func (a *authenticator) permissions(kind UserKind, name string) *server.Permissions {
+	_, _ = kind, name
+	return nil
+}
+
+// Check authenticates a client connection and binds it to its account.
+func (a *authenticator) Check(c server.ClientAuthentication) bool {
+	if c.Kind() != server.CLIENT {
+		a.reject(c, "not a client connection")
+		return false
+	}
+	// Rule 1: a verified client certificate puts the node in PRODUCTION.
+	if st := c.GetTLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 && len(st.VerifiedChains[0]) > 0 {
+		cn := st.VerifiedChains[0][0].Subject.CommonName
+		if err := protocol.ValidateIdentity(cn); err != nil {
+			a.reject(c, "certificate common name is not a valid identity")
+			return false
+		}
+		kind := UserNode
+		if _, ok := a.admins[cn]; ok {
+			kind = UserAdmin
+		}
+		return a.register(c, kind, cn, a.production)
+	}
+	// Rule 2: a listed nkey with a valid signature over the nonce.
+	if opts := c.GetOpts(); opts != nil && opts.Nkey != "" {
+		if _, ok := a.provisioners[opts.Nkey]; !ok {
+			a.reject(c, "unknown nkey")
+			return false
+		}
+		if !verifyNonce(opts.Nkey, opts.Sig, c.GetNonce()) {
+			a.reject(c, "bad nkey signature")
+			return false
+		}
+		return a.register(c, UserProvisioner, opts.Nkey, a.provisioning)
+	}
+	// Rule 3: anything else is a node waiting to be provisioned.
+	return a.register(c, UserUnprovisioned, UnprovisionedUser, a.provisioning)
+}
+
+// register binds the connection to acc as a user of kind.
+func (a *authenticator) register(c server.ClientAuthentication, kind UserKind, name string, acc *server.Account) bool {
+	if acc == nil {
+		a.reject(c, "broker not started")
+		return false
+	}
+	c.RegisterUser(&server.User{Username: name, Account: acc, Permissions: a.permissions(kind, name)})
+	a.counts[kind].Add(1)
+	if a.log.Logger.IsLevelEnabled(logrus.DebugLevel) {
+		a.log.WithFields(logrus.Fields{"identity": name, "kind": kind.String(), "account": acc.Name}).Debug("connection authenticated")
+	}
+	return true
+}
+
+// reject counts a refused connection and logs it, at most once a second.
+func (a *authenticator) reject(c server.ClientAuthentication, reason string) {
+	a.counts[len(authResults)-1].Add(1)
+	a.limMu.Lock()
+	now := time.Now()
+	if now.Sub(a.limLast) < time.Second {
+		a.suppressed++
+		a.limMu.Unlock()
+		return
+	}
+	suppressed := a.suppressed
+	a.limLast, a.suppressed = now, 0
+	a.limMu.Unlock()
+	remote := ""
+	if addr := c.RemoteAddress(); addr != nil {
+		remote = addr.String()
+	}
+	a.log.WithFields(logrus.Fields{"remote": remote, "reason": reason, "suppressed": suppressed}).Warn("connection refused")
+}
+
+// verifyNonce checks an nkey signature (base64, raw URL or standard) over
+// the server's nonce.
+func verifyNonce(pub, sig string, nonce []byte) bool {
+	if len(nonce) == 0 || sig == "" {
+		return false
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(sig)
+	if err != nil {
+		raw, err = base64.StdEncoding.DecodeString(sig)
+		if err != nil {
+			return false
+		}
+	}
+	kp, err := nkeys.FromPublicKey(pub)
+	if err != nil {
+		return false
+	}
+	return kp.Verify(nonce, raw) == nil
+}

@@ -1,0 +1,340 @@
+// Package broker is Muster's provisioning broker: an embedded nats-server
+// with two accounts on one TLS listener. Connections with a client
+// certificate from the broker's CA land in PRODUCTION; provisioners (a
+// listed nkey) and unprovisioned nodes (neither) land in PROVISIONING, which
+// also sees PRODUCTION's lifecycle events under the prefix "production."
+// and has JetStream. Without configured TLS the broker makes a development
+// PKI in its store directory.
+package broker
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/internal/pki"
+)
+
+// Sentinel errors.
+var (
+	// ErrServerFailed wraps fatal errors of the embedded nats-server.
+	ErrServerFailed = errors.New("nats server failed")
+	// ErrAlreadyStarted is returned by Start on a started broker.
+	ErrAlreadyStarted = errors.New("broker already started")
+	// ErrShutdown is returned by Start after Shutdown.
+	ErrShutdown = errors.New("broker shut down")
+	// ErrNotReady is returned when the server does not accept connections
+	// in time.
+	ErrNotReady = errors.New("broker not ready for connections")
+)
+
+// readyTimeout bounds how long Start waits for the listener.
+const readyTimeout = 10 * time.Second
+
+// Broker is the embedded provisioning broker.
+type Broker struct {
+	cfg    Config
+	log    *logrus.Entry
+	opts   *server.Options
+	auth   *authenticator
+	nlog   *natsLogger
+	dev    *DevPKI
+	caFile string
+	caPEM  []byte
+	caPin  string
+	host   string // listen host as configured
+
+	mu      sync.Mutex
+	srv     *server.Server
+	started bool
+	closed  bool
+}
+
+// New validates cfg, makes or reuses the development PKI when no TLS is
+// configured, loads the TLS material and prepares the server options. It
+// starts no goroutine.
+func New(cfg Config, log *logrus.Entry) (*Broker, error) {
+	if log == nil {
+		return nil, fmt.Errorf("%w: nil logger", ErrInvalidConfig)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg.Provisioners = append([]string(nil), cfg.Provisioners...)
+	cfg.Admins = append([]string(nil), cfg.Admins...)
+	host, port := splitHostPort(cfg.Listen)
+	b := &Broker{cfg: cfg, log: log, host: host}
+
+	tlsFiles := cfg.TLS
+	if tlsFiles.empty() {
+		dev, err := ensureDevPKI(filepath.Join(cfg.StoreDir, DevPKIDir), serverHosts(host), time.Now())
+		if err != nil {
+			return nil, err
+		}
+		b.dev = dev
+		tlsFiles = TLSFiles{Cert: dev.ServerCert, Key: dev.ServerKey, CA: dev.CACert}
+		b.cfg.Provisioners = appendMissing(b.cfg.Provisioners, dev.ProvisionerPublicKey)
+		b.cfg.Admins = appendMissing(b.cfg.Admins, DevAdminCN)
+	}
+	tlsConfig, err := b.loadTLS(tlsFiles)
+	if err != nil {
+		return nil, err
+	}
+
+	b.nlog = newNATSLogger(log)
+	b.auth = newAuthenticator(log, b.cfg.Provisioners, b.cfg.Admins)
+	opts := &server.Options{
+		Host:                       host,
+		Port:                       port,
+		NoSigs:                     true,
+		MaxPayload:                 int32(cfg.MaxPayload),
+		JetStream:                  true,
+		StoreDir:                   cfg.StoreDir,
+		TLSConfig:                  tlsConfig,
+		TLSVerify:                  false,
+		TLSTimeout:                 5,
+		AlwaysEnableNonce:          true,
+		CustomClientAuthentication: b.auth,
+		Accounts:                   []*server.Account{server.NewAccount(PRODUCTION), server.NewAccount(PROVISIONING)},
+	}
+	if lvl := log.Logger.GetLevel(); lvl >= logrus.DebugLevel {
+		opts.Debug = true
+		opts.Trace = lvl >= logrus.TraceLevel
+	}
+	if cfg.MonitorListen != "" {
+		opts.HTTPHost, opts.HTTPPort = splitHostPort(cfg.MonitorListen)
+	}
+	b.opts = opts
+	return b, nil
+}
+
+// loadTLS loads the server certificate and the client CA.
+func (b *Broker) loadTLS(f TLSFiles) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(f.Cert, f.Key)
+	if err != nil {
+		return nil, fmt.Errorf("%w: tls.cert %q / tls.key %q: %w", ErrInvalidConfig, f.Cert, f.Key, err)
+	}
+	caPEM, err := os.ReadFile(f.CA)
+	if err != nil {
+		return nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
+	}
+	cas, err := pki.ParseCertificates(caPEM)
+	if err != nil {
+		return nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
+	}
+	pool := x509.NewCertPool()
+	for _, c := range cas {
+		pool.AddCert(c)
+	}
+	b.caFile, b.caPEM, b.caPin = f.CA, caPEM, pki.Pin(cas[0])
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS12,
+		Certificates: []tls.Certificate{cert},
+		ClientAuth:   tls.VerifyClientCertIfGiven,
+		ClientCAs:    pool,
+	}, nil
+}
+
+// Start starts the server, waits until it accepts connections and enables
+// JetStream on the PROVISIONING account. A broker whose Start failed is shut
+// down: make a new one to try again.
+func (b *Broker) Start() (err error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case b.closed:
+		return ErrShutdown
+	case b.started:
+		return ErrAlreadyStarted
+	}
+	defer func() {
+		if err != nil {
+			b.closed = true
+		}
+	}()
+	srv, err := server.NewServer(b.opts)
+	if err != nil {
+		return fmt.Errorf("new nats server: %w", err)
+	}
+	srv.SetLoggerV2(b.nlog, b.opts.Debug, b.opts.Trace, false)
+	if err := b.wireAccounts(srv); err != nil {
+		srv.Shutdown()
+		return err
+	}
+	srv.Start()
+	if err := b.waitReady(srv); err != nil {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+		return fmt.Errorf("start broker on %s: %w", b.cfg.Listen, err)
+	}
+	if err := b.auth.provisioning.EnableJetStream(nil, nil); err != nil {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+		return fmt.Errorf("enable jetstream on %s: %w", PROVISIONING, err)
+	}
+	b.srv, b.started = srv, true
+	fields := logrus.Fields{"url": b.clientURL(srv), "ca_file": b.caFile, "ca_pin": b.caPin}
+	if b.dev != nil {
+		fields["provisioner_seed_file"] = b.dev.ProvisionerSeed
+		fields["admin_cert"] = b.dev.AdminCert
+	}
+	b.log.WithFields(fields).Info("broker ready")
+	return nil
+}
+
+// waitReady polls until srv accepts connections, failing early on a fatal
+// server error.
+func (b *Broker) waitReady(srv *server.Server) error {
+	deadline := time.Now().Add(readyTimeout)
+	for {
+		if ferr := b.nlog.firstFatal(); ferr != nil {
+			return ferr
+		}
+		if srv.ReadyForConnections(50 * time.Millisecond) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return ErrNotReady
+		}
+	}
+}
+
+// wireAccounts hands the server's accounts to the authenticator and sets
+// up PRODUCTION's lifecycle export and PROVISIONING's import.
+func (b *Broker) wireAccounts(srv *server.Server) error {
+	prod, err := srv.LookupAccount(PRODUCTION)
+	if err != nil {
+		return fmt.Errorf("account %s: %w", PRODUCTION, err)
+	}
+	prov, err := srv.LookupAccount(PROVISIONING)
+	if err != nil {
+		return fmt.Errorf("account %s: %w", PROVISIONING, err)
+	}
+	if err := prod.AddStreamExport(LifecycleExport, nil); err != nil {
+		return fmt.Errorf("export %s from %s: %w", LifecycleExport, PRODUCTION, err)
+	}
+	if err := prov.AddStreamImport(prod, LifecycleExport, ProductionPrefix); err != nil {
+		return fmt.Errorf("import %s into %s: %w", LifecycleExport, PROVISIONING, err)
+	}
+	b.auth.production, b.auth.provisioning = prod, prov
+	return nil
+}
+
+// Run starts the broker (unless already started) and blocks until ctx is
+// done or the server stops on its own; it then shuts the broker down. It
+// returns nil after ctx is done and an error wrapping ErrServerFailed when
+// the server failed.
+func (b *Broker) Run(ctx context.Context) error {
+	if err := b.Start(); err != nil && !errors.Is(err, ErrAlreadyStarted) {
+		return err
+	}
+	srv := b.Server()
+	stopped := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		srv.WaitForShutdown()
+		close(stopped)
+	}()
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-b.nlog.fatal:
+	case <-stopped:
+		err = b.nlog.firstFatal()
+		if err == nil {
+			err = fmt.Errorf("%w: server stopped", ErrServerFailed)
+		}
+	}
+	b.Shutdown()
+	wg.Wait()
+	return err
+}
+
+// Shutdown stops the server and waits until it is down. It may be called
+// any number of times, also before Start.
+func (b *Broker) Shutdown() {
+	b.mu.Lock()
+	b.closed = true
+	srv := b.srv
+	b.mu.Unlock()
+	if srv == nil {
+		return
+	}
+	srv.Shutdown()
+	srv.WaitForShutdown()
+}
+
+// Server returns the embedded server (nil before Start), e.g. for
+// nats.InProcessServer.
+func (b *Broker) Server() *server.Server {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.srv
+}
+
+// ClientURL returns the client URL, tls://host:port, with the real port
+// once started. A wildcard listen host is reported as 127.0.0.1.
+func (b *Broker) ClientURL() string {
+	return b.clientURL(b.Server())
+}
+
+func (b *Broker) clientURL(srv *server.Server) string {
+	host := b.host
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	port := b.opts.Port
+	if srv != nil {
+		if addr, ok := srv.Addr().(*net.TCPAddr); ok {
+			port = addr.Port
+		}
+	}
+	if port < 0 {
+		port = 0
+	}
+	u := url.URL{Scheme: "tls", Host: net.JoinHostPort(host, strconv.Itoa(port))}
+	return u.String()
+}
+
+// CAFile returns the path of the CA certificate clients verify the broker
+// with (and client certificates must chain to).
+func (b *Broker) CAFile() string { return b.caFile }
+
+// CAPEM returns the CA certificate(s) as PEM.
+func (b *Broker) CAPEM() []byte { return append([]byte(nil), b.caPEM...) }
+
+// CAPin returns the pin (sha256:<hex>) of the CA's public key.
+func (b *Broker) CAPin() string { return b.caPin }
+
+// DevPKI returns the development PKI, or nil when TLS was configured.
+func (b *Broker) DevPKI() *DevPKI {
+	if b.dev == nil {
+		return nil
+	}
+	d := *b.dev
+	return &d
+}
+
+// appendMissing appends v to list unless it is there.
+func appendMissing(list []string, v string) []string {
+	for _, x := range list {
+		if x == v {
+			return list
+		}
+	}
+	return append(list, v)
+}

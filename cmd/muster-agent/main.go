@@ -1,0 +1,249 @@
+// Command muster-agent is the Muster node daemon: it waits on the
+// provisioning brokers until a provisioner configures it, then runs in
+// production mode with the certificate it generated itself.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+	"github.com/spf13/cobra"
+
+	"github.com/muster-io/muster/agent"
+	"github.com/muster-io/muster/internal/logging"
+)
+
+// Compiled-in defaults, set with -ldflags "-X main.name=value". These build
+// variables are never written at run time.
+var (
+	provisionBrokers = ""      // comma-separated provisioning broker URLs
+	provisionToken   = ""      // fleet token
+	provisionCA      = ""      // path of the provisioning CA
+	provisionCAPin   = ""      // sha256:<hex> pin of the provisioning CA
+	factsFile        = ""      // facts file path
+	provisionDefault = "false" // "true" enables provisioning without a config file
+	version          = "dev"
+)
+
+// Exit codes.
+const (
+	exitOK       = 0
+	exitError    = 1
+	exitStayDown = 3
+)
+
+type runFlags struct {
+	identity, stateDir, config string
+	brokers                    []string
+	token, ca, caPin, facts    string
+	provision, insecure        bool
+	logLevel, logFile          string
+}
+
+func defaultIdentity() string {
+	h, err := os.Hostname()
+	if err != nil {
+		return ""
+	}
+	return h
+}
+
+func splitComma(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run executes the command line and returns the exit code.
+func run(args []string, stdout, stderr io.Writer) int {
+	code := exitOK
+	provDefault, _ := strconv.ParseBool(provisionDefault)
+	f := &runFlags{}
+	root := &cobra.Command{
+		Use:           "muster-agent",
+		Short:         "Muster node agent",
+		Version:       version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          cobra.NoArgs,
+	}
+	runCmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the agent (the default)",
+		Args:  cobra.NoArgs,
+	}
+	runE := func(cmd *cobra.Command, _ []string) error {
+		if !cmd.Flags().Changed("token") {
+			if t, ok := os.LookupEnv("MUSTER_TOKEN"); ok {
+				f.token = t
+			}
+		}
+		code = runAgent(cmd.Context(), f, stderr)
+		return nil
+	}
+	root.RunE = runE
+	runCmd.RunE = runE
+	pf := root.PersistentFlags()
+	pf.StringVar(&f.identity, "identity", defaultIdentity(), "node identity")
+	pf.StringVar(&f.stateDir, "state-dir", "/var/lib/muster-agent", "state directory (configuration, ssl, marker)")
+	pf.StringVar(&f.config, "config", "", "configuration file (default <state-dir>/agent.cfg)")
+	pf.StringArrayVar(&f.brokers, "provisioning-broker", splitComma(provisionBrokers), "provisioning broker URL (repeatable)")
+	pf.StringVar(&f.token, "token", provisionToken, "fleet provisioning token (or MUSTER_TOKEN)")
+	pf.StringVar(&f.ca, "ca", provisionCA, "CA file of the provisioning broker")
+	pf.StringVar(&f.caPin, "ca-pin", provisionCAPin, "sha256:<hex> pin of the provisioning CA")
+	pf.StringVar(&f.facts, "facts", factsFile, "facts file (JSON object or YAML map)")
+	pf.BoolVar(&f.provision, "provision", provDefault, "provision when there is no configuration file")
+	pf.BoolVar(&f.insecure, "insecure-skip-tls-verify", false, "INSECURE: do not verify the provisioning broker's certificate")
+	pf.StringVar(&f.logLevel, "loglevel", "info", "log level: debug, info, warn, error")
+	pf.StringVar(&f.logFile, "logfile", "", "log file (default stderr)")
+
+	var asJSON bool
+	bi := &cobra.Command{
+		Use:   "buildinfo",
+		Short: "Print the compiled-in settings",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return printBuildInfo(stdout, asJSON)
+		},
+	}
+	bi.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	root.AddCommand(runCmd, bi)
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := root.ExecuteContext(ctx); err != nil {
+		fmt.Fprintln(stderr, "muster-agent:", err)
+		return exitError
+	}
+	return code
+}
+
+// buildInfo is what buildinfo prints. The token is never shown.
+type buildInfo struct {
+	Version            string   `json:"version"`
+	ProvisionBrokers   []string `json:"provisioning_brokers"`
+	ProvisionToken     string   `json:"provisioning_token"`
+	ProvisionCA        string   `json:"provisioning_ca"`
+	ProvisionCAPin     string   `json:"provisioning_ca_pin"`
+	FactsFile          string   `json:"facts_file"`
+	ProvisionByDefault bool     `json:"provisioning_by_default"`
+}
+
+func printBuildInfo(w io.Writer, asJSON bool) error {
+	provDefault, _ := strconv.ParseBool(provisionDefault)
+	tok := "not set"
+	if provisionToken != "" {
+		tok = "set"
+	}
+	bi := buildInfo{
+		Version:            version,
+		ProvisionBrokers:   splitComma(provisionBrokers),
+		ProvisionToken:     tok,
+		ProvisionCA:        provisionCA,
+		ProvisionCAPin:     provisionCAPin,
+		FactsFile:          factsFile,
+		ProvisionByDefault: provDefault,
+	}
+	if bi.ProvisionBrokers == nil {
+		bi.ProvisionBrokers = []string{}
+	}
+	if asJSON {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(bi)
+	}
+	orNot := func(s string) string {
+		if s == "" {
+			return "not set"
+		}
+		return s
+	}
+	fmt.Fprintf(w, "Muster agent build settings:\n\n")
+	fmt.Fprintf(w, "           Version: %s\n", bi.Version)
+	fmt.Fprintf(w, "Provisioning brokers: %s\n", orNot(strings.Join(bi.ProvisionBrokers, ", ")))
+	fmt.Fprintf(w, "  Provisioning token: %s\n", bi.ProvisionToken)
+	fmt.Fprintf(w, "     Provisioning CA: %s\n", orNot(bi.ProvisionCA))
+	fmt.Fprintf(w, " Provisioning CA pin: %s\n", orNot(bi.ProvisionCAPin))
+	fmt.Fprintf(w, "          Facts file: %s\n", orNot(bi.FactsFile))
+	fmt.Fprintf(w, "Provisioning default: %t\n", bi.ProvisionByDefault)
+	return nil
+}
+
+func runAgent(ctx context.Context, f *runFlags, stderr io.Writer) int {
+	if err := logging.ValidLevel(f.logLevel); err != nil {
+		fmt.Fprintf(stderr, "muster-agent: --loglevel %q: %v\n", f.logLevel, err)
+		return exitError
+	}
+	logger, closer, err := logging.New(f.logLevel, f.logFile)
+	if err != nil {
+		fmt.Fprintln(stderr, "muster-agent:", err)
+		return exitError
+	}
+	defer closer.Close()
+	log := logger.WithFields(logrus.Fields{"component": "agent", "identity": f.identity})
+
+	a, err := agent.New(agent.Options{
+		Identity:   f.identity,
+		StateDir:   f.stateDir,
+		ConfigFile: f.config,
+		Provisioning: agent.ProvisioningSettings{
+			Brokers:            f.brokers,
+			Token:              f.token,
+			CAFile:             f.ca,
+			CAPin:              f.caPin,
+			InsecureSkipVerify: f.insecure,
+			FactsFile:          f.facts,
+			Enabled:            f.provision,
+		},
+		Version:       version,
+		Logger:        log,
+		ExitOnRestart: true,
+	})
+	if err != nil {
+		log.WithError(err).Error("invalid settings")
+		return exitError
+	}
+	err = a.Run(ctx)
+	switch {
+	case err == nil:
+		log.Info("stopped")
+		return exitOK
+	case errors.Is(err, agent.ErrRestart):
+		exe, xerr := os.Executable()
+		if xerr != nil {
+			log.WithError(xerr).Error("restart: cannot find own executable")
+			return exitError
+		}
+		log.Info("restarting: re-executing")
+		closer.Close()
+		xerr = syscall.Exec(exe, os.Args, os.Environ())
+		fmt.Fprintln(stderr, "muster-agent: restart: exec:", xerr)
+		return exitError
+	case errors.Is(err, agent.ErrShutdown), errors.Is(err, agent.ErrStayDown):
+		log.WithError(err).Warn("staying down")
+		return exitStayDown
+	default:
+		log.WithError(err).Error("agent failed")
+		return exitError
+	}
+}

@@ -1,0 +1,146 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const secretToken = "S3CRET-build-token"
+
+func buildAgent(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "muster-agent")
+	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.version=9.9.9"
+	cmd := exec.Command("go", "build", "-ldflags", ld, "-o", bin, ".")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func exitCode(t *testing.T, err error) int {
+	t.Helper()
+	if err == nil {
+		return 0
+	}
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		t.Fatal(err)
+	}
+	return ee.ExitCode()
+}
+
+func TestBinary(t *testing.T) {
+	bin := buildAgent(t)
+
+	t.Run("buildinfo", func(t *testing.T) {
+		out, err := exec.Command(bin, "buildinfo").CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		if bytes.Contains(out, []byte(secretToken)) || bytes.Contains(out, []byte("S3CRET")) {
+			t.Fatalf("token shown:\n%s", out)
+		}
+		for _, want := range []string{"9.9.9", "tls://127.0.0.1:1, 127.0.0.1:2", "Provisioning token: set"} {
+			if !bytes.Contains(out, []byte(want)) {
+				t.Errorf("output lacks %q:\n%s", want, out)
+			}
+		}
+		out, err = exec.Command(bin, "buildinfo", "--json").Output()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var bi buildInfo
+		if err := json.Unmarshal(out, &bi); err != nil {
+			t.Fatal(err)
+		}
+		if bi.ProvisionToken != "set" || !bi.ProvisionByDefault || len(bi.ProvisionBrokers) != 2 || strings.Contains(string(out), secretToken) {
+			t.Fatalf("json buildinfo %s", out)
+		}
+	})
+
+	cases := []struct {
+		name  string
+		args  []string
+		setup func(dir string)
+		want  int
+	}{
+		{"bad log level", []string{"--loglevel", "loud"}, nil, exitError},
+		{"bad identity", []string{"--identity", "a b"}, nil, exitError},
+		{"stays down", []string{"run"}, func(dir string) {
+			os.WriteFile(filepath.Join(dir, "shutdown"), []byte("x"), 0o600)
+		}, exitStayDown},
+		{"no mode", []string{"--provision=false"}, nil, exitError},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if tc.setup != nil {
+				tc.setup(dir)
+			}
+			args := append([]string{"--identity", "n1", "--state-dir", dir}, tc.args...)
+			cmd := exec.Command(bin, args...)
+			out, err := cmd.CombinedOutput()
+			if got := exitCode(t, err); got != tc.want {
+				t.Fatalf("exit %d, want %d\n%s", got, tc.want, out)
+			}
+			if bytes.Contains(out, []byte(secretToken)) {
+				t.Fatalf("token in output:\n%s", out)
+			}
+		})
+	}
+
+	t.Run("SIGTERM exits cleanly", func(t *testing.T) {
+		dir := t.TempDir()
+		stderr := &syncBuffer{}
+		cmd := exec.Command(bin, "run", "--identity", "n1", "--state-dir", dir, "--loglevel", "debug")
+		cmd.Stderr = stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for !strings.Contains(stderr.String(), "starting in provisioning mode") {
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				t.Fatalf("agent did not start:\n%s", stderr.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if got := exitCode(t, cmd.Wait()); got != exitOK {
+			t.Fatalf("exit %d\n%s", got, stderr.String())
+		}
+		if strings.Contains(stderr.String(), secretToken) {
+			t.Fatal("token in the log")
+		}
+	})
+}
+
+// syncBuffer is a bytes.Buffer safe for the writer goroutine of exec.Cmd.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}

@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Example Muster / Choria provisioning helper in Python 3 (stdlib only).
+
+Reads the request JSON on stdin and writes the reply JSON on stdout:
+  - defers the node when its fact "defer" is "true";
+  - picks plugin.choria.middleware_hosts by the "country" fact
+    (mt -> choria1.mt.example.net:4223, otherwise $MUSTER_BROKER,
+    default localhost:4222);
+  - signs the node's CSR with "${MUSTER_BIN:-muster} ca sign" using the CA in
+    $MUSTER_CA_DIR and returns the certificate, the CA and the ssldir.
+Diagnostics go to stderr (Muster keeps a bounded copy); exit 1 on error.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def fail(msg):
+    print("helper.py: " + msg, file=sys.stderr)
+    sys.exit(1)
+
+
+def main():
+    request = json.load(sys.stdin)
+    identity = request.get("identity") or fail("request has no identity")
+    # The inventory is a JSON *string* holding an object.
+    inventory = json.loads(request.get("inventory") or "{}")
+    facts = inventory.get("facts") or {}
+
+    if facts.get("defer") == "true":
+        json.dump({"defer": True, "msg": "node %s asked to be deferred" % identity}, sys.stdout)
+        return
+
+    if facts.get("country") == "mt":
+        brokers = "choria1.mt.example.net:4223"
+    else:
+        brokers = os.environ.get("MUSTER_BROKER") or "localhost:4222"
+
+    csr = request.get("csr")
+    ssldir = (csr or {}).get("ssldir") or "/etc/muster/ssl"
+    reply = {
+        "defer": False,
+        "msg": "configured " + identity,
+        "configuration": {
+            "identity": identity,
+            "plugin.choria.middleware_hosts": brokers,
+            "plugin.security.provider": "file",
+            "plugin.security.file.certificate": ssldir + "/certificate.pem",
+            "plugin.security.file.key": ssldir + "/private.pem",
+            "plugin.security.file.ca": ssldir + "/ca.pem",
+            "plugin.choria.server.provision": "false",
+        },
+    }
+
+    if csr:
+        ca_dir = os.environ.get("MUSTER_CA_DIR") or fail("MUSTER_CA_DIR must name the CA directory")
+        muster = os.environ.get("MUSTER_BIN") or "muster"
+        signed = subprocess.run(
+            [muster, "ca", "sign", "--dir", ca_dir, "--csr", "-"],
+            input=csr["csr"], capture_output=True, text=True, timeout=30,
+        )
+        if signed.returncode != 0:
+            fail("signing the CSR of %s failed: %s" % (identity, signed.stderr.strip()))
+        with open(os.path.join(ca_dir, "ca.pem")) as f:
+            reply["ca"] = f.read()
+        reply["certificate"] = signed.stdout
+        reply["ssldir"] = ssldir
+
+    json.dump(reply, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+package helper_test
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/muster-io/muster/helper"
+)
+
+// musterBuild builds cmd/muster once per test binary (the example helpers
+// call "muster ca sign"). MUSTER_TEST_BIN names a prebuilt binary instead.
+type musterBuild struct {
+	once sync.Once
+	path string
+	err  error
+	out  string
+}
+
+var built musterBuild
+
+func musterBin(t *testing.T) string {
+	t.Helper()
+	if p := os.Getenv("MUSTER_TEST_BIN"); p != "" {
+		return p
+	}
+	built.once.Do(func() {
+		gomod, err := exec.Command("go", "env", "GOMOD").Output()
+		if err != nil {
+			built.err = err
+			return
+		}
+		root := filepath.Dir(strings.TrimSpace(string(gomod)))
+		dir, err := os.MkdirTemp("", "muster-helper-test-")
+		if err != nil {
+			built.err = err
+			return
+		}
+		built.path = filepath.Join(dir, "muster")
+		cmd := exec.Command("go", "build", "-o", built.path, "./cmd/muster")
+		cmd.Dir = root
+		out, err := cmd.CombinedOutput()
+		built.err, built.out = err, string(out)
+	})
+	if built.err != nil {
+		t.Fatalf("go build ./cmd/muster: %v\n%s", built.err, built.out)
+	}
+	return built.path
+}
+
+// TestMain removes the binary built by musterBin.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.path != "" {
+		os.RemoveAll(filepath.Dir(built.path))
+	}
+	os.Exit(code)
+}
+
+// examplesDir is examples/helpers at the module root.
+func examplesDir(t *testing.T) string {
+	t.Helper()
+	dir, err := filepath.Abs(filepath.Join("..", "examples", "helpers"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func TestExampleHelpers(t *testing.T) {
+	helpers := []struct {
+		name    string
+		command func(bin, dir, caDir string) string
+		needs   []string
+	}{
+		{"shell", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}},
+		{"python", func(_, dir, _ string) string { return filepath.Join(dir, "helper.py") }, []string{"python3"}},
+		{"ruby", func(_, dir, _ string) string { return filepath.Join(dir, "helper.rb") }, []string{"ruby"}},
+		{"builtin cfssl", func(bin, _, caDir string) string {
+			cfg := filepath.Join(caDir, "helper.yaml")
+			yaml := "middleware_hosts: localhost:4333\n" +
+				"rules:\n  - name: malta\n    facts: {country: mt}\n    set: {plugin.choria.middleware_hosts: \"choria1.mt.example.net:4223\"}\n" +
+				"defer_unless: {country: \"*\"}\n"
+			if err := os.WriteFile(cfg, []byte(yaml), 0o600); err != nil {
+				panic(err)
+			}
+			return bin + " helper cfssl --config " + cfg + " --ca-dir " + caDir
+		}, nil},
+	}
+	const id = "node1.example.net"
+	type scenario struct {
+		name       string
+		facts      map[string]string
+		withCSR    bool
+		wantDefer  bool
+		wantBroker string
+	}
+	scenarios := []scenario{
+		{name: "country mt", facts: map[string]string{"country": "mt"}, withCSR: true, wantBroker: "choria1.mt.example.net:4223"},
+		{name: "other country uses the default broker", facts: map[string]string{"country": "de"}, withCSR: true, wantBroker: "localhost:4333"},
+		{name: "no CSR", facts: map[string]string{"country": "de"}, wantBroker: "localhost:4333"},
+		{name: "defer fact", facts: map[string]string{"defer": "true"}, withCSR: true, wantDefer: true},
+	}
+	for _, h := range helpers {
+		t.Run(h.name, func(t *testing.T) {
+			for _, tool := range h.needs {
+				if _, err := exec.LookPath(tool); err != nil {
+					t.Skipf("%s is not installed: the %s example helper needs it (CI installs it)", tool, h.name)
+				}
+			}
+			bin := musterBin(t)
+			_, caDir := newCA(t)
+			e, err := helper.NewExec(helper.ExecOptions{
+				Command: h.command(bin, examplesDir(t), caDir),
+				Timeout: 30 * time.Second,
+				Env:     []string{"MUSTER_BIN=" + bin, "MUSTER_CA_DIR=" + caDir, "MUSTER_BROKER=localhost:4333"},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, s := range scenarios {
+				t.Run(s.name, func(t *testing.T) {
+					inv, err := json.Marshal(map[string]any{"facts": s.facts, "agents": []string{"rpcutil"}})
+					if err != nil {
+						t.Fatal(err)
+					}
+					req := &helper.Request{Identity: id, Inventory: string(inv)}
+					if s.withCSR {
+						_, csr := newCSR(t, id)
+						req.CSR = &helper.CSRInfo{CSR: csr, SSLDir: "/var/lib/muster/ssl"}
+					}
+					rep, err := e.Provision(context.Background(), req)
+					if err != nil {
+						t.Fatalf("%v\nstderr: %s", err, helper.Stderr(err))
+					}
+					if err := helper.ValidateReply(req, rep, time.Now()); err != nil {
+						t.Fatal(err)
+					}
+					if rep.Defer != s.wantDefer {
+						t.Fatalf("defer = %t, want %t (%+v)", rep.Defer, s.wantDefer, rep)
+					}
+					if s.wantDefer {
+						return
+					}
+					if got := rep.Configuration["plugin.choria.middleware_hosts"]; got != s.wantBroker {
+						t.Errorf("middleware_hosts = %q, want %q", got, s.wantBroker)
+					}
+					if s.withCSR && (rep.Certificate == "" || rep.SSLDir != "/var/lib/muster/ssl") {
+						t.Errorf("certificate %d bytes, ssldir %q", len(rep.Certificate), rep.SSLDir)
+					}
+					wantKey := "/etc/muster/ssl/private.pem"
+					if s.withCSR {
+						wantKey = "/var/lib/muster/ssl/private.pem"
+					}
+					if got := rep.Configuration["plugin.security.file.key"]; got != wantKey {
+						t.Errorf("key path = %q, want %q", got, wantKey)
+					}
+				})
+			}
+		})
+	}
+}

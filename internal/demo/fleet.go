@@ -1,0 +1,556 @@
+// Package demo assembles a whole Muster deployment in one process: a CA, the
+// broker, the provisioner with a helper, and N agents, each with its own
+// state directory and connection. `muster demo` runs it for people; the
+// end-to-end tests run it with exec'd helpers and inspect every part.
+package demo
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/agent"
+	"github.com/muster-io/muster/broker"
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/helper/cfsslhelper"
+	"github.com/muster-io/muster/internal/ca"
+	"github.com/muster-io/muster/internal/fsutil"
+	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/provisioner"
+)
+
+// AdminCN is the certificate name the fleet's operator connection uses on the
+// production side.
+const AdminCN = "muster-demo-admin"
+
+// Options configure a Fleet.
+type Options struct {
+	// Nodes is the number of agents.
+	Nodes int
+	// Dir holds every file of the fleet; a temporary directory when empty
+	// (removed by Close).
+	Dir string
+	// HelperCommand runs an exec'd helper instead of the built-in one. It
+	// gets MUSTER_CA_DIR (a directory with ca.pem and ca-key.pem),
+	// MUSTER_BROKER (the production broker host:port) and MUSTER_BIN (this
+	// program) in its environment.
+	HelperCommand string
+	// MusterBin is the muster binary exec'd helpers may call (MUSTER_BIN);
+	// default: this program.
+	MusterBin string
+	// HelperTimeout bounds each helper run (default 10s).
+	HelperTimeout time.Duration
+	// CACert and CAKey use an existing CA instead of a throwaway one.
+	CACert, CAKey string
+	// Workers is the provisioner's worker count (default 8).
+	Workers int
+	// KeyType is the node key type (ecdsa-p256 or rsa).
+	KeyType string
+	// Facts returns the facts of node i; nil gives every node a country
+	// and a rack.
+	Facts func(i int) map[string]string
+	// DeferBackoff is how long a deferred or failed node waits before it is
+	// taken again (default 2s, short for a demo).
+	DeferBackoff time.Duration
+	// Logger receives the components' logs (default: discarded).
+	Logger *logrus.Logger
+	// OnProvisioned, when set, is called each time a node reaches production.
+	OnProvisioned func(identity string, at time.Time)
+	// OnNodeDone, when set, receives every provisioner outcome.
+	OnNodeDone func(identity string, outcome provisioner.Outcome, stage provisioner.Stage, err error)
+}
+
+// Fleet is a running demo deployment.
+type Fleet struct {
+	opts     Options
+	dir      string
+	tmp      bool
+	log      *logrus.Logger
+	ca       *ca.CA
+	caDir    string
+	broker   *broker.Broker
+	brokerUp bool
+	prov     *provisioner.Provisioner
+	agents   []*agent.Agent
+	ids      []string
+	started  time.Time
+
+	mu         sync.Mutex
+	production map[string]time.Time
+	outcomes   map[string]provisioner.Outcome
+	errs       map[string]error
+	prodCh     chan struct{}
+
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	runErr []error
+	closed bool
+}
+
+// Identity returns the identity of node i.
+func Identity(i int) string { return fmt.Sprintf("node%05d.demo.muster", i) }
+
+func defaultFacts(i int) map[string]string {
+	countries := []string{"mt", "de", "us", "jp"}
+	return map[string]string{
+		"country": countries[i%len(countries)],
+		"rack":    "r" + strconv.Itoa(i/40),
+		"demo":    "true",
+	}
+}
+
+// New prepares a fleet: CA, broker TLS material, provisioner credential,
+// helper and agents. Nothing runs until Start.
+func New(opts Options) (*Fleet, error) {
+	if opts.Nodes < 0 {
+		return nil, fmt.Errorf("nodes %d: must not be negative", opts.Nodes)
+	}
+	if (opts.CACert == "") != (opts.CAKey == "") {
+		return nil, errors.New("--ca-cert and --ca-key go together")
+	}
+	if opts.Workers == 0 {
+		opts.Workers = 8
+	}
+	if opts.DeferBackoff == 0 {
+		opts.DeferBackoff = 2 * time.Second
+	}
+	if opts.HelperTimeout == 0 {
+		opts.HelperTimeout = 10 * time.Second
+	}
+	if opts.Facts == nil {
+		opts.Facts = defaultFacts
+	}
+	f := &Fleet{
+		opts:       opts,
+		log:        opts.Logger,
+		production: map[string]time.Time{},
+		outcomes:   map[string]provisioner.Outcome{},
+		errs:       map[string]error{},
+		prodCh:     make(chan struct{}, 1),
+	}
+	if f.log == nil {
+		f.log = logrus.New()
+		f.log.SetOutput(nopWriter{})
+	}
+	f.dir = opts.Dir
+	if f.dir == "" {
+		d, err := os.MkdirTemp("", "muster-demo-")
+		if err != nil {
+			return nil, err
+		}
+		f.dir, f.tmp = d, true
+	}
+	if err := f.prepare(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+type nopWriter struct{}
+
+func (nopWriter) Write(p []byte) (int, error) { return len(p), nil }
+
+func (f *Fleet) prepare() error {
+	var err error
+	f.caDir = filepath.Join(f.dir, "ca")
+	if f.opts.CACert != "" {
+		f.ca, err = ca.Load(f.opts.CACert, f.opts.CAKey, 0)
+		if err != nil {
+			return err
+		}
+		// exec'd helpers find the CA in MUSTER_CA_DIR.
+		if err := os.MkdirAll(f.caDir, 0o700); err != nil {
+			return err
+		}
+		for src, dst := range map[string]string{f.opts.CACert: ca.CertFile, f.opts.CAKey: ca.KeyFile} {
+			b, err := os.ReadFile(src)
+			if err != nil {
+				return err
+			}
+			if err := fsutil.WriteFileAtomic(filepath.Join(f.caDir, dst), b, 0o600); err != nil {
+				return err
+			}
+		}
+	} else {
+		f.ca, err = ca.Init(f.caDir, "Muster demo CA", 0)
+		if err != nil {
+			return err
+		}
+	}
+
+	pkiDir := filepath.Join(f.dir, "pki")
+	srv, err := f.ca.Issue("localhost", []string{"localhost", "127.0.0.1", "::1"})
+	if err != nil {
+		return err
+	}
+	srvCert, srvKey, err := f.ca.WriteIssued(pkiDir, "broker", srv)
+	if err != nil {
+		return err
+	}
+	adm, err := f.ca.Issue(AdminCN, []string{AdminCN})
+	if err != nil {
+		return err
+	}
+	if _, _, err := f.ca.WriteIssued(pkiDir, "admin", adm); err != nil {
+		return err
+	}
+	caFile := filepath.Join(pkiDir, "ca.pem")
+	if err := fsutil.WriteFileAtomic(caFile, f.ca.CertificatePEM(), 0o644); err != nil {
+		return err
+	}
+	nk, err := nkeys.CreateUser()
+	if err != nil {
+		return err
+	}
+	seed, err := nk.Seed()
+	if err != nil {
+		return err
+	}
+	pub, err := nk.PublicKey()
+	if err != nil {
+		return err
+	}
+	seedFile := filepath.Join(pkiDir, "provisioner.nk")
+	if err := fsutil.WriteFileAtomic(seedFile, seed, 0o600); err != nil {
+		return err
+	}
+
+	bcfg := broker.DefaultConfig()
+	bcfg.Listen = "127.0.0.1:0"
+	bcfg.StoreDir = filepath.Join(f.dir, "broker")
+	bcfg.TLS.Cert, bcfg.TLS.Key, bcfg.TLS.CA = srvCert, srvKey, caFile
+	bcfg.Provisioners = []string{pub}
+	bcfg.Admins = []string{AdminCN}
+	f.broker, err = broker.New(bcfg, f.log.WithField("component", "broker"))
+	if err != nil {
+		return err
+	}
+	return nil
+}
+
+// StartBroker starts only the broker, so a caller can watch it before the
+// fleet runs. Start calls it when needed.
+func (f *Fleet) StartBroker() error {
+	if f.brokerUp {
+		return nil
+	}
+	if err := f.broker.Start(); err != nil {
+		return fmt.Errorf("start broker: %w", err)
+	}
+	f.brokerUp = true
+	return nil
+}
+
+// Start starts the broker, the provisioner and every agent.
+func (f *Fleet) Start(ctx context.Context) error {
+	if err := f.StartBroker(); err != nil {
+		return err
+	}
+	ctx, f.cancel = context.WithCancel(ctx)
+	url := f.broker.ClientURL()
+	hostPort := url[len("tls://"):]
+
+	token := randomToken()
+	h, err := f.helper(hostPort)
+	if err != nil {
+		return err
+	}
+	pcfg := provisioner.DefaultConfig()
+	pcfg.Workers = f.opts.Workers
+	pcfg.Brokers = []string{url}
+	pcfg.TLSCA = filepath.Join(f.dir, "pki", "ca.pem")
+	pcfg.NkeySeedFile = filepath.Join(f.dir, "pki", "provisioner.nk")
+	pcfg.Token = token
+	pcfg.Site = "demo"
+	pcfg.HelperTimeout = provisioner.Duration(f.opts.HelperTimeout)
+	pcfg.DeferBackoff = provisioner.Duration(f.opts.DeferBackoff)
+	pcfg.Interval = provisioner.Duration(10 * time.Second)
+	pcfg.RestartSplay = provisioner.Duration(200 * time.Millisecond)
+	if f.opts.KeyType != "" {
+		pcfg.KeyType = f.opts.KeyType
+	}
+	f.prov, err = provisioner.New(provisioner.Options{
+		Config:   pcfg,
+		Helper:   h,
+		Logger:   f.log.WithField("component", "provisioner"),
+		Observer: observer{f},
+	})
+	if err != nil {
+		return fmt.Errorf("provisioner: %w", err)
+	}
+
+	for i := 0; i < f.opts.Nodes; i++ {
+		id := Identity(i)
+		a, err := agent.New(agent.Options{
+			Identity: id,
+			StateDir: filepath.Join(f.dir, "agents", id),
+			Provisioning: agent.ProvisioningSettings{
+				Brokers: []string{url},
+				Token:   token,
+				CAPEM:   f.ca.CertificatePEM(),
+				Enabled: true,
+			},
+			Facts:            f.opts.Facts(i),
+			Version:          "demo",
+			Logger:           f.log.WithFields(logrus.Fields{"component": "agent", "identity": id}),
+			MetadataInterval: 5 * time.Second,
+			Observer:         observer{f},
+		})
+		if err != nil {
+			return fmt.Errorf("agent %s: %w", id, err)
+		}
+		f.agents = append(f.agents, a)
+		f.ids = append(f.ids, id)
+	}
+
+	f.started = time.Now()
+	f.goRun("provisioner", func() error { return f.prov.Run(ctx) })
+	for i, a := range f.agents {
+		a := a
+		f.goRun(f.ids[i], func() error { return a.Run(ctx) })
+	}
+	return nil
+}
+
+func (f *Fleet) goRun(name string, fn func() error) {
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		if err := fn(); err != nil && !errors.Is(err, context.Canceled) {
+			f.mu.Lock()
+			f.runErr = append(f.runErr, fmt.Errorf("%s: %w", name, err))
+			f.mu.Unlock()
+		}
+	}()
+}
+
+func (f *Fleet) helper(brokerHostPort string) (helper.Helper, error) {
+	if f.opts.HelperCommand != "" {
+		self := f.opts.MusterBin
+		if self == "" {
+			var err error
+			if self, err = os.Executable(); err != nil {
+				return nil, err
+			}
+		}
+		return helper.NewExec(helper.ExecOptions{
+			Command: f.opts.HelperCommand,
+			Timeout: f.opts.HelperTimeout,
+			Env: []string{
+				"MUSTER_CA_DIR=" + f.caDir,
+				"MUSTER_BROKER=" + brokerHostPort,
+				"MUSTER_BIN=" + self,
+			},
+		})
+	}
+	cfg := &cfsslhelper.Config{MiddlewareHosts: brokerHostPort}
+	return cfsslhelper.NewWithCA(f.ca, cfg)
+}
+
+type observer struct{ f *Fleet }
+
+func (o observer) ModeChanged(identity string, m agent.Mode, at time.Time) {
+	if m != agent.ModeProduction {
+		return
+	}
+	o.f.mu.Lock()
+	if _, seen := o.f.production[identity]; !seen {
+		o.f.production[identity] = at
+	}
+	o.f.mu.Unlock()
+	select {
+	case o.f.prodCh <- struct{}{}:
+	default:
+	}
+	if o.f.opts.OnProvisioned != nil {
+		o.f.opts.OnProvisioned(identity, at)
+	}
+}
+
+func (o observer) NodeDone(identity string, outcome provisioner.Outcome, stage provisioner.Stage, err error) {
+	o.f.mu.Lock()
+	o.f.outcomes[identity] = outcome
+	if err != nil {
+		o.f.errs[identity] = err
+	} else {
+		delete(o.f.errs, identity)
+	}
+	o.f.mu.Unlock()
+	if o.f.opts.OnNodeDone != nil {
+		o.f.opts.OnNodeDone(identity, outcome, stage, err)
+	}
+}
+
+// ProductionCount is how many agents have reached production mode.
+func (f *Fleet) ProductionCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.production)
+}
+
+// WaitProduction blocks until n agents reached production, ctx ends, or
+// the fleet failed. It returns the number reached.
+func (f *Fleet) WaitProduction(ctx context.Context, n int) int {
+	for {
+		if c := f.ProductionCount(); c >= n {
+			return c
+		}
+		select {
+		case <-ctx.Done():
+			return f.ProductionCount()
+		case <-f.prodCh:
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// Identities returns the agents' identities in order.
+func (f *Fleet) Identities() []string { return append([]string(nil), f.ids...) }
+
+// AgentDir returns node i's state directory.
+func (f *Fleet) AgentDir(identity string) string { return filepath.Join(f.dir, "agents", identity) }
+
+// Dir is the fleet's root directory.
+func (f *Fleet) Dir() string { return f.dir }
+
+// CA returns the fleet's CA.
+func (f *Fleet) CA() *ca.CA { return f.ca }
+
+// Broker returns the fleet's broker.
+func (f *Fleet) Broker() *broker.Broker { return f.broker }
+
+// Provisioner returns the fleet's provisioner (nil before Start).
+func (f *Fleet) Provisioner() *provisioner.Provisioner { return f.prov }
+
+// Started is when Start launched the agents.
+func (f *Fleet) Started() time.Time { return f.started }
+
+// ProductionTimes returns when each node reached production.
+func (f *Fleet) ProductionTimes() map[string]time.Time {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make(map[string]time.Time, len(f.production))
+	for k, v := range f.production {
+		out[k] = v
+	}
+	return out
+}
+
+// Errors returns the last provisioner error per node that has not since
+// succeeded.
+func (f *Fleet) Errors() map[string]error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := make(map[string]error, len(f.errs))
+	for k, v := range f.errs {
+		out[k] = v
+	}
+	return out
+}
+
+// AdminConn connects to the production side with the fleet's admin
+// certificate (mutual TLS).
+func (f *Fleet) AdminConn() (*nats.Conn, error) {
+	pkiDir := filepath.Join(f.dir, "pki")
+	return nats.Connect(f.broker.ClientURL(),
+		nats.Name(AdminCN),
+		nats.RootCAs(filepath.Join(pkiDir, "ca.pem")),
+		nats.ClientCert(filepath.Join(pkiDir, "admin.pem"), filepath.Join(pkiDir, "admin-key.pem")),
+	)
+}
+
+// PingProduction broadcasts rpcutil ping on the production side's main
+// collective over mutual TLS and returns the identities that answered
+// within wait.
+func (f *Fleet) PingProduction(ctx context.Context, wait time.Duration) ([]string, error) {
+	nc, err := f.AdminConn()
+	if err != nil {
+		return nil, fmt.Errorf("admin connection: %w", err)
+	}
+	defer nc.Close()
+	inbox := nats.NewInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		return nil, err
+	}
+	req := protocol.Request{
+		Protocol: protocol.RequestProtocol, ID: nats.NewInbox()[len("_INBOX."):], Sender: AdminCN,
+		Agent: protocol.AgentRPCUtil, Action: protocol.ActionPing, Time: time.Now().UTC(), TTL: 60,
+	}
+	b, err := protocol.Marshal(&req)
+	if err != nil {
+		return nil, err
+	}
+	if err := nc.PublishRequest(protocol.BroadcastSubject(protocol.DefaultMainCollective, protocol.AgentRPCUtil), inbox, b); err != nil {
+		return nil, err
+	}
+	seen := map[string]bool{}
+	deadline := time.Now().Add(wait)
+	for len(seen) < len(f.ids) {
+		left := time.Until(deadline)
+		if left <= 0 || ctx.Err() != nil {
+			break
+		}
+		msg, err := sub.NextMsg(left)
+		if err != nil {
+			break
+		}
+		rep, err := protocol.DecodeReply(msg.Data)
+		if err != nil || rep.Err() != nil {
+			continue
+		}
+		seen[rep.Sender] = true
+	}
+	out := make([]string, 0, len(seen))
+	for id := range seen {
+		out = append(out, id)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// Close stops every component, waits for them, and removes a temporary
+// directory. It returns the components' run errors. Safe to call twice.
+func (f *Fleet) Close() error {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	f.closed = true
+	f.mu.Unlock()
+	if f.cancel != nil {
+		f.cancel()
+	}
+	f.wg.Wait()
+	if f.broker != nil {
+		f.broker.Shutdown()
+	}
+	if f.tmp {
+		os.RemoveAll(f.dir)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return errors.Join(f.runErr...)
+}
+
+func randomToken() string {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b)
+}

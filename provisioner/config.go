@@ -1,0 +1,274 @@
+package provisioner
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"os"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// Duration is a time.Duration written in YAML as a Go duration string
+// ("30s", "2m", "1h30m").
+type Duration time.Duration
+
+// D returns d as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// String formats d like time.Duration.
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// UnmarshalYAML parses a duration string.
+func (d *Duration) UnmarshalYAML(node *yaml.Node) error {
+	var s string
+	if err := node.Decode(&s); err != nil {
+		return fmt.Errorf("line %d: duration: %w", node.Line, err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: duration %q: %w", node.Line, s, err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes d as a duration string.
+func (d Duration) MarshalYAML() (any, error) { return d.String(), nil }
+
+// Features switches optional parts of the pipeline.
+type Features struct {
+	// PKI makes the provisioner ask each node for a CSR (gencsr) and hand it
+	// to the helper. Default true.
+	PKI bool `yaml:"pki"`
+}
+
+// Config is the provisioner's configuration file (YAML; unknown keys are
+// rejected). DefaultConfig holds every default.
+type Config struct {
+	// Workers is how many nodes are provisioned at the same time.
+	Workers int `yaml:"workers"`
+	// Interval is the broadcast discovery period.
+	Interval Duration `yaml:"interval"`
+	// Helper is the helper command line; empty selects the built-in cfssl
+	// helper configured by HelperConfig.
+	Helper string `yaml:"helper"`
+	// HelperConfig is the built-in helper's YAML file (when Helper is empty).
+	HelperConfig string `yaml:"helper_config"`
+	// HelperTimeout bounds one helper run.
+	HelperTimeout Duration `yaml:"helper_timeout"`
+	// HelperConcurrency limits concurrent helper runs separately from the
+	// workers' RPCs; 0 means Workers.
+	HelperConcurrency int `yaml:"helper_concurrency"`
+	// Token is the fleet provisioning token sent in every request. Secret:
+	// never logged.
+	Token string `yaml:"token"`
+	// Site is passed to the helper in every request.
+	Site string `yaml:"site"`
+	// MonitorPort is the HTTP monitor's port: 0 is off, -1 a random port.
+	MonitorPort int `yaml:"monitor_port"`
+	// MonitorHost is the HTTP monitor's listen address.
+	MonitorHost string `yaml:"monitor_host"`
+	// Brokers are the provisioning broker URLs.
+	Brokers []string `yaml:"brokers"`
+	// TLSCA is the CA file for the brokers' certificates.
+	TLSCA string `yaml:"tls_ca"`
+	// NkeySeedFile holds the provisioner's nkey seed (its credential).
+	NkeySeedFile string `yaml:"nkey_seed_file"`
+	// Features switches optional parts of the pipeline.
+	Features Features `yaml:"features"`
+	// KeyType is the key nodes generate in gencsr: ecdsa-p256 or rsa.
+	KeyType string `yaml:"key_type"`
+	// QueueSize bounds the queue of discovered nodes; a node announced while
+	// the queue is full is shed and comes back when it re-announces.
+	QueueSize int `yaml:"queue_size"`
+	// RPCTimeout bounds one request to a node.
+	RPCTimeout Duration `yaml:"rpc_timeout"`
+	// RPCRetries is how often a request without answer is retried.
+	RPCRetries int `yaml:"rpc_retries"`
+	// DeferBackoff is how long a deferred or failed node waits before it is
+	// taken again (a helper's retry_after overrides it for deferrals).
+	DeferBackoff Duration `yaml:"defer_backoff"`
+	// Grace is how long a configured node is not taken again.
+	Grace Duration `yaml:"grace"`
+	// RestartSplay is the longest random delay nodes wait before restarting.
+	RestartSplay Duration `yaml:"restart_splay"`
+	// LogFile is the log file; empty logs to stderr.
+	LogFile string `yaml:"logfile"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `yaml:"loglevel"`
+	// Name is the sender name in requests.
+	Name string `yaml:"name"`
+}
+
+// Defaults.
+const (
+	DefaultWorkers       = 8
+	DefaultInterval      = time.Minute
+	DefaultHelperTimeout = 10 * time.Second
+	DefaultMonitorHost   = "127.0.0.1"
+	DefaultQueueSize     = 10000
+	DefaultRPCTimeout    = 10 * time.Second
+	DefaultRPCRetries    = 3
+	DefaultDeferBackoff  = 30 * time.Second
+	DefaultGrace         = 2 * time.Minute
+	DefaultRestartSplay  = 2 * time.Second
+)
+
+// DefaultConfig returns the configuration with every default applied.
+func DefaultConfig() Config {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "localhost"
+	}
+	return Config{
+		Workers:       DefaultWorkers,
+		Interval:      Duration(DefaultInterval),
+		HelperTimeout: Duration(DefaultHelperTimeout),
+		MonitorHost:   DefaultMonitorHost,
+		Features:      Features{PKI: true},
+		KeyType:       protocol.KeyECDSAP256,
+		QueueSize:     DefaultQueueSize,
+		RPCTimeout:    Duration(DefaultRPCTimeout),
+		RPCRetries:    DefaultRPCRetries,
+		DeferBackoff:  Duration(DefaultDeferBackoff),
+		Grace:         Duration(DefaultGrace),
+		RestartSplay:  Duration(DefaultRestartSplay),
+		LogLevel:      "info",
+		Name:          "muster-provisioner@" + host,
+	}
+}
+
+// ErrConfig wraps every configuration error.
+var ErrConfig = errors.New("invalid provisioner configuration")
+
+// LoadConfig reads path over DefaultConfig, rejecting unknown keys, and
+// validates the result.
+func LoadConfig(path string) (Config, error) {
+	cfg := DefaultConfig()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return cfg, fmt.Errorf("load provisioner config: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+		return cfg, fmt.Errorf("load provisioner config %s: %w: %w", path, ErrConfig, err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, fmt.Errorf("load provisioner config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Validate reports every problem with the configuration, naming the key and
+// the bad value. Every error wraps ErrConfig.
+func (c *Config) Validate() error { return c.validate(true) }
+
+func (c *Config) validate(needBrokers bool) error {
+	var errs []error
+	bad := func(key string, val any, why string) {
+		errs = append(errs, fmt.Errorf("%w: %s %v: %s", ErrConfig, key, val, why))
+	}
+	if c.Workers < 1 || c.Workers > 10000 {
+		bad("workers", c.Workers, "must be 1..10000")
+	}
+	if c.Interval.D() < time.Second {
+		bad("interval", c.Interval, "must be at least 1s")
+	}
+	if c.Helper != "" && c.HelperConfig != "" {
+		bad("helper_config", c.HelperConfig, "only used by the built-in helper, but helper is set")
+	}
+	if c.HelperTimeout.D() <= 0 {
+		bad("helper_timeout", c.HelperTimeout, "must be positive")
+	}
+	if c.HelperConcurrency < 0 {
+		bad("helper_concurrency", c.HelperConcurrency, "must be 0 (same as workers) or more")
+	}
+	if c.MonitorPort < -1 || c.MonitorPort > 65535 {
+		bad("monitor_port", c.MonitorPort, "must be -1 (random), 0 (off) or a port")
+	}
+	if c.MonitorPort != 0 && c.MonitorHost == "" {
+		bad("monitor_host", `""`, "must be set when monitor_port is")
+	}
+	if needBrokers && len(c.Brokers) == 0 {
+		bad("brokers", "[]", "at least one broker URL is required")
+	}
+	for i, b := range c.Brokers {
+		u, err := url.Parse(b)
+		if err != nil || u.Host == "" {
+			bad(fmt.Sprintf("brokers[%d]", i), fmt.Sprintf("%q", b), "not a URL like tls://host:4222")
+			continue
+		}
+		switch u.Scheme {
+		case "nats", "tls":
+		default:
+			bad(fmt.Sprintf("brokers[%d]", i), fmt.Sprintf("%q", b), "scheme must be nats or tls")
+		}
+		if u.User != nil {
+			bad(fmt.Sprintf("brokers[%d]", i), "(redacted)", "must not carry credentials; use nkey_seed_file")
+		}
+	}
+	for _, f := range []struct{ key, path string }{{"tls_ca", c.TLSCA}, {"nkey_seed_file", c.NkeySeedFile}} {
+		if f.path == "" {
+			continue
+		}
+		if st, err := os.Stat(f.path); err != nil {
+			bad(f.key, fmt.Sprintf("%q", f.path), "cannot be read: "+errText(err))
+		} else if st.IsDir() {
+			bad(f.key, fmt.Sprintf("%q", f.path), "is a directory")
+		}
+	}
+	switch c.KeyType {
+	case protocol.KeyECDSAP256, protocol.KeyRSA:
+	default:
+		bad("key_type", fmt.Sprintf("%q", c.KeyType), "must be ecdsa-p256 or rsa")
+	}
+	if c.QueueSize < 1 || c.QueueSize > 10_000_000 {
+		bad("queue_size", c.QueueSize, "must be 1..10000000")
+	}
+	if c.RPCTimeout.D() < 100*time.Millisecond || c.RPCTimeout.D() > protocol.MaxTTL {
+		bad("rpc_timeout", c.RPCTimeout, "must be 100ms..10m")
+	}
+	if c.RPCRetries < 0 || c.RPCRetries > 20 {
+		bad("rpc_retries", c.RPCRetries, "must be 0..20")
+	}
+	if c.DeferBackoff.D() <= 0 {
+		bad("defer_backoff", c.DeferBackoff, "must be positive")
+	}
+	if c.Grace.D() < 0 {
+		bad("grace", c.Grace, "must not be negative")
+	}
+	if c.RestartSplay.D() < 0 || c.RestartSplay.D() > time.Hour {
+		bad("restart_splay", c.RestartSplay, "must be 0..1h")
+	}
+	if err := logging.ValidLevel(c.LogLevel); err != nil {
+		bad("loglevel", fmt.Sprintf("%q", c.LogLevel), "must be debug, info, warn or error")
+	}
+	if c.Name == "" || len(c.Name) > 128 {
+		bad("name", fmt.Sprintf("%q", c.Name), "must be 1..128 bytes")
+	}
+	return errors.Join(errs...)
+}
+
+func errText(err error) string {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return pe.Err.Error()
+	}
+	return err.Error()
+}
+
+// helperConcurrency is the effective helper concurrency.
+func (c *Config) helperConcurrency() int {
+	if c.HelperConcurrency > 0 {
+		return c.HelperConcurrency
+	}
+	return c.Workers
+}

@@ -1,0 +1,269 @@
+package provisioner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// invalidLogEvery is the shortest interval between two debug logs about
+// malformed messages from one source.
+const invalidLogEvery = 5 * time.Second
+
+// messageLoop handles metadata, startup and production events until ctx is
+// done.
+func (p *Provisioner) messageLoop(ctx context.Context, msgs <-chan *nats.Msg) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case m := <-msgs:
+			p.handleMessage(m)
+		}
+	}
+}
+
+func (p *Provisioner) handleMessage(m *nats.Msg) {
+	switch {
+	case m.Subject == protocol.MetadataSubject:
+		md, err := protocol.DecodeMetadata(m.Data)
+		if err != nil {
+			p.invalid(sourceMetadata, err)
+			return
+		}
+		p.m.discovered.WithLabelValues(sourceMetadata).Inc()
+		p.offer(md.Identity, sourceMetadata, time.Time{})
+	case strings.HasPrefix(m.Subject, "production."):
+		ev, err := protocol.DecodeEvent(m.Data)
+		if err != nil || ev.Type != protocol.EventProvisioned {
+			if err == nil {
+				err = fmt.Errorf("event type %q", ev.Type)
+			}
+			p.invalid(sourceProduction, err)
+			return
+		}
+		p.m.arrivals.Inc()
+		p.markProduction(ev.Identity)
+	default:
+		ev, err := protocol.DecodeEvent(m.Data)
+		if err != nil || ev.Type != protocol.EventStartup {
+			if err == nil {
+				err = fmt.Errorf("event type %q", ev.Type)
+			}
+			p.invalid(sourceStartup, err)
+			return
+		}
+		p.m.discovered.WithLabelValues(sourceStartup).Inc()
+		p.offer(ev.Identity, sourceStartup, ev.Time)
+	}
+}
+
+// invalid counts a malformed message and logs it at debug, at most once per
+// invalidLogEvery per source.
+func (p *Provisioner) invalid(source string, err error) {
+	p.m.invalid.WithLabelValues(source).Inc()
+	now := time.Now()
+	p.mu.Lock()
+	t := p.invalidAt[source]
+	if now.Sub(t.last) < invalidLogEvery {
+		t.suppressed++
+		p.invalidAt[source] = t
+		p.mu.Unlock()
+		return
+	}
+	suppressed := t.suppressed
+	p.invalidAt[source] = logThrottle{last: now}
+	p.mu.Unlock()
+	p.log.WithFields(logrus.Fields{"source": source, "suppressed": suppressed}).WithError(err).Debug("dropped malformed message")
+}
+
+// markProduction records a node's arrival on the production side.
+func (p *Provisioner) markProduction(id string) {
+	now := time.Now()
+	p.mu.Lock()
+	n := p.nodes[id]
+	if n == nil {
+		n = &node{NodeStatus: NodeStatus{Identity: id}}
+		p.nodes[id] = n
+	}
+	if n.State != StateInProgress && n.State != StateQueued {
+		n.State = StateProduction
+		n.RetryAt = time.Time{}
+	}
+	n.Updated = now
+	p.mu.Unlock()
+	p.log.WithField("identity", id).Debug("node arrived in production")
+}
+
+// offer queues a node unless it is queued, in progress, in production, or
+// waiting (deferred, failed, grace). startedAt is the time of a startup
+// event (zero for other sources): a node in production that starts up in
+// provisioning mode afterwards was reprovisioned and is taken again.
+// It reports whether the node was queued.
+func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
+	now := time.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := p.nodes[id]
+	if n == nil {
+		n = &node{NodeStatus: NodeStatus{Identity: id}}
+		p.nodes[id] = n
+	}
+	switch n.State {
+	case StateQueued, StateInProgress:
+		return false
+	case StateProduction:
+		if startedAt.IsZero() || !startedAt.After(n.Updated) {
+			return false
+		}
+	case StateDeferred, StateFailed, StateProvisioned, StateShutdown:
+		if now.Before(n.RetryAt) {
+			return false
+		}
+	}
+	select {
+	case p.queue <- queueItem{identity: id, queuedAt: now}:
+	default:
+		p.m.shed.Inc()
+		if n.State == "" {
+			delete(p.nodes, id)
+		}
+		return false
+	}
+	n.State = StateQueued
+	n.Source = source
+	n.Updated = now
+	n.queuedAt = now
+	return true
+}
+
+// discoveryLoop runs broadcast discovery at once and every Interval.
+func (p *Provisioner) discoveryLoop(ctx context.Context) {
+	t := time.NewTicker(p.cfg.Interval.D())
+	defer t.Stop()
+	for {
+		if _, err := p.Discover(ctx); err != nil && ctx.Err() == nil {
+			p.log.WithError(err).Warn("broadcast discovery failed")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// discoveryWindow is how long Discover collects replies.
+func (p *Provisioner) discoveryWindow() time.Duration {
+	w := p.cfg.RPCTimeout.D() / 5
+	return min(max(w, 200*time.Millisecond), 2*time.Second)
+}
+
+// Discover runs one broadcast discovery now: it publishes a discovery ping
+// to every waiting node, collects replies for a short window, queues the
+// nodes that answered and returns how many distinct nodes answered.
+func (p *Provisioner) Discover(ctx context.Context) (int, error) {
+	nc := p.conn()
+	if nc == nil {
+		return 0, ErrNotRunning
+	}
+	req := protocol.Request{
+		Protocol: protocol.RequestProtocol,
+		ID:       nuid.Next(),
+		Sender:   p.cfg.Name,
+		Agent:    protocol.AgentDiscovery,
+		Action:   protocol.ActionPing,
+		Time:     time.Now().UTC(),
+		TTL:      p.ttl(),
+		Token:    p.cfg.Token,
+	}
+	data, err := protocol.Marshal(req)
+	if err != nil {
+		return 0, fmt.Errorf("discovery: %w", err)
+	}
+	inbox := nc.NewRespInbox()
+	sub, err := nc.SubscribeSync(inbox)
+	if err != nil {
+		return 0, fmt.Errorf("discovery subscribe: %w", err)
+	}
+	defer func() { _ = sub.Unsubscribe() }()
+	_ = sub.SetPendingLimits(-1, 64*1024*1024)
+	if err := nc.PublishRequest(protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery), inbox, data); err != nil {
+		return 0, fmt.Errorf("discovery publish: %w", err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, p.discoveryWindow())
+	defer cancel()
+	seen := map[string]bool{}
+	for {
+		m, err := sub.NextMsgWithContext(wctx)
+		if err != nil {
+			if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+				break
+			}
+			if errors.Is(err, nats.ErrNoResponders) {
+				// No node is listening: nothing to discover.
+				break
+			}
+			return len(seen), fmt.Errorf("discovery: %w", err)
+		}
+		id, err := p.decodePing(m.Data, req.ID)
+		if err != nil {
+			p.invalid(sourceDiscovery, err)
+			continue
+		}
+		if id == "" || seen[id] {
+			continue
+		}
+		seen[id] = true
+		p.m.discovered.WithLabelValues(sourceDiscovery).Inc()
+		p.offer(id, sourceDiscovery, time.Time{})
+	}
+	p.log.WithField("nodes", len(seen)).Debug("broadcast discovery done")
+	return len(seen), ctx.Err()
+}
+
+// decodePing returns the identity of a waiting node's discovery reply, ""
+// for a node that is not in provisioning mode.
+func (p *Provisioner) decodePing(data []byte, reqID string) (string, error) {
+	rep, err := protocol.DecodeReply(data)
+	if err != nil {
+		return "", err
+	}
+	if rep.ID != reqID {
+		return "", fmt.Errorf("reply to request %q: %w", rep.ID, ErrBadReply)
+	}
+	if err := rep.Err(); err != nil {
+		return "", err
+	}
+	var body protocol.PingReply
+	if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &body); err != nil {
+		return "", fmt.Errorf("ping body: %w", err)
+	}
+	if body.Identity != rep.Sender {
+		return "", fmt.Errorf("ping body names %q: %w", body.Identity, ErrWrongSender)
+	}
+	if body.Mode != "" && body.Mode != protocol.ProvisioningCollective {
+		return "", nil
+	}
+	return rep.Sender, nil
+}
+
+// ttl is the request TTL in seconds: RPCTimeout rounded up, at least 5.
+func (p *Provisioner) ttl() int {
+	d := p.cfg.RPCTimeout.D()
+	s := int((d + time.Second - 1) / time.Second)
+	return max(s, 5)
+}
+
+func sortNodes(ns []NodeStatus) {
+	sort.Slice(ns, func(i, j int) bool { return ns[i].Identity < ns[j].Identity })
+}

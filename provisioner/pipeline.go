@@ -1,0 +1,420 @@
+package provisioner
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/pki"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// rpcBackoffBase is the first retry delay; it doubles per attempt, jittered.
+const rpcBackoffBase = 200 * time.Millisecond
+
+// maxStderrLog bounds the helper stderr that goes into a log entry.
+const maxStderrLog = 2048
+
+// stageError is a pipeline failure at a stage.
+type stageError struct {
+	stage Stage
+	err   error
+}
+
+func (e *stageError) Error() string { return fmt.Sprintf("%s: %v", e.stage, e.err) }
+func (e *stageError) Unwrap() error { return e.err }
+
+func failAt(stage Stage, err error) error { return &stageError{stage: stage, err: err} }
+
+// attempt is one run of the pipeline for one node.
+type attempt struct {
+	p       *Provisioner
+	id      string
+	log     *logrus.Entry
+	started time.Time
+	stage   Stage
+	retryAt time.Duration // for deferrals
+	outcome Outcome
+}
+
+// process runs one node through the pipeline and records the result.
+func (p *Provisioner) process(ctx context.Context, it queueItem) {
+	now := time.Now()
+	p.mu.Lock()
+	n := p.nodes[it.identity]
+	if n == nil || n.State != StateQueued {
+		// Arrived in production (or similar) while queued.
+		p.mu.Unlock()
+		return
+	}
+	n.State = StateInProgress
+	n.Stage = StageInventory
+	n.Attempts++
+	n.Updated = now
+	p.mu.Unlock()
+
+	p.m.queueWait.Observe(now.Sub(it.queuedAt).Seconds())
+	p.m.busy.Inc()
+	defer p.m.busy.Dec()
+
+	a := &attempt{p: p, id: it.identity, started: now, stage: StageInventory,
+		log: p.log.WithField("identity", it.identity)}
+	err := a.run(ctx)
+	p.finish(a, err, ctx.Err() != nil)
+}
+
+// setStage records the stage a node is in.
+func (a *attempt) setStage(s Stage) {
+	a.stage = s
+	a.p.mu.Lock()
+	if n := a.p.nodes[a.id]; n != nil {
+		n.Stage = s
+		n.Updated = time.Now()
+	}
+	a.p.mu.Unlock()
+}
+
+func (a *attempt) run(ctx context.Context) error {
+	p := a.p
+	rep, err := p.rpc(ctx, a.id, protocol.AgentRPCUtil, protocol.ActionInventory, StageInventory, nil)
+	if err != nil {
+		return failAt(StageInventory, err)
+	}
+	var inv protocol.Inventory
+	if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &inv); err != nil {
+		return failAt(StageInventory, fmt.Errorf("inventory body: %w: %v", ErrBadReply, err))
+	}
+	inventory := string(rep.Body)
+
+	var csrInfo *helper.CSRInfo
+	var pub crypto.PublicKey
+	if p.cfg.Features.PKI {
+		a.setStage(StageGenCSR)
+		rep, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionGenCSR, StageGenCSR, protocol.GenCSRRequest{KeyType: p.cfg.KeyType})
+		if err != nil {
+			return failAt(StageGenCSR, err)
+		}
+		var g protocol.GenCSRReply
+		if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &g); err != nil {
+			return failAt(StageGenCSR, fmt.Errorf("gencsr body: %w: %v", ErrBadReply, err))
+		}
+		if pub, err = checkCSR(a.id, &g); err != nil {
+			return failAt(StageGenCSR, err)
+		}
+		csrInfo = &helper.CSRInfo{CSR: g.CSR, PublicKey: g.PublicKey, SSLDir: g.SSLDir}
+	}
+
+	a.setStage(StageHelper)
+	req := &helper.Request{
+		Identity:  a.id,
+		CSR:       csrInfo,
+		Inventory: inventory,
+		JWT:       json.RawMessage("null"),
+		RequestID: nuid.Next(),
+		Site:      p.cfg.Site,
+	}
+	hrep, err := p.runHelper(ctx, a, req)
+	if err != nil {
+		return failAt(StageHelper, err)
+	}
+
+	a.setStage(StageValidate)
+	if err := p.validateReply(req, hrep, pub); err != nil {
+		return failAt(StageValidate, err)
+	}
+
+	switch {
+	case hrep.Defer:
+		a.outcome = OutcomeDeferred
+		a.retryAt = p.cfg.DeferBackoff.D()
+		if hrep.RetryAfter > 0 {
+			a.retryAt = time.Duration(hrep.RetryAfter) * time.Second
+		}
+		a.log.WithFields(logrus.Fields{"msg": hrep.Msg, "retry_after": a.retryAt.String()}).Info("helper deferred node")
+		return nil
+	case hrep.Shutdown:
+		a.setStage(StageShutdown)
+		if _, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionShutdown, StageShutdown, protocol.ShutdownRequest{Reason: hrep.Msg}); err != nil {
+			return failAt(StageShutdown, err)
+		}
+		a.outcome = OutcomeShutdown
+		a.log.WithField("msg", hrep.Msg).Info("node told to shut down")
+		return nil
+	}
+
+	a.setStage(StageConfigure)
+	creq := protocol.ConfigureRequest{
+		Configuration:  hrep.Configuration,
+		Certificate:    hrep.Certificate,
+		CA:             hrep.CA,
+		SSLDir:         hrep.SSLDir,
+		ActionPolicies: hrep.ActionPolicies,
+		OPAPolicies:    hrep.OPAPolicies,
+	}
+	if _, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionConfigure, StageConfigure, creq); err != nil {
+		return failAt(StageConfigure, err)
+	}
+	a.setStage(StageRestart)
+	rreq := protocol.RestartRequest{SplayMillis: int(p.cfg.RestartSplay.D() / time.Millisecond)}
+	if _, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionRestart, StageRestart, rreq); err != nil {
+		return failAt(StageRestart, err)
+	}
+	a.outcome = OutcomeProvisioned
+	return nil
+}
+
+// checkCSR checks a gencsr reply: the CSR's signature, its CN and the public
+// key it carries against the reply's public_key. It returns the key.
+func checkCSR(id string, g *protocol.GenCSRReply) (crypto.PublicKey, error) {
+	csr, err := pki.ParseCSR([]byte(g.CSR))
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadCSR, err)
+	}
+	if csr.Subject.CommonName != id {
+		return nil, fmt.Errorf("%w: CN %q is not the identity", ErrBadCSR, csr.Subject.CommonName)
+	}
+	block, rest := pem.Decode([]byte(g.PublicKey))
+	if block == nil || block.Type != "PUBLIC KEY" || len(bytes.TrimSpace(rest)) > 0 {
+		return nil, fmt.Errorf("%w: public_key is not one PEM public key", ErrBadCSR)
+	}
+	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%w: public_key: %v", ErrBadCSR, err)
+	}
+	if !pki.SamePublicKey(csr.PublicKey, pub) {
+		return nil, fmt.Errorf("%w: public_key does not match the CSR", ErrBadCSR)
+	}
+	return pub, nil
+}
+
+// runHelper runs the helper under the helper semaphore with HelperTimeout.
+func (p *Provisioner) runHelper(ctx context.Context, a *attempt, req *helper.Request) (*helper.Reply, error) {
+	select {
+	case p.helperSem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { <-p.helperSem }()
+	hctx, cancel := context.WithTimeout(ctx, p.cfg.HelperTimeout.D())
+	defer cancel()
+	start := time.Now()
+	rep, err := p.helper.Provision(hctx, req)
+	dur := time.Since(start).Seconds()
+	if err == nil && rep == nil {
+		err = fmt.Errorf("%w: helper returned no reply", ErrHelperRejected)
+	}
+	if err != nil {
+		p.m.helperDur.WithLabelValues(helperError).Observe(dur)
+		fields := logrus.Fields{"request_id": req.RequestID}
+		if se := helper.Stderr(err); se != "" {
+			if len(se) > maxStderrLog {
+				se = se[:maxStderrLog] + "…"
+			}
+			fields["stderr"] = se
+		}
+		a.log.WithFields(fields).WithError(err).Warn("helper failed")
+		return nil, err
+	}
+	outcome := helperConfigure
+	switch {
+	case rep.Defer:
+		outcome = helperDefer
+	case rep.Shutdown:
+		outcome = helperShutdown
+	}
+	p.m.helperDur.WithLabelValues(outcome).Observe(dur)
+	return rep, nil
+}
+
+// validateReply applies the helper contract's rules (helper.ValidateReply)
+// and, for a certificate, checks it against the node's own public key.
+func (p *Provisioner) validateReply(req *helper.Request, rep *helper.Reply, pub crypto.PublicKey) error {
+	now := time.Now()
+	if err := helper.ValidateReply(req, rep, now); err != nil {
+		return fmt.Errorf("%w: %w", ErrHelperRejected, err)
+	}
+	if rep.Defer || rep.Shutdown || rep.Certificate == "" {
+		return nil
+	}
+	if pub == nil {
+		return nil
+	}
+	if _, err := pki.VerifyLeaf([]byte(rep.Certificate), []byte(rep.CA), pub, req.Identity, now); err != nil {
+		return fmt.Errorf("%w: certificate: %w", ErrHelperRejected, err)
+	}
+	return nil
+}
+
+// finish records an attempt's result on the node, the metrics and the
+// observer.
+func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
+	now := time.Now()
+	stage := a.stage
+	var se *stageError
+	if errors.As(err, &se) {
+		stage = se.stage
+	}
+	outcome := a.outcome
+	p.mu.Lock()
+	n := p.nodes[a.id]
+	if n == nil {
+		n = &node{NodeStatus: NodeStatus{Identity: a.id}}
+		p.nodes[a.id] = n
+	}
+	n.Stage = stage
+	n.Updated = now
+	switch {
+	case err != nil && abandoned:
+		n.State = StateAbandoned
+		n.LastError = ErrAbandoned.Error()
+		n.RetryAt = time.Time{}
+		outcome = OutcomeFailed
+		err = fmt.Errorf("%s: %w", stage, ErrAbandoned)
+	case err != nil:
+		n.State = StateFailed
+		n.LastError = err.Error()
+		n.RetryAt = now.Add(p.cfg.DeferBackoff.D())
+		outcome = OutcomeFailed
+	case outcome == OutcomeDeferred:
+		n.State = StateDeferred
+		n.LastError = ""
+		n.RetryAt = now.Add(a.retryAt)
+	case outcome == OutcomeShutdown:
+		n.State = StateShutdown
+		n.LastError = ""
+		n.RetryAt = now.Add(p.cfg.Grace.D())
+	case outcome == OutcomeProvisioned:
+		if n.State != StateProduction {
+			n.State = StateProvisioned
+		}
+		n.LastError = ""
+		n.ProvisionedAt = now
+		n.RetryAt = now.Add(p.cfg.Grace.D())
+	}
+	p.mu.Unlock()
+
+	switch {
+	case err != nil && abandoned:
+		a.log.WithField("stage", string(stage)).Warn("node abandoned at shutdown")
+	case err != nil:
+		p.m.errors.WithLabelValues(string(stage)).Inc()
+		a.log.WithField("stage", string(stage)).WithError(err).Warn("node provisioning failed")
+	case outcome == OutcomeDeferred:
+		p.m.deferred.Inc()
+	case outcome == OutcomeShutdown:
+		p.m.shutdown.Inc()
+	case outcome == OutcomeProvisioned:
+		p.m.provisioned.Inc()
+		p.m.nodeDuration.Observe(now.Sub(a.started).Seconds())
+		a.log.WithField("seconds", now.Sub(a.started).Seconds()).Info("node provisioned")
+	}
+	if p.observer != nil {
+		p.observer.NodeDone(a.id, outcome, stage, err)
+	}
+}
+
+// rpc sends one request to a node and returns its ok reply. Timeouts, no
+// responders and "internal" replies are retried RPCRetries times with
+// jittered exponential backoff; other non-ok replies are the node's answer
+// and are returned at once as a *protocol.ReplyError.
+func (p *Provisioner) rpc(ctx context.Context, target, agent, action string, stage Stage, body any) (*protocol.Reply, error) {
+	nc := p.conn()
+	if nc == nil {
+		return nil, ErrNotRunning
+	}
+	var raw json.RawMessage
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return nil, fmt.Errorf("%s %s: %w", agent, action, err)
+		}
+		raw = b
+	}
+	subject := protocol.NodeSubject(protocol.ProvisioningCollective, target)
+	var lastErr error
+	for attempt := 0; attempt <= p.cfg.RPCRetries; attempt++ {
+		if attempt > 0 {
+			p.m.retries.WithLabelValues(string(stage)).Inc()
+			back := rpcBackoffBase << (attempt - 1)
+			back = back/2 + time.Duration(rand.Int64N(int64(back)))
+			t := time.NewTimer(back)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return nil, fmt.Errorf("%s %s: %w (last error: %v)", agent, action, ctx.Err(), lastErr)
+			case <-t.C:
+			}
+		}
+		rep, retry, err := p.rpcOnce(ctx, nc, subject, target, agent, action, raw)
+		if err == nil {
+			return rep, nil
+		}
+		lastErr = err
+		if !retry || ctx.Err() != nil {
+			return nil, err
+		}
+	}
+	return nil, fmt.Errorf("%s %s: gave up after %d attempts: %w", agent, action, p.cfg.RPCRetries+1, lastErr)
+}
+
+func (p *Provisioner) rpcOnce(ctx context.Context, nc *nats.Conn, subject, target, agent, action string, body json.RawMessage) (*protocol.Reply, bool, error) {
+	req := protocol.Request{
+		Protocol: protocol.RequestProtocol,
+		ID:       nuid.Next(),
+		Sender:   p.cfg.Name,
+		Target:   target,
+		Agent:    agent,
+		Action:   action,
+		Time:     time.Now().UTC(),
+		TTL:      p.ttl(),
+		Token:    p.cfg.Token,
+		Body:     body,
+	}
+	data, err := protocol.Marshal(req)
+	if err != nil {
+		return nil, false, fmt.Errorf("%s %s: %w", agent, action, err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, p.cfg.RPCTimeout.D())
+	defer cancel()
+	start := time.Now()
+	msg, err := nc.RequestWithContext(rctx, subject, data)
+	p.m.rpcDuration.WithLabelValues(action).Observe(time.Since(start).Seconds())
+	if err != nil {
+		retry := errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) ||
+			(errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil) || errors.Is(err, nats.ErrConnectionClosed) ||
+			errors.Is(err, nats.ErrDisconnected) || errors.Is(err, nats.ErrConnectionReconnecting)
+		if errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("no reply within %s: %w", p.cfg.RPCTimeout, nats.ErrTimeout)
+		}
+		return nil, retry, fmt.Errorf("%s %s: %w", agent, action, err)
+	}
+	rep, err := protocol.DecodeReply(msg.Data)
+	if err != nil {
+		p.invalid(sourceReply, err)
+		return nil, false, fmt.Errorf("%s %s: %w: %w", agent, action, ErrBadReply, err)
+	}
+	if rep.Sender != target {
+		p.invalid(sourceReply, ErrWrongSender)
+		return nil, false, fmt.Errorf("%s %s: %w: %q", agent, action, ErrWrongSender, rep.Sender)
+	}
+	if rep.ID != req.ID {
+		p.invalid(sourceReply, ErrBadReply)
+		return nil, false, fmt.Errorf("%s %s: %w: reply to request %q", agent, action, ErrBadReply, rep.ID)
+	}
+	if err := rep.Err(); err != nil {
+		return nil, rep.Code == protocol.CodeInternal, fmt.Errorf("%s %s: %w", agent, action, err)
+	}
+	return rep, false, nil
+}

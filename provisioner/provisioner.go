@@ -1,0 +1,524 @@
+// Package provisioner is Muster's provisioner: it discovers waiting nodes
+// (metadata, startup events and broadcast discovery), queues each one at most
+// once, and runs every node through the pipeline inventory → gencsr → helper
+// → validate → configure → restart (or defer, or shutdown) in a bounded
+// worker pool, with retries, backoff, a grace period, pause/resume,
+// Prometheus metrics and an HTTP monitor. docs/provisioner.md describes it
+// for operators.
+package provisioner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// Outcome is how a node's provisioning attempt ended.
+type Outcome string
+
+// Outcomes reported to the Observer.
+const (
+	OutcomeProvisioned Outcome = "provisioned"
+	OutcomeDeferred    Outcome = "deferred"
+	OutcomeShutdown    Outcome = "shutdown"
+	OutcomeFailed      Outcome = "failed"
+)
+
+// Stage is a step of the pipeline; a failure is recorded with its stage.
+type Stage string
+
+// Pipeline stages, in order.
+const (
+	StageDiscovery Stage = "discovery"
+	StageQueue     Stage = "queue"
+	StageInventory Stage = "inventory"
+	StageGenCSR    Stage = "gencsr"
+	StageHelper    Stage = "helper"
+	StageValidate  Stage = "validate"
+	StageConfigure Stage = "configure"
+	StageRestart   Stage = "restart"
+	StageShutdown  Stage = "shutdown"
+)
+
+var allStages = []Stage{StageDiscovery, StageQueue, StageInventory, StageGenCSR, StageHelper, StageValidate, StageConfigure, StageRestart, StageShutdown}
+
+// rpcStages are the stages that send RPCs (and so may retry).
+var rpcStages = []Stage{StageInventory, StageGenCSR, StageConfigure, StageRestart, StageShutdown}
+
+// rpcActions are the label values of rpc_duration_seconds.
+var rpcActions = []string{protocol.ActionInventory, protocol.ActionGenCSR, protocol.ActionConfigure, protocol.ActionRestart, protocol.ActionShutdown}
+
+// State is where a node stands in the provisioner.
+type State string
+
+// Node states.
+const (
+	// StateQueued: waiting in the queue.
+	StateQueued State = "queued"
+	// StateInProgress: a worker is running its pipeline.
+	StateInProgress State = "in_progress"
+	// StateDeferred: the helper deferred it; taken again after RetryAt.
+	StateDeferred State = "deferred"
+	// StateFailed: the last attempt failed; taken again after RetryAt.
+	StateFailed State = "failed"
+	// StateProvisioned: configured and restarting; not taken again during
+	// the grace period.
+	StateProvisioned State = "provisioned"
+	// StateProduction: its provisioned lifecycle event arrived from the
+	// production side; not taken again unless it starts up in provisioning
+	// mode later (reprovisioned).
+	StateProduction State = "production"
+	// StateShutdown: told to shut down; not taken again during the grace
+	// period.
+	StateShutdown State = "shutdown"
+	// StateAbandoned: the provisioner stopped before the node was done.
+	StateAbandoned State = "abandoned"
+)
+
+// Sentinel errors.
+var (
+	ErrNoHelper       = errors.New("no helper")
+	ErrNotRunning     = errors.New("provisioner not running")
+	ErrAlreadyRunning = errors.New("provisioner already running")
+	ErrWrongSender    = errors.New("reply from the wrong sender")
+	ErrBadReply       = errors.New("bad reply")
+	ErrBadCSR         = errors.New("node returned a bad CSR")
+	ErrAbandoned      = errors.New("abandoned at shutdown")
+	ErrHelperRejected = errors.New("helper reply rejected")
+)
+
+// Observer receives a callback each time a node's attempt ends (for the demo
+// and benchmarks). Calls come from worker goroutines and must be quick.
+type Observer interface {
+	NodeDone(identity string, outcome Outcome, stage Stage, err error)
+}
+
+// Options are New's inputs.
+type Options struct {
+	// Config is the provisioner's configuration.
+	Config Config
+	// Helper turns node requests into replies. Required.
+	Helper helper.Helper
+	// Conn is an optional pre-dialled connection to the provisioning
+	// account; without it Run dials Config.Brokers with TLSCA and the nkey.
+	Conn *nats.Conn
+	// Logger is the base logger; nil uses the config's log level on stderr.
+	Logger *logrus.Entry
+	// Observer receives node outcomes; optional.
+	Observer Observer
+	// DrainTimeout bounds how long Run waits at shutdown for nodes in
+	// progress before abandoning them; 0 means RPCTimeout + HelperTimeout.
+	DrainTimeout time.Duration
+}
+
+// NodeStatus is the provisioner's view of one node.
+type NodeStatus struct {
+	Identity      string    `json:"identity"`
+	State         State     `json:"state"`
+	Stage         Stage     `json:"stage,omitempty"`
+	Attempts      int       `json:"attempts"`
+	LastError     string    `json:"last_error,omitempty"`
+	Updated       time.Time `json:"updated"`
+	ProvisionedAt time.Time `json:"provisioned_at,omitzero"`
+	// RetryAt is when a deferred, failed, provisioned or shut down node may
+	// be taken again.
+	RetryAt time.Time `json:"retry_at,omitzero"`
+	// Source is how the node was last discovered.
+	Source string `json:"source,omitempty"`
+}
+
+type node struct {
+	NodeStatus
+	queuedAt time.Time
+}
+
+type queueItem struct {
+	identity string
+	queuedAt time.Time
+}
+
+// Provisioner discovers and provisions nodes. Build it with New; run it
+// with Run.
+type Provisioner struct {
+	cfg       Config
+	helper    helper.Helper
+	observer  Observer
+	log       *logrus.Entry
+	m         *metrics
+	queue     chan queueItem
+	helperSem chan struct{}
+	drain     time.Duration
+
+	mu        sync.Mutex
+	nc        *nats.Conn
+	ownConn   bool
+	running   bool
+	nodes     map[string]*node
+	paused    bool
+	gateCh    chan struct{} // closed and replaced on every pause/resume
+	monAddr   string
+	invalidAt map[string]logThrottle
+
+	connOverride *nats.Conn
+	// ready is closed once Run has subscribed and started its workers.
+	ready chan struct{}
+}
+
+type logThrottle struct {
+	last       time.Time
+	suppressed int
+}
+
+// New validates the options and builds a provisioner. It starts nothing.
+func New(opts Options) (*Provisioner, error) {
+	var errs []error
+	if err := opts.Config.validate(opts.Conn == nil); err != nil {
+		errs = append(errs, err)
+	}
+	if opts.Helper == nil {
+		errs = append(errs, fmt.Errorf("provisioner: helper: %w", ErrNoHelper))
+	}
+	if opts.DrainTimeout < 0 {
+		errs = append(errs, fmt.Errorf("%w: drain timeout %s: must not be negative", ErrConfig, opts.DrainTimeout))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	cfg := opts.Config
+	log := opts.Logger
+	if log == nil {
+		l, _, err := logging.New(cfg.LogLevel, "")
+		if err != nil {
+			return nil, err
+		}
+		log = logrus.NewEntry(l)
+	}
+	log = log.WithField("component", "provisioner")
+	p := &Provisioner{
+		cfg:          cfg,
+		helper:       opts.Helper,
+		observer:     opts.Observer,
+		log:          log,
+		queue:        make(chan queueItem, cfg.QueueSize),
+		helperSem:    make(chan struct{}, cfg.helperConcurrency()),
+		drain:        opts.DrainTimeout,
+		nodes:        map[string]*node{},
+		gateCh:       make(chan struct{}),
+		invalidAt:    map[string]logThrottle{},
+		connOverride: opts.Conn,
+		ready:        make(chan struct{}),
+	}
+	if p.drain == 0 {
+		p.drain = cfg.RPCTimeout.D() + cfg.HelperTimeout.D()
+	}
+	m, err := newMetrics(func() float64 { return float64(len(p.queue)) }, cfg.QueueSize, cfg.Workers)
+	if err != nil {
+		return nil, fmt.Errorf("provisioner metrics: %w", err)
+	}
+	p.m = m
+	return p, nil
+}
+
+// Registry returns the provisioner's private Prometheus registry.
+func (p *Provisioner) Registry() *prometheus.Registry { return p.m.reg }
+
+// MonitorAddr returns the HTTP monitor's listen address once Run has opened
+// it, else "".
+func (p *Provisioner) MonitorAddr() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.monAddr
+}
+
+// Pause stops workers from taking new nodes; nodes in progress finish and
+// discovery keeps queueing.
+func (p *Provisioner) Pause() { p.setPaused(true) }
+
+// Resume lets workers take nodes again.
+func (p *Provisioner) Resume() { p.setPaused(false) }
+
+// Paused reports whether the provisioner is paused.
+func (p *Provisioner) Paused() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.paused
+}
+
+func (p *Provisioner) setPaused(v bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.paused == v {
+		return
+	}
+	p.paused = v
+	close(p.gateCh)
+	p.gateCh = make(chan struct{})
+	if v {
+		p.m.paused.Set(1)
+	} else {
+		p.m.paused.Set(0)
+	}
+	p.log.WithField("paused", v).Info("provisioner pause state changed")
+}
+
+func (p *Provisioner) gate() (bool, <-chan struct{}) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.paused, p.gateCh
+}
+
+// Nodes returns every known node's status, sorted by identity.
+func (p *Provisioner) Nodes() []NodeStatus {
+	p.mu.Lock()
+	out := make([]NodeStatus, 0, len(p.nodes))
+	for _, n := range p.nodes {
+		out = append(out, n.NodeStatus)
+	}
+	p.mu.Unlock()
+	sortNodes(out)
+	return out
+}
+
+func (p *Provisioner) conn() *nats.Conn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.nc
+}
+
+// connected reports whether the provisioner has a live broker connection.
+func (p *Provisioner) connected() bool {
+	nc := p.conn()
+	return nc != nil && nc.IsConnected()
+}
+
+// Run connects (unless a connection was given), subscribes to discovery
+// sources, runs broadcast discovery every Interval, serves the HTTP monitor
+// and works the queue until ctx is done. Then it stops discovery, lets nodes
+// in progress finish for a drain period, abandons the rest, waits for every
+// goroutine and closes the connection if it dialled it. It returns nil on a
+// clean shutdown. Run may be called once.
+func (p *Provisioner) Run(ctx context.Context) error {
+	p.mu.Lock()
+	if p.running {
+		p.mu.Unlock()
+		return ErrAlreadyRunning
+	}
+	p.running = true
+	p.mu.Unlock()
+
+	nc, own, err := p.connect()
+	if err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.nc, p.ownConn = nc, own
+	p.mu.Unlock()
+	defer func() {
+		if own {
+			nc.Close()
+		}
+	}()
+
+	const subBuffer = 4096
+	type subSpec struct {
+		subject, source string
+	}
+	specs := []subSpec{
+		{protocol.MetadataSubject, sourceMetadata},
+		{protocol.LifecycleSubject(protocol.EventStartup, "*"), sourceStartup},
+		{"production." + protocol.LifecyclePrefix + "." + protocol.EventProvisioned + ".>", sourceProduction},
+	}
+	msgs := make(chan *nats.Msg, subBuffer)
+	var subs []*nats.Subscription
+	unsubscribe := func() {
+		for _, s := range subs {
+			_ = s.Unsubscribe()
+		}
+	}
+	for _, s := range specs {
+		sub, err := nc.ChanSubscribe(s.subject, msgs)
+		if err != nil {
+			unsubscribe()
+			return fmt.Errorf("subscribe %s: %w", s.subject, err)
+		}
+		subs = append(subs, sub)
+	}
+
+	var srv *http.Server
+	var ln net.Listener
+	if p.cfg.MonitorPort != 0 {
+		port := p.cfg.MonitorPort
+		if port < 0 {
+			port = 0
+		}
+		ln, err = net.Listen("tcp", net.JoinHostPort(p.cfg.MonitorHost, strconv.Itoa(port)))
+		if err != nil {
+			unsubscribe()
+			return fmt.Errorf("monitor listen: %w", err)
+		}
+		srv = &http.Server{Handler: p.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		p.mu.Lock()
+		p.monAddr = ln.Addr().String()
+		p.mu.Unlock()
+		p.log.WithField("addr", ln.Addr().String()).Info("monitor listening")
+	}
+
+	// workCtx outlives ctx by at most the drain period so nodes in progress
+	// can finish.
+	workCtx, cancelWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelWork()
+
+	var wg sync.WaitGroup
+	var workers sync.WaitGroup
+	var srvErr error
+	if srv != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				srvErr = fmt.Errorf("monitor: %w", err)
+			}
+		}()
+	}
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		p.messageLoop(ctx, msgs)
+	}()
+	go func() {
+		defer wg.Done()
+		p.discoveryLoop(ctx)
+	}()
+	for i := 0; i < p.cfg.Workers; i++ {
+		workers.Add(1)
+		go func() {
+			defer workers.Done()
+			p.worker(ctx, workCtx)
+		}()
+	}
+	p.log.WithFields(logrus.Fields{"workers": p.cfg.Workers, "queue_size": p.cfg.QueueSize}).Info("provisioner started")
+	close(p.ready)
+
+	<-ctx.Done()
+	p.log.Info("provisioner stopping")
+	unsubscribe()
+
+	// Wait for in-flight nodes up to the drain period, then abandon them.
+	done := make(chan struct{})
+	go func() {
+		workers.Wait()
+		close(done)
+	}()
+	timer := time.NewTimer(p.drain)
+	select {
+	case <-done:
+		timer.Stop()
+	case <-timer.C:
+		p.log.WithField("drain", p.drain.String()).Warn("drain period over; abandoning nodes in progress")
+		cancelWork()
+		<-done
+	}
+	if srv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = srv.Shutdown(sctx)
+		cancel()
+	}
+	wg.Wait()
+	p.abandonQueued()
+	p.mu.Lock()
+	p.monAddr = ""
+	p.mu.Unlock()
+	p.log.Info("provisioner stopped")
+	return srvErr
+}
+
+func (p *Provisioner) connect() (*nats.Conn, bool, error) {
+	if p.connOverride != nil {
+		return p.connOverride, false, nil
+	}
+	opts := []nats.Option{
+		nats.Name(p.cfg.Name),
+		nats.MaxReconnects(-1),
+		nats.RetryOnFailedConnect(true),
+		nats.ReconnectWait(time.Second),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				p.log.WithError(err).Warn("disconnected from broker")
+			}
+		}),
+		nats.ReconnectHandler(func(c *nats.Conn) {
+			p.log.WithField("broker", c.ConnectedUrlRedacted()).Info("reconnected to broker")
+		}),
+	}
+	if p.cfg.TLSCA != "" {
+		opts = append(opts, nats.RootCAs(p.cfg.TLSCA))
+	}
+	if p.cfg.NkeySeedFile != "" {
+		o, err := nats.NkeyOptionFromSeed(p.cfg.NkeySeedFile)
+		if err != nil {
+			return nil, false, fmt.Errorf("nkey_seed_file %q: %w", p.cfg.NkeySeedFile, err)
+		}
+		opts = append(opts, o)
+	}
+	nc, err := nats.Connect(strings.Join(p.cfg.Brokers, ","), opts...)
+	if err != nil {
+		return nil, false, fmt.Errorf("connect to brokers: %w", err)
+	}
+	return nc, true, nil
+}
+
+// abandonQueued marks nodes that were still queued at shutdown.
+func (p *Provisioner) abandonQueued() {
+	for {
+		select {
+		case it := <-p.queue:
+			p.mu.Lock()
+			if n, ok := p.nodes[it.identity]; ok && n.State == StateQueued {
+				n.State = StateAbandoned
+				n.Updated = time.Now()
+			}
+			p.mu.Unlock()
+		default:
+			return
+		}
+	}
+}
+
+// worker takes nodes from the queue while not paused, until ctx is done.
+func (p *Provisioner) worker(ctx, workCtx context.Context) {
+	for {
+		if ctx.Err() != nil {
+			return
+		}
+		paused, changed := p.gate()
+		if paused {
+			select {
+			case <-ctx.Done():
+				return
+			case <-changed:
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-changed:
+		case it := <-p.queue:
+			p.process(workCtx, it)
+		}
+	}
+}

@@ -1,0 +1,564 @@
+package provisioner
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/pki"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// TestFleetProvisionedOnce provisions 50 simulated nodes discovered through
+// metadata, startup events and broadcast discovery, each exactly once.
+func TestFleetProvisionedOnce(t *testing.T) {
+	url := startServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	const n = 50
+	var ids []string
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("node%02d.example.net", i)
+		ids = append(ids, id)
+		fleet.add(id, nil)
+	}
+	h := newTestHelper(c, nil)
+	obs := newObserved()
+	cfg := testConfig()
+	cfg.Workers = 8
+	cfg.Interval = Duration(time.Hour) // broadcast discovery only at start
+	r := startProvisioner(t, url, cfg, h, obs, nil)
+
+	// Announce two thirds; the rest are found by the initial broadcast.
+	for i, id := range ids {
+		switch i % 3 {
+		case 0:
+			fleet.publishMetadata(id)
+		case 1:
+			fleet.publishStartup(id)
+		}
+	}
+	waitFor(t, 60*time.Second, "every node provisioned", func() bool {
+		for _, id := range ids {
+			if _, restarted, _ := fleet.nodes[id].stats(); restarted == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	waitFor(t, 10*time.Second, "every node recorded as provisioned", func() bool {
+		return testutil.ToFloat64(r.p.m.provisioned) == n
+	})
+
+	// Announce everything again and run discovery again: grace keeps every
+	// node from being taken a second time.
+	for _, id := range ids {
+		fleet.publishMetadata(id)
+	}
+	if got, err := r.p.Discover(context.Background()); err != nil || got != n {
+		t.Fatalf("Discover = %d, %v; want %d", got, err, n)
+	}
+	r.stop(t)
+
+	for _, id := range ids {
+		node := fleet.nodes[id]
+		configured, restarted, _ := node.stats()
+		if configured != 1 || restarted != 1 || node.count(protocol.ActionConfigure) != 1 {
+			t.Errorf("%s: configured %d, restarted %d, configure requests %d; want 1 each", id, configured, restarted, node.count(protocol.ActionConfigure))
+		}
+		if !obs.has(id, "provisioned/restart") {
+			t.Errorf("%s: observer events %v", id, obs.events[id])
+		}
+		st, ok := nodeState(r.p, id)
+		if !ok || st.State != StateProvisioned || st.Attempts != 1 || st.ProvisionedAt.IsZero() {
+			t.Errorf("%s: status %+v", id, st)
+		}
+	}
+	if len(h.bad) > 0 {
+		t.Errorf("helper saw bad requests: %v", h.bad)
+	}
+	for _, src := range []string{sourceMetadata, sourceStartup, sourceDiscovery} {
+		if v := testutil.ToFloat64(r.p.m.discovered.WithLabelValues(src)); v == 0 {
+			t.Errorf("discovered_total{source=%q} = 0", src)
+		}
+	}
+	if v := testutil.ToFloat64(r.p.m.provisioned); v != n {
+		t.Errorf("provisioned_total = %v, want %d", v, n)
+	}
+	if v := testutil.ToFloat64(r.p.m.busy); v != 0 {
+		t.Errorf("busy_workers = %v after stop", v)
+	}
+}
+
+// TestNodeBehaviours runs one node per case through the pipeline with a
+// particular helper or node behaviour.
+func TestNodeBehaviours(t *testing.T) {
+	otherCSR := func(t *testing.T, id string) []byte {
+		t.Helper()
+		k, err := pki.GenerateKey("", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		csr, err := pki.CreateCSR(k, id, pki.CSRSubject{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return csr
+	}
+	cases := []struct {
+		name   string
+		behave nodeBehaviour
+		hook   func(t *testing.T, h **testHelper) helperHook
+		check  func(t *testing.T, e caseEnv)
+	}{
+		{
+			name: "helper defers once then succeeds",
+			hook: func(*testing.T, **testHelper) helperHook {
+				return func(_ *helper.Request, call int) (*helper.Reply, error, bool) {
+					if call == 1 {
+						return &helper.Reply{Defer: true, Msg: "not yet"}, nil, true
+					}
+					return nil, nil, false
+				}
+			},
+			check: func(t *testing.T, e caseEnv) {
+				waitProvisioned(t, e)
+				if !e.obs.has(e.node.id, "deferred/helper") && !e.obs.has(e.node.id, "deferred/validate") {
+					t.Errorf("no deferral observed: %v", e.obs.events)
+				}
+				if v := testutil.ToFloat64(e.p.m.deferred); v != 1 {
+					t.Errorf("deferred_total = %v", v)
+				}
+				if c, _, _ := e.node.stats(); c != 1 {
+					t.Errorf("configured %d times", c)
+				}
+				if st, _ := nodeState(e.p, e.node.id); st.Attempts != 2 {
+					t.Errorf("attempts %d, want 2", st.Attempts)
+				}
+			},
+		},
+		{
+			name: "helper error fails the node and it is retried",
+			hook: func(*testing.T, **testHelper) helperHook {
+				return func(_ *helper.Request, call int) (*helper.Reply, error, bool) {
+					if call == 1 {
+						return nil, &helper.RunError{Identity: "x", Stderr: "boom on stderr", Err: helper.ErrExit}, true
+					}
+					return nil, nil, false
+				}
+			},
+			check: func(t *testing.T, e caseEnv) {
+				waitProvisioned(t, e)
+				if !e.obs.has(e.node.id, "failed/helper") {
+					t.Errorf("no helper failure observed: %v", e.obs.events)
+				}
+				if v := testutil.ToFloat64(e.p.m.errors.WithLabelValues(string(StageHelper))); v != 1 {
+					t.Errorf("errors_total{stage=helper} = %v", v)
+				}
+			},
+		},
+		{
+			name: "certificate for another key is rejected and never sent",
+			hook: func(t *testing.T, h **testHelper) helperHook {
+				return func(req *helper.Request, _ int) (*helper.Reply, error, bool) {
+					rep, err := (*h).sign(req, otherCSR(t, req.Identity))
+					return rep, err, true
+				}
+			},
+			check: func(t *testing.T, e caseEnv) {
+				waitFor(t, 10*time.Second, "validation failure", func() bool {
+					return testutil.ToFloat64(e.p.m.errors.WithLabelValues(string(StageValidate))) >= 1
+				})
+				st, _ := nodeState(e.p, e.node.id)
+				if st.Stage != StageValidate || !strings.Contains(st.LastError, "invalid helper reply") && !strings.Contains(st.LastError, "rejected") {
+					t.Errorf("status %+v", st)
+				}
+				if n := e.node.count(protocol.ActionConfigure); n != 0 {
+					t.Errorf("%d configure requests sent", n)
+				}
+			},
+		},
+		{
+			name:   "rpc timeout is retried then fails",
+			behave: func(action string, _ int) (bool, protocol.Code) { return action == protocol.ActionInventory, "" },
+			check: func(t *testing.T, e caseEnv) {
+				waitFor(t, 10*time.Second, "inventory failure", func() bool {
+					return testutil.ToFloat64(e.p.m.errors.WithLabelValues(string(StageInventory))) >= 1
+				})
+				if v := testutil.ToFloat64(e.p.m.retries.WithLabelValues(string(StageInventory))); v < 2 {
+					t.Errorf("retries_total{stage=inventory} = %v, want >= 2", v)
+				}
+				if n := e.node.count(protocol.ActionInventory); n < 3 {
+					t.Errorf("%d inventory requests, want >= 3", n)
+				}
+				st, _ := nodeState(e.p, e.node.id)
+				if st.Stage != StageInventory || !strings.Contains(st.LastError, "gave up") {
+					t.Errorf("status %+v", st)
+				}
+				if e.h.callCount(e.node.id) != 0 {
+					t.Error("helper ran for a node without inventory")
+				}
+			},
+		},
+		{
+			name: "non-ok reply is recorded and not retried",
+			behave: func(action string, _ int) (bool, protocol.Code) {
+				return false, codeIf(action == protocol.ActionGenCSR, protocol.CodeUnauthorized)
+			},
+			check: func(t *testing.T, e caseEnv) {
+				waitFor(t, 10*time.Second, "gencsr failure", func() bool {
+					return testutil.ToFloat64(e.p.m.errors.WithLabelValues(string(StageGenCSR))) >= 1
+				})
+				st, _ := nodeState(e.p, e.node.id)
+				if st.State != StateFailed && st.State != StateQueued && st.State != StateInProgress || !strings.Contains(st.LastError, "unauthorized") {
+					t.Errorf("status %+v", st)
+				}
+				if v := testutil.ToFloat64(e.p.m.retries.WithLabelValues(string(StageGenCSR))); v != 0 {
+					t.Errorf("retries_total{stage=gencsr} = %v, want 0", v)
+				}
+				if e.node.count(protocol.ActionGenCSR) > st.Attempts+1 {
+					t.Errorf("%d gencsr requests for %d attempts", e.node.count(protocol.ActionGenCSR), st.Attempts)
+				}
+			},
+		},
+		{
+			name: "helper shutdown stops the node",
+			hook: func(*testing.T, **testHelper) helperHook {
+				return func(*helper.Request, int) (*helper.Reply, error, bool) {
+					return &helper.Reply{Shutdown: true, Msg: "decommissioned"}, nil, true
+				}
+			},
+			check: func(t *testing.T, e caseEnv) {
+				waitFor(t, 10*time.Second, "shutdown sent", func() bool {
+					_, _, s := e.node.stats()
+					return s == 1 && testutil.ToFloat64(e.p.m.shutdown) == 1
+				})
+				st, _ := nodeState(e.p, e.node.id)
+				if st.State != StateShutdown {
+					t.Errorf("status %+v", st)
+				}
+				if n := e.node.count(protocol.ActionConfigure); n != 0 {
+					t.Errorf("%d configure requests", n)
+				}
+			},
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			url := startServer(t)
+			c := newCA(t)
+			fleet := newSimFleet(t, url, c.CertificatePEM())
+			node := fleet.add("node1.example.net", tc.behave)
+			var h *testHelper
+			var hook helperHook
+			if tc.hook != nil {
+				hook = tc.hook(t, &h)
+			}
+			h = newTestHelper(c, hook)
+			obs := newObserved()
+			r := startProvisioner(t, url, testConfig(), h, obs, nil)
+			tc.check(t, caseEnv{p: r.p, node: node, h: h, obs: obs})
+			r.stop(t)
+		})
+	}
+}
+
+func codeIf(cond bool, c protocol.Code) protocol.Code {
+	if cond {
+		return c
+	}
+	return protocol.CodeOK
+}
+
+// caseEnv is what a TestNodeBehaviours case checks.
+type caseEnv struct {
+	p    *Provisioner
+	node *simNode
+	h    *testHelper
+	obs  *observed
+}
+
+func waitProvisioned(t *testing.T, e caseEnv) {
+	t.Helper()
+	waitFor(t, 15*time.Second, e.node.id+" provisioned", func() bool {
+		st, ok := nodeState(e.p, e.node.id)
+		_, restarted, _ := e.node.stats()
+		return ok && st.State == StateProvisioned && restarted == 1
+	})
+}
+
+// TestQueueShedAndPause fills a one-slot queue while paused, then resumes.
+func TestQueueShedAndPause(t *testing.T) {
+	url := startServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	cfg := testConfig()
+	cfg.QueueSize = 2
+	cfg.Interval = Duration(time.Hour)
+	ids := []string{"a.example.net", "b.example.net", "c.example.net", "d.example.net", "e.example.net"}
+	for _, id := range ids {
+		fleet.add(id, nil)
+	}
+	h := newTestHelper(c, nil)
+	r := startProvisioner(t, url, cfg, h, nil, func(p *Provisioner) { p.Pause() })
+	p := r.p
+	if !p.Paused() || testutil.ToFloat64(p.m.paused) != 1 {
+		t.Fatal("not paused")
+	}
+	// The initial broadcast discovery already offered all five nodes.
+	waitFor(t, 10*time.Second, "queue full and shedding", func() bool {
+		return len(p.queue) == 2 && testutil.ToFloat64(p.m.shed) >= 3
+	})
+	for _, id := range ids {
+		if n := fleet.nodes[id].count(protocol.ActionInventory); n != 0 {
+			t.Fatalf("%s got inventory while paused", id)
+		}
+	}
+	if v := testutil.ToFloat64(p.m.discovered.WithLabelValues(sourceDiscovery)); v != 5 {
+		t.Errorf("discovered_total{discovery} = %v", v)
+	}
+	p.Resume()
+	if p.Paused() || testutil.ToFloat64(p.m.paused) != 0 {
+		t.Fatal("still paused")
+	}
+	// Shed nodes come back by re-announcing.
+	waitFor(t, 30*time.Second, "every node provisioned after resume", func() bool {
+		for _, id := range ids {
+			fleet.publishMetadata(id)
+		}
+		done := 0
+		for _, id := range ids {
+			if _, r, _ := fleet.nodes[id].stats(); r == 1 {
+				done++
+			}
+		}
+		return done == len(ids)
+	})
+	r.stop(t)
+}
+
+// TestInvalidMessagesCounted feeds malformed messages to every source.
+func TestInvalidMessagesCounted(t *testing.T) {
+	url := startServer(t)
+	c := newCA(t)
+	cfg := testConfig()
+	cfg.Interval = Duration(time.Hour)
+	r := startProvisioner(t, url, cfg, newTestHelper(c, nil), nil, nil)
+	nc := connect(t, url)
+	bad := map[string][]byte{
+		protocol.MetadataSubject: []byte(`{"protocol":"muster:metadata:1","identity":"../etc"}`),
+		protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent): []byte(`not json`),
+		"production.choria.lifecycle.event.provisioned.muster-agent":              []byte(`{"protocol":"x"}`),
+	}
+	for subj, data := range bad {
+		for i := 0; i < 3; i++ {
+			if err := nc.Publish(subj, data); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	waitFor(t, 5*time.Second, "invalid messages counted", func() bool {
+		for _, s := range []string{sourceMetadata, sourceStartup, sourceProduction} {
+			if testutil.ToFloat64(r.p.m.invalid.WithLabelValues(s)) != 3 {
+				return false
+			}
+		}
+		return true
+	})
+	// A provisioned event from production marks the node done.
+	ev, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: "1", Identity: "p1.example.net", Component: protocol.AgentComponent, Type: protocol.EventProvisioned, Time: time.Now().UTC()})
+	if err := nc.Publish("production.choria.lifecycle.event.provisioned.muster-agent", ev); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "production arrival", func() bool {
+		st, ok := nodeState(r.p, "p1.example.net")
+		return ok && st.State == StateProduction && testutil.ToFloat64(r.p.m.arrivals) == 1
+	})
+	if r.p.offer("p1.example.net", sourceMetadata, time.Time{}) {
+		t.Error("node in production was queued again")
+	}
+	r.stop(t)
+}
+
+// TestShutdownJoinsGoroutines checks Run's goroutines end and that a node
+// stuck in its helper is abandoned after the drain period.
+func TestShutdownJoinsGoroutines(t *testing.T) {
+	url := startServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	fleet.add("stuck.example.net", nil)
+	provConn := connect(t, url)
+	entered := make(chan struct{})
+	var once sync.Once
+	// The helper blocks until cancelled: the drain period ends long before
+	// the helper timeout, so the node is abandoned.
+	blocking := helperFunc(func(ctx context.Context, _ *helper.Request) (*helper.Reply, error) {
+		once.Do(func() { close(entered) })
+		<-ctx.Done()
+		return nil, ctx.Err()
+	})
+	cfg := testConfig()
+	cfg.MonitorPort = -1
+	cfg.HelperTimeout = Duration(time.Minute)
+	log, buf := debugLogger()
+	obs := newObserved()
+
+	baseline := runtime.NumGoroutine()
+
+	p, err := New(Options{Config: cfg, Helper: blocking, Conn: provConn, Logger: log, Observer: obs, DrainTimeout: 300 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("helper never ran")
+	}
+	addr := p.MonitorAddr()
+	if addr == "" {
+		t.Fatal("no monitor address")
+	}
+	resp, err := http.Get("http://" + addr + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("/healthz = %d", resp.StatusCode)
+	}
+	http.DefaultClient.CloseIdleConnections()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	st, _ := nodeState(p, "stuck.example.net")
+	if st.State != StateAbandoned || st.Stage != StageHelper {
+		t.Errorf("status %+v, want abandoned at helper", st)
+	}
+	if p.MonitorAddr() != "" {
+		t.Error("monitor address still set")
+	}
+	if err := p.Run(context.Background()); !errors.Is(err, ErrAlreadyRunning) {
+		t.Errorf("second Run = %v", err)
+	}
+	waitFor(t, 10*time.Second, "goroutines back to baseline", func() bool {
+		return runtime.NumGoroutine() <= baseline+1
+	})
+	if strings.Contains(buf.String(), testToken) {
+		t.Error("token in logs")
+	}
+}
+
+type helperFunc func(ctx context.Context, req *helper.Request) (*helper.Reply, error)
+
+func (f helperFunc) Provision(ctx context.Context, req *helper.Request) (*helper.Reply, error) {
+	return f(ctx, req)
+}
+
+// TestMetricsAndHTTP checks every metric name and the monitor endpoints.
+func TestMetricsAndHTTP(t *testing.T) {
+	c := newCA(t)
+	url := startServer(t)
+	cfg := testConfig()
+	cfg.Brokers = []string{url}
+	p, err := New(Options{Config: cfg, Helper: newTestHelper(c, nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := []string{
+		"muster_provisioner_discovered_total", "muster_provisioner_provisioned_total",
+		"muster_provisioner_deferred_total", "muster_provisioner_shutdown_total",
+		"muster_provisioner_errors_total", "muster_provisioner_retries_total",
+		"muster_provisioner_invalid_messages_total", "muster_provisioner_queue_shed_total",
+		"muster_provisioner_queue_depth", "muster_provisioner_queue_capacity",
+		"muster_provisioner_workers", "muster_provisioner_busy_workers", "muster_provisioner_paused",
+		"muster_provisioner_production_arrivals_total", "muster_provisioner_rpc_duration_seconds",
+		"muster_provisioner_helper_duration_seconds", "muster_provisioner_queue_wait_seconds",
+		"muster_provisioner_node_duration_seconds", "go_goroutines", "process_start_time_seconds",
+	}
+	for _, name := range names {
+		n, err := testutil.GatherAndCount(p.Registry(), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n == 0 {
+			t.Errorf("metric %s missing", name)
+		}
+	}
+	if problems, err := testutil.GatherAndLint(p.Registry()); err != nil {
+		t.Fatal(err)
+	} else {
+		for _, pr := range problems {
+			if strings.HasPrefix(pr.Metric, "muster_") {
+				t.Errorf("lint %s: %s", pr.Metric, pr.Text)
+			}
+		}
+	}
+
+	srv := httptest.NewServer(p.Handler())
+	defer srv.Close()
+	get := func(method, path string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, srv.URL+path, nil)
+		resp, err := srv.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	cases := []struct {
+		name, method, path string
+		code               int
+		contains           string
+	}{
+		{"metrics", "GET", "/metrics", 200, "muster_provisioner_queue_capacity 10000"},
+		{"healthz before run", "GET", "/healthz", 503, "not connected"},
+		{"status", "GET", "/status", 200, `"queue_capacity": 10000`},
+		{"nodes", "GET", "/nodes", 200, "[]"},
+		{"pause", "POST", "/pause", 200, `"paused": true`},
+		{"resume", "POST", "/resume", 200, `"paused": false`},
+		{"pause needs post", "GET", "/pause", 405, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			code, body := get(tc.method, tc.path)
+			if code != tc.code || !strings.Contains(body, tc.contains) {
+				t.Errorf("%s %s = %d %q", tc.method, tc.path, code, body)
+			}
+		})
+	}
+	if _, body := get("GET", "/metrics"); strings.Contains(body, testToken) {
+		t.Error("token in metrics")
+	}
+}
+
+func TestNewRejectsMissingHelper(t *testing.T) {
+	cfg := testConfig()
+	cfg.Brokers = nil
+	_, err := New(Options{Config: cfg})
+	if !errors.Is(err, ErrNoHelper) || !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "brokers") {
+		t.Fatalf("New = %v", err)
+	}
+}

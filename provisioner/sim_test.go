@@ -1,0 +1,471 @@
+package provisioner
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nuid"
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/ca"
+	"github.com/muster-io/muster/internal/pki"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+const testToken = "s3cret-fleet-token-do-not-log"
+
+// startServer runs an embedded nats-server on a random loopback port.
+func startServer(t *testing.T) string {
+	t.Helper()
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready")
+	}
+	t.Cleanup(s.Shutdown)
+	return s.ClientURL()
+}
+
+func connect(t *testing.T, url string) *nats.Conn {
+	t.Helper()
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	return nc
+}
+
+func newCA(t *testing.T) *ca.CA {
+	t.Helper()
+	ca.Silence()
+	c, err := ca.Init(t.TempDir(), "Muster Test CA", 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// nodeBehaviour lets a test change how a simulated node answers: return
+// drop to send nothing (the provisioner times out), or a non-ok code.
+type nodeBehaviour func(action string, n int) (drop bool, code protocol.Code)
+
+// simNode is a simulated waiting node answering the provisioning protocol.
+type simNode struct {
+	id     string
+	caPEM  []byte
+	token  string
+	behave nodeBehaviour
+
+	mu         sync.Mutex
+	key        crypto.Signer
+	counts     map[string]int // requests received per action
+	configured int            // configure requests with a verified certificate
+	restarted  int
+	shutdowns  int
+	badConfig  []string
+}
+
+func (n *simNode) count(action string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.counts[action]
+}
+
+func (n *simNode) stats() (configured, restarted, shutdowns int) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.configured, n.restarted, n.shutdowns
+}
+
+// simFleet is a set of simulated nodes sharing one NATS connection.
+type simFleet struct {
+	t     *testing.T
+	nc    *nats.Conn
+	caPEM []byte
+	nodes map[string]*simNode
+}
+
+func newSimFleet(t *testing.T, url string, caPEM []byte) *simFleet {
+	t.Helper()
+	return &simFleet{t: t, nc: connect(t, url), caPEM: caPEM, nodes: map[string]*simNode{}}
+}
+
+// add starts a simulated node subscribed to its node subject and to the
+// discovery broadcast.
+func (f *simFleet) add(id string, behave nodeBehaviour) *simNode {
+	f.t.Helper()
+	n := &simNode{id: id, caPEM: f.caPEM, token: testToken, behave: behave, counts: map[string]int{}}
+	for _, subj := range []string{
+		protocol.NodeSubject(protocol.ProvisioningCollective, id),
+		protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery),
+	} {
+		if _, err := f.nc.Subscribe(subj, n.handle); err != nil {
+			f.t.Fatal(err)
+		}
+	}
+	if err := f.nc.Flush(); err != nil {
+		f.t.Fatal(err)
+	}
+	f.nodes[id] = n
+	return n
+}
+
+func (f *simFleet) publishMetadata(id string) {
+	f.t.Helper()
+	b, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: id, Time: time.Now().UTC(), Version: "test", Facts: map[string]string{"rack": "r1"}})
+	if err := f.nc.Publish(protocol.MetadataSubject, b); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+func (f *simFleet) publishStartup(id string) {
+	f.t.Helper()
+	b, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: nuid.Next(), Identity: id, Component: protocol.AgentComponent, Type: protocol.EventStartup, Time: time.Now().UTC()})
+	if err := f.nc.Publish(protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent), b); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+func (n *simNode) handle(m *nats.Msg) {
+	req, err := protocol.DecodeRequest(m.Data)
+	if err != nil {
+		n.respond(m, nil, protocol.CodeBadRequest, err.Error(), nil)
+		return
+	}
+	if err := req.CheckFresh(time.Now(), 30*time.Second); err != nil {
+		n.respond(m, req, protocol.CodeExpired, "expired", nil)
+		return
+	}
+	if req.Token != n.token {
+		n.respond(m, req, protocol.CodeUnauthorized, "bad token", nil)
+		return
+	}
+	broadcast := req.Target == ""
+	if !broadcast && req.Target != n.id {
+		n.respond(m, req, protocol.CodeBadRequest, "wrong target", nil)
+		return
+	}
+	n.mu.Lock()
+	n.counts[req.Action]++
+	c := n.counts[req.Action]
+	n.mu.Unlock()
+	if n.behave != nil && !broadcast {
+		drop, code := n.behave(req.Action, c)
+		if drop {
+			return
+		}
+		if code != "" && code != protocol.CodeOK {
+			n.respond(m, req, code, "simulated failure", nil)
+			return
+		}
+	}
+	switch {
+	case req.Agent == protocol.AgentDiscovery && req.Action == protocol.ActionPing:
+		n.respond(m, req, protocol.CodeOK, "", protocol.PingReply{Identity: n.id, Mode: "provisioning", Time: time.Now().UTC()})
+	case req.Agent == protocol.AgentRPCUtil && req.Action == protocol.ActionInventory:
+		n.respond(m, req, protocol.CodeOK, "", protocol.Inventory{
+			Agents: []string{"rpcutil", "choria_provision"}, Facts: map[string]string{"identity": n.id},
+			Classes: []string{}, Collectives: []string{"provisioning"}, MainCollective: "provisioning",
+			Version: "test", DataPlugins: []string{},
+		})
+	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionGenCSR:
+		var g protocol.GenCSRRequest
+		if err := protocol.DecodeStrict(req.Body, protocol.MaxMessageSize, &g); err != nil {
+			n.respond(m, req, protocol.CodeBadRequest, "body", nil)
+			return
+		}
+		key, err := pki.GenerateKey(g.KeyType, 0)
+		if err != nil {
+			n.respond(m, req, protocol.CodeBadRequest, "key type", nil)
+			return
+		}
+		csr, err := pki.CreateCSR(key, n.id, pki.CSRSubject{})
+		if err != nil {
+			n.respond(m, req, protocol.CodeInternal, "csr", nil)
+			return
+		}
+		pub, _ := pki.MarshalPublicKey(key.Public())
+		n.mu.Lock()
+		n.key = key
+		n.mu.Unlock()
+		n.respond(m, req, protocol.CodeOK, "", protocol.GenCSRReply{CSR: string(csr), PublicKey: string(pub), SSLDir: "/var/lib/sim/" + n.id})
+	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionConfigure:
+		var c protocol.ConfigureRequest
+		if err := protocol.DecodeStrict(req.Body, protocol.MaxMessageSize, &c); err != nil {
+			n.respond(m, req, protocol.CodeBadRequest, "body", nil)
+			return
+		}
+		n.mu.Lock()
+		key := n.key
+		n.mu.Unlock()
+		if key == nil {
+			n.respond(m, req, protocol.CodeConflict, "no key", nil)
+			return
+		}
+		if _, err := pki.VerifyLeaf([]byte(c.Certificate), n.caPEM, key.Public(), n.id, time.Now()); err != nil {
+			n.mu.Lock()
+			n.badConfig = append(n.badConfig, err.Error())
+			n.mu.Unlock()
+			n.respond(m, req, protocol.CodeInvalidCert, "certificate", nil)
+			return
+		}
+		n.mu.Lock()
+		n.configured++
+		n.mu.Unlock()
+		n.respond(m, req, protocol.CodeOK, "", nil)
+	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionRestart:
+		n.mu.Lock()
+		n.restarted++
+		n.mu.Unlock()
+		n.respond(m, req, protocol.CodeOK, "", nil)
+	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionShutdown:
+		n.mu.Lock()
+		n.shutdowns++
+		n.mu.Unlock()
+		n.respond(m, req, protocol.CodeOK, "", nil)
+	default:
+		n.respond(m, req, protocol.CodeUnknownAction, "unknown", nil)
+	}
+}
+
+func (n *simNode) respond(m *nats.Msg, req *protocol.Request, code protocol.Code, msg string, body any) {
+	if m.Reply == "" {
+		return
+	}
+	rep, err := protocol.NewReply(req, n.id, code, msg, body)
+	if err != nil {
+		return
+	}
+	b, err := protocol.Marshal(rep)
+	if err != nil {
+		return
+	}
+	_ = m.Respond(b)
+}
+
+// helperHook may answer a helper request instead of the default signer;
+// handled false falls through to signing.
+type helperHook func(req *helper.Request, call int) (rep *helper.Reply, err error, handled bool)
+
+// testHelper is an in-process helper signing CSRs with a real CA.
+type testHelper struct {
+	ca   *ca.CA
+	hook helperHook
+
+	mu    sync.Mutex
+	calls map[string]int
+	bad   []string
+}
+
+func newTestHelper(c *ca.CA, hook helperHook) *testHelper {
+	return &testHelper{ca: c, hook: hook, calls: map[string]int{}}
+}
+
+func (h *testHelper) callCount(id string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.calls[id]
+}
+
+// Provision implements helper.Helper.
+func (h *testHelper) Provision(ctx context.Context, req *helper.Request) (*helper.Reply, error) {
+	h.mu.Lock()
+	h.calls[req.Identity]++
+	call := h.calls[req.Identity]
+	h.mu.Unlock()
+	var inv protocol.Inventory
+	if err := json.Unmarshal([]byte(req.Inventory), &inv); err != nil || inv.Facts["identity"] != req.Identity {
+		h.mu.Lock()
+		h.bad = append(h.bad, fmt.Sprintf("%s: inventory %q: %v", req.Identity, req.Inventory, err))
+		h.mu.Unlock()
+		return nil, errors.New("bad inventory")
+	}
+	if req.RequestID == "" || req.Site != "test-site" || string(req.JWT) != "null" {
+		h.mu.Lock()
+		h.bad = append(h.bad, fmt.Sprintf("%s: request fields %+v", req.Identity, req))
+		h.mu.Unlock()
+	}
+	if h.hook != nil {
+		if rep, err, ok := h.hook(req, call); ok {
+			return rep, err
+		}
+	}
+	return h.sign(req, []byte(req.CSR.CSR))
+}
+
+func (h *testHelper) sign(req *helper.Request, csr []byte) (*helper.Reply, error) {
+	cert, err := h.ca.SignCSR(csr, nil)
+	if err != nil {
+		return nil, err
+	}
+	return &helper.Reply{
+		Configuration: map[string]string{
+			"identity":                       req.Identity,
+			"plugin.choria.middleware_hosts": "prod.example.net:4222",
+			"plugin.security.provider":       "file",
+		},
+		Certificate: string(cert),
+		CA:          string(h.ca.CertificatePEM()),
+		SSLDir:      req.CSR.SSLDir,
+		RequestID:   req.RequestID,
+	}, nil
+}
+
+// syncBuffer is a goroutine-safe log sink.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// debugLogger captures everything at debug level.
+func debugLogger() (*logrus.Entry, *syncBuffer) {
+	buf := &syncBuffer{}
+	l := logrus.New()
+	l.SetOutput(buf)
+	l.SetLevel(logrus.DebugLevel)
+	return logrus.NewEntry(l), buf
+}
+
+// observed records observer callbacks.
+type observed struct {
+	mu     sync.Mutex
+	events map[string][]string // identity -> "outcome/stage"
+}
+
+func newObserved() *observed { return &observed{events: map[string][]string{}} }
+
+func (o *observed) NodeDone(id string, out Outcome, stage Stage, _ error) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.events[id] = append(o.events[id], string(out)+"/"+string(stage))
+}
+
+func (o *observed) has(id, ev string) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for _, e := range o.events[id] {
+		if e == ev {
+			return true
+		}
+	}
+	return false
+}
+
+// testConfig is a fast configuration for tests.
+func testConfig() Config {
+	c := DefaultConfig()
+	c.Workers = 4
+	c.Interval = Duration(time.Second)
+	c.Token = testToken
+	c.Site = "test-site"
+	c.RPCTimeout = Duration(300 * time.Millisecond)
+	c.RPCRetries = 2
+	c.DeferBackoff = Duration(200 * time.Millisecond)
+	c.HelperTimeout = Duration(5 * time.Second)
+	c.RestartSplay = Duration(10 * time.Millisecond)
+	c.Name = "muster-provisioner@test"
+	return c
+}
+
+// running is a provisioner running in a goroutine.
+type running struct {
+	p      *Provisioner
+	cancel context.CancelFunc
+	done   chan struct{} // closed when Run returned
+	err    error         // Run's result, set before done is closed
+	logs   *syncBuffer
+}
+
+func (r *running) stop(t *testing.T) {
+	t.Helper()
+	r.cancel()
+	select {
+	case <-r.done:
+		if r.err != nil {
+			t.Errorf("Run: %v", r.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not return after cancel")
+	}
+	if strings.Contains(r.logs.String(), testToken) {
+		t.Errorf("token found in logs")
+	}
+}
+
+func startProvisioner(t *testing.T, url string, cfg Config, h helper.Helper, obs Observer, before func(*Provisioner)) *running {
+	t.Helper()
+	log, buf := debugLogger()
+	p, err := New(Options{Config: cfg, Helper: h, Conn: connect(t, url), Logger: log, Observer: obs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before != nil {
+		before(p)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{p: p, cancel: cancel, done: make(chan struct{}), logs: buf}
+	go func() {
+		r.err = p.Run(ctx)
+		close(r.done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-r.done
+	})
+	select {
+	case <-p.ready:
+	case <-r.done:
+		t.Fatalf("Run returned early: %v", r.err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("provisioner not ready")
+	}
+	return r
+}
+
+func nodeState(p *Provisioner, id string) (NodeStatus, bool) {
+	for _, n := range p.Nodes() {
+		if n.Identity == id {
+			return n, true
+		}
+	}
+	return NodeStatus{}, false
+}
