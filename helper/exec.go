@@ -194,11 +194,13 @@ func (e *Exec) run(ctx context.Context, in []byte) ([]byte, string, error) {
 		return nil, errText, fmt.Errorf("%w: %w: stdout over %d bytes", ErrInvalidReply, ErrTooLarge, e.maxStdout)
 	default:
 	}
-	if ctx.Err() != nil {
+	// A deadline, ours or the caller's, is a timeout of the helper; a
+	// cancelled caller is not the helper's fault and keeps its own error.
+	if errors.Is(ctx.Err(), context.Canceled) {
 		return nil, errText, ctx.Err()
 	}
 	if errors.Is(runCtx.Err(), context.DeadlineExceeded) {
-		return nil, errText, fmt.Errorf("%w after %s", ErrTimeout, e.timeout)
+		return nil, errText, fmt.Errorf("%w after %s: %w", ErrTimeout, e.timeout, context.DeadlineExceeded)
 	}
 	if waitErr != nil {
 		var ee *exec.ExitError

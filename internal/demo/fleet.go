@@ -103,7 +103,9 @@ type Fleet struct {
 func Identity(i int) string { return fmt.Sprintf("node%05d.demo.muster", i) }
 
 func defaultFacts(i int) map[string]string {
-	countries := []string{"mt", "de", "us", "jp"}
+	// No "mt": the example helpers send Maltese nodes to a broker that
+	// does not exist on this machine.
+	countries := []string{"de", "us", "jp", "fr"}
 	return map[string]string{
 		"country": countries[i%len(countries)],
 		"rack":    "r" + strconv.Itoa(i/40),

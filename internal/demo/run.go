@@ -63,12 +63,12 @@ func Run(ctx context.Context, ro RunOptions) (*Summary, error) {
 		return nil, err
 	}
 	defer f.Close()
-	ctx, cancel := context.WithTimeout(ctx, ro.Timeout)
-	defer cancel()
 	if err := f.Start(ctx); err != nil {
 		return nil, err
 	}
-	reached := f.WaitProduction(ctx, ro.Nodes)
+	waitCtx, cancel := context.WithTimeout(ctx, ro.Timeout)
+	defer cancel()
+	reached := f.WaitProduction(waitCtx, ro.Nodes)
 	elapsed := time.Since(f.Started())
 	if bar != nil && reached < ro.Nodes {
 		_ = bar.Exit()
