@@ -1,0 +1,109 @@
+package dashboards
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/provisioner"
+)
+
+type noHelper struct{}
+
+func (noHelper) Provision(context.Context, *helper.Request) (*helper.Reply, error) {
+	return &helper.Reply{Defer: true}, nil
+}
+
+// registered returns the metric families the provisioner registers.
+func registered(t *testing.T) map[string]bool {
+	t.Helper()
+	cfg := provisioner.DefaultConfig()
+	cfg.Brokers = []string{"tls://127.0.0.1:4222"}
+	p, err := provisioner.New(provisioner.Options{Config: cfg, Helper: noHelper{}, Logger: logging.Discard().WithField("component", "test")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := p.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, mf := range mfs {
+		names[mf.GetName()] = true
+	}
+	return names
+}
+
+var metricName = regexp.MustCompile(`\bmuster_[a-z0-9_]+`)
+
+func TestDashboardQueriesUseRegisteredMetrics(t *testing.T) {
+	names := registered(t)
+	raw, err := os.ReadFile("muster-provisioner.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title   string `json:"title"`
+			Targets []struct {
+				Expr string `json:"expr"`
+			} `json:"targets"`
+		} `json:"panels"`
+		Templating struct {
+			List []struct {
+				Query any `json:"query"`
+			} `json:"list"`
+		} `json:"templating"`
+	}
+	if err := json.Unmarshal(raw, &dash); err != nil {
+		t.Fatalf("dashboard is not valid JSON: %v", err)
+	}
+	var exprs []string
+	for _, p := range dash.Panels {
+		if len(p.Targets) == 0 {
+			t.Errorf("panel %q has no query", p.Title)
+		}
+		for _, tg := range p.Targets {
+			exprs = append(exprs, tg.Expr)
+		}
+	}
+	for _, v := range dash.Templating.List {
+		if s, ok := v.Query.(string); ok {
+			exprs = append(exprs, s)
+		}
+	}
+	used := map[string]bool{}
+	for _, e := range exprs {
+		for _, m := range metricName.FindAllString(e, -1) {
+			base := m
+			for _, suf := range []string{"_bucket", "_count", "_sum"} {
+				if b, ok := strings.CutSuffix(m, suf); ok && names[b] {
+					base = b
+				}
+			}
+			used[base] = true
+			if !names[base] {
+				t.Errorf("dashboard query %q uses %s, which the provisioner does not register", e, m)
+			}
+		}
+	}
+	if len(used) < 10 {
+		t.Fatalf("only %d metrics found in the dashboard queries", len(used))
+	}
+	var unused []string
+	for n := range names {
+		if strings.HasPrefix(n, "muster_provisioner_") && !used[n] {
+			unused = append(unused, n)
+		}
+	}
+	sort.Strings(unused)
+	if len(unused) > 0 {
+		t.Logf("registered but not on the dashboard: %v", unused)
+	}
+}
