@@ -179,13 +179,13 @@ func printBuildInfo(w io.Writer, asJSON bool) error {
 		return s
 	}
 	fmt.Fprintf(w, "Muster agent build settings:\n\n")
-	fmt.Fprintf(w, "           Version: %s\n", bi.Version)
-	fmt.Fprintf(w, "Provisioning brokers: %s\n", orNot(strings.Join(bi.ProvisionBrokers, ", ")))
-	fmt.Fprintf(w, "  Provisioning token: %s\n", bi.ProvisionToken)
-	fmt.Fprintf(w, "     Provisioning CA: %s\n", orNot(bi.ProvisionCA))
-	fmt.Fprintf(w, " Provisioning CA pin: %s\n", orNot(bi.ProvisionCAPin))
-	fmt.Fprintf(w, "          Facts file: %s\n", orNot(bi.FactsFile))
-	fmt.Fprintf(w, "Provisioning default: %t\n", bi.ProvisionByDefault)
+	fmt.Fprintf(w, "               Version: %s\n", bi.Version)
+	fmt.Fprintf(w, "  Provisioning brokers: %s\n", orNot(strings.Join(bi.ProvisionBrokers, ", ")))
+	fmt.Fprintf(w, "    Provisioning token: %s\n", bi.ProvisionToken)
+	fmt.Fprintf(w, "       Provisioning CA: %s\n", orNot(bi.ProvisionCA))
+	fmt.Fprintf(w, "   Provisioning CA pin: %s\n", orNot(bi.ProvisionCAPin))
+	fmt.Fprintf(w, "            Facts file: %s\n", orNot(bi.FactsFile))
+	fmt.Fprintf(w, "  Provisioning default: %t\n", bi.ProvisionByDefault)
 	return nil
 }
 

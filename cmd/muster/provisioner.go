@@ -62,6 +62,7 @@ built-in cfssl helper is configured from "helper_config". See docs/provisioner.m
 	run.Flags().BoolVar(&checkConfig, "check-config", false, "validate the configuration and the helper, then exit")
 
 	cmd.AddCommand(run,
+		newProvisionerNkeyCmd(),
 		newProvisionerCtlCmd("pause", "Stop workers from taking new nodes", http.MethodPost, "/pause", false),
 		newProvisionerCtlCmd("resume", "Let workers take nodes again", http.MethodPost, "/resume", false),
 		newProvisionerCtlCmd("status", "Show the provisioner's counts", http.MethodGet, "/status", true),
