@@ -275,6 +275,13 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 	}
 	n.Stage = stage
 	n.Updated = now
+	n.HelperStderr = ""
+	if se := helper.Stderr(err); se != "" {
+		if len(se) > maxStderrLog {
+			se = se[:maxStderrLog] + "…"
+		}
+		n.HelperStderr = se
+	}
 	switch {
 	case err != nil && abandoned:
 		n.State = StateAbandoned

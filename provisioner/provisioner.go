@@ -127,11 +127,14 @@ type Options struct {
 
 // NodeStatus is the provisioner's view of one node.
 type NodeStatus struct {
-	Identity      string    `json:"identity"`
-	State         State     `json:"state"`
-	Stage         Stage     `json:"stage,omitempty"`
-	Attempts      int       `json:"attempts"`
-	LastError     string    `json:"last_error,omitempty"`
+	Identity  string `json:"identity"`
+	State     State  `json:"state"`
+	Stage     Stage  `json:"stage,omitempty"`
+	Attempts  int    `json:"attempts"`
+	LastError string `json:"last_error,omitempty"`
+	// HelperStderr is the start of the helper's standard error when the
+	// last attempt failed in the helper (bounded).
+	HelperStderr  string    `json:"helper_stderr,omitempty"`
 	Updated       time.Time `json:"updated"`
 	ProvisionedAt time.Time `json:"provisioned_at,omitzero"`
 	// RetryAt is when a deferred, failed, provisioned or shut down node may
@@ -356,6 +359,12 @@ func (p *Provisioner) Run(ctx context.Context) error {
 			return fmt.Errorf("subscribe %s: %w", s.subject, err)
 		}
 		subs = append(subs, sub)
+	}
+	// Make sure the server holds the subscriptions before Run reports ready,
+	// so an announcement made after that is never missed.
+	if err := nc.FlushTimeout(p.cfg.RPCTimeout.D()); err != nil {
+		unsubscribe()
+		return fmt.Errorf("subscribe: flush: %w", err)
 	}
 
 	var srv *http.Server

@@ -32,7 +32,12 @@ func TestFleetProvisionedOnce(t *testing.T) {
 	for i := 0; i < n; i++ {
 		id := fmt.Sprintf("node%02d.example.net", i)
 		ids = append(ids, id)
-		fleet.add(id, nil)
+		node := fleet.add(id, nil)
+		// Nodes that announce themselves stay out of the initial
+		// broadcast, so each discovery source is exercised for sure.
+		node.mu.Lock()
+		node.silent = i%3 != 2
+		node.mu.Unlock()
 	}
 	h := newTestHelper(c, nil)
 	obs := newObserved()
@@ -66,6 +71,10 @@ func TestFleetProvisionedOnce(t *testing.T) {
 	// node from being taken a second time.
 	for _, id := range ids {
 		fleet.publishMetadata(id)
+		node := fleet.nodes[id]
+		node.mu.Lock()
+		node.silent = false
+		node.mu.Unlock()
 	}
 	if got, err := r.p.Discover(context.Background()); err != nil || got != n {
 		t.Fatalf("Discover = %d, %v; want %d", got, err, n)

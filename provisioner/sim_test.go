@@ -90,6 +90,9 @@ type simNode struct {
 	restarted  int
 	shutdowns  int
 	badConfig  []string
+	// silent nodes do not answer broadcast discovery (they announce
+	// themselves instead).
+	silent bool
 }
 
 func (n *simNode) count(action string) int {
@@ -188,6 +191,12 @@ func (n *simNode) handle(m *nats.Msg) {
 	}
 	switch {
 	case req.Agent == protocol.AgentDiscovery && req.Action == protocol.ActionPing:
+		n.mu.Lock()
+		silent := n.silent
+		n.mu.Unlock()
+		if silent {
+			return
+		}
 		n.respond(m, req, protocol.CodeOK, "", protocol.PingReply{Identity: n.id, Mode: "provisioning", Time: time.Now().UTC()})
 	case req.Agent == protocol.AgentRPCUtil && req.Action == protocol.ActionInventory:
 		n.respond(m, req, protocol.CodeOK, "", protocol.Inventory{

@@ -218,6 +218,7 @@ func TestHelperFailures(t *testing.T) {
 		{"timeout", "sleep", helper.ErrTimeout, time.Second},
 		{"garbage", "garbage", helper.ErrBadJSON, 0},
 		{"certificate for another key", "wrong-key", helper.ErrInvalidReply, 0},
+		{"non-zero exit", "exit", helper.ErrExit, 0},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -249,6 +250,13 @@ func TestHelperFailures(t *testing.T) {
 				}
 				if strings.Contains(err.Error(), "PRIVATE KEY") {
 					t.Errorf("%s: error mentions a private key", id)
+				}
+			}
+			if c.args == "exit" {
+				for _, ns := range f.Provisioner().Nodes() {
+					if !strings.Contains(ns.HelperStderr, "out of capacity") {
+						t.Errorf("%s: status has helper stderr %q", ns.Identity, ns.HelperStderr)
+					}
 				}
 			}
 			if got := f.ProductionCount(); got != 0 {

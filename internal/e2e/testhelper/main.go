@@ -6,6 +6,7 @@
 //	defer-once  defer each identity the first time, then run the real helper
 //	sleep       never answer (the provisioner must time it out)
 //	garbage     print text that is not JSON
+//	exit        complain on stderr and exit 3
 //	wrong-key   sign a certificate for a key the node does not hold
 //
 // The real helper is "$MUSTER_BIN helper cfssl", run with the fleet's CA
@@ -45,6 +46,9 @@ func run() error {
 	case "garbage":
 		fmt.Println("this is not JSON {")
 		return nil
+	case "exit":
+		fmt.Fprintln(os.Stderr, "boom: the CA is out of capacity")
+		os.Exit(3)
 	}
 	in, err := io.ReadAll(io.LimitReader(os.Stdin, 1<<20))
 	if err != nil {
