@@ -102,11 +102,40 @@ func newAuthenticator(log *logrus.Entry, provisioners, admins []string) *authent
 }
 
 // permissions returns the permissions of a user of kind with the given
-// name. nil means everything within the user's account, which is what every
-// kind gets today.
+// name (its identity for nodes). Provisioners and admins may use every
+// subject of their account. Nodes get only what the protocol needs:
+//
+//   - unprovisioned nodes publish their metadata and lifecycle events and
+//     reply to requests; they subscribe only to their own node subject
+//     (bound to the connection name they claim) and to provisioning
+//     broadcasts, so they cannot watch other nodes' requests, metadata or
+//     replies, and cannot send provisioning requests;
+//   - production nodes publish lifecycle events and replies, and subscribe
+//     to their certificate's node subject in any collective and to
+//     broadcasts.
 func (a *authenticator) permissions(kind UserKind, name string) *server.Permissions {
-	_, _ = kind, name
-	return nil
+	replies := &server.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
+	lifecycle := protocol.LifecycleSubject("*", protocol.AgentComponent)
+	switch kind {
+	case UserUnprovisioned:
+		sub := []string{protocol.BroadcastSubject(protocol.ProvisioningCollective, ">")}
+		if protocol.ValidateIdentity(name) == nil {
+			sub = append(sub, protocol.NodeSubject(protocol.ProvisioningCollective, name))
+		}
+		return &server.Permissions{
+			Publish:   &server.SubjectPermission{Allow: []string{protocol.MetadataSubject, lifecycle}},
+			Subscribe: &server.SubjectPermission{Allow: sub},
+			Response:  replies,
+		}
+	case UserNode:
+		return &server.Permissions{
+			Publish:   &server.SubjectPermission{Allow: []string{lifecycle}},
+			Subscribe: &server.SubjectPermission{Allow: []string{protocol.NodeSubject("*", name), protocol.BroadcastSubject("*", ">")}},
+			Response:  replies,
+		}
+	default:
+		return nil
+	}
 }
 
 // Check authenticates a client connection and binds it to its account.
@@ -141,16 +170,27 @@ func (a *authenticator) Check(c server.ClientAuthentication) bool {
 		return a.register(c, UserProvisioner, opts.Nkey, a.provisioning)
 	}
 	// Rule 3: anything else is a node waiting to be provisioned.
-	return a.register(c, UserUnprovisioned, UnprovisionedUser, a.provisioning)
+	// Its node subject is bound to the connection name it claims (agents
+	// name their connection after their identity).
+	name := UnprovisionedUser
+	if opts := c.GetOpts(); opts != nil && protocol.ValidateIdentity(opts.Name) == nil {
+		name = opts.Name
+	}
+	return a.registerAs(c, UserUnprovisioned, UnprovisionedUser, name, a.provisioning)
 }
 
 // register binds the connection to acc as a user of kind.
 func (a *authenticator) register(c server.ClientAuthentication, kind UserKind, name string, acc *server.Account) bool {
+	return a.registerAs(c, kind, name, name, acc)
+}
+
+// registerAs is register with permissions computed for identity.
+func (a *authenticator) registerAs(c server.ClientAuthentication, kind UserKind, name, identity string, acc *server.Account) bool {
 	if acc == nil {
 		a.reject(c, "broker not started")
 		return false
 	}
-	c.RegisterUser(&server.User{Username: name, Account: acc, Permissions: a.permissions(kind, name)})
+	c.RegisterUser(&server.User{Username: name, Account: acc, Permissions: a.permissions(kind, identity)})
 	a.counts[kind].Add(1)
 	if a.log.Logger.IsLevelEnabled(logrus.DebugLevel) {
 		a.log.WithFields(logrus.Fields{"identity": name, "kind": kind.String(), "account": acc.Name}).Debug("connection authenticated")

@@ -392,7 +392,9 @@ func TestUnprovisionedNodeLandsInProvisioning(t *testing.T) {
 		t.Errorf("admin: account %q user %q", acc, user)
 	}
 
-	own, err := node.SubscribeSync("choria.provisioning_data")
+	// A node may use its own node subject; the provisioner sees everything
+	// in PROVISIONING.
+	own, err := node.SubscribeSync("provisioning.node.node")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -412,9 +414,94 @@ func TestUnprovisionedNodeLandsInProvisioning(t *testing.T) {
 	if err := node.Publish("choria.provisioning_data", []byte("{}")); err != nil {
 		t.Fatal(err)
 	}
-	expectMsg(t, own, "choria.provisioning_data")
 	expectMsg(t, provSub, "choria.provisioning_data")
+	if err := prov.Publish("provisioning.node.node", []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	expectMsg(t, own, "provisioning.node.node")
 	expectNoMsg(t, prodSub, node, admin)
+}
+
+// permErrors connects with an error handler that collects permission
+// violations.
+func permErrors(t *testing.T, b *Broker, opts ...nats.Option) (*nats.Conn, <-chan error) {
+	t.Helper()
+	errs := make(chan error, 16)
+	opts = append(opts, nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
+		select {
+		case errs <- err:
+		default:
+		}
+	}))
+	return connect(t, b, opts...), errs
+}
+
+func expectViolation(t *testing.T, errs <-chan error, what string) {
+	t.Helper()
+	select {
+	case err := <-errs:
+		if !errors.Is(err, nats.ErrPermissionViolation) && !strings.Contains(err.Error(), "Permissions Violation") {
+			t.Fatalf("%s: error %v, want a permissions violation", what, err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("%s was allowed", what)
+	}
+}
+
+func TestNodePermissions(t *testing.T) {
+	b := startBroker(t)
+	prov := connect(t, b, provisionerOpt(t, b))
+	victim := connect(t, b, nats.Name("victim.example.net"))
+	victimSub, err := victim.SubscribeSync("provisioning.node.victim.example.net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim.Flush()
+
+	cases := []struct {
+		name string
+		opts []nats.Option
+		sub  []string
+		pub  []string
+	}{
+		{"unprovisioned", []nats.Option{nats.Name("rogue.example.net")},
+			[]string{">", "provisioning.node.victim.example.net", "provisioning.node.>", "choria.provisioning_data", "_INBOX.>", "production.>"},
+			[]string{"provisioning.node.victim.example.net", "provisioning.broadcast.agent.discovery"}},
+		{"production node", []nats.Option{issueClient(t, devCA(t, b), t.TempDir(), "rogue", "rogue.example.net")},
+			[]string{">", "mcollective.node.victim.example.net", "choria.provisioning_data"},
+			[]string{"mcollective.node.victim.example.net", "choria.provisioning_data"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			nc, errs := permErrors(t, b, tc.opts...)
+			for _, subj := range tc.sub {
+				if _, err := nc.SubscribeSync(subj); err != nil {
+					t.Fatal(err)
+				}
+				nc.Flush()
+				expectViolation(t, errs, "subscribe "+subj)
+			}
+			for _, subj := range tc.pub {
+				if err := nc.Publish(subj, []byte("{}")); err != nil {
+					t.Fatal(err)
+				}
+				nc.Flush()
+				expectViolation(t, errs, "publish "+subj)
+			}
+		})
+	}
+	// Nothing the rogues published reached the victim; the provisioner still
+	// can.
+	if err := prov.Publish("provisioning.node.victim.example.net", []byte("real")); err != nil {
+		t.Fatal(err)
+	}
+	m, err := victimSub.NextMsg(5 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(m.Data) != "real" {
+		t.Fatalf("victim received %q first", m.Data)
+	}
 }
 
 func TestCertificateConnections(t *testing.T) {
@@ -607,8 +694,8 @@ func TestInProcessConnection(t *testing.T) {
 			if acc, user := connUser(t, b, "inproc-"+tc.name); acc != PROVISIONING || user != tc.wantUser {
 				t.Errorf("account %q user %q", acc, user)
 			}
-			if _, err := nc.Request("$JS.API.INFO", nil, 5*time.Second); err != nil {
-				t.Errorf("jetstream info: %v", err)
+			if err := nc.FlushTimeout(5 * time.Second); err != nil {
+				t.Errorf("round trip: %v", err)
 			}
 		})
 	}
