@@ -64,6 +64,9 @@ type Reply struct {
 	RequestID string `json:"request_id,omitempty"`
 	// RetryAfter, in seconds, is when a deferred node should come back.
 	RetryAfter int `json:"retry_after,omitempty"`
+	// Error, in persistent mode, reports that the helper failed this one
+	// request (what a non-zero exit says in exec mode).
+	Error string `json:"error,omitempty"`
 }
 
 // Helper turns a node's request into its reply. Implementations: Exec (a

@@ -61,6 +61,10 @@ type Config struct {
 	Helper string `yaml:"helper"`
 	// HelperConfig is the built-in helper's YAML file (when Helper is empty).
 	HelperConfig string `yaml:"helper_config"`
+	// HelperMode is "exec" (the helper runs once per node, the Choria
+	// contract) or "persistent" (one long-running helper process answers
+	// request lines tagged with request_id).
+	HelperMode string `yaml:"helper_mode"`
 	// HelperTimeout bounds one helper run.
 	HelperTimeout Duration `yaml:"helper_timeout"`
 	// HelperConcurrency limits concurrent helper runs separately from the
@@ -184,6 +188,15 @@ func (c *Config) validate(needBrokers bool) error {
 	}
 	if c.Helper != "" && c.HelperConfig != "" {
 		bad("helper_config", c.HelperConfig, "only used by the built-in helper, but helper is set")
+	}
+	switch c.HelperMode {
+	case "", "exec":
+	case "persistent":
+		if c.Helper == "" {
+			bad("helper_mode", c.HelperMode, "needs helper (the command of the persistent helper)")
+		}
+	default:
+		bad("helper_mode", c.HelperMode, `must be "exec" or "persistent"`)
 	}
 	if c.HelperTimeout.D() <= 0 {
 		bad("helper_timeout", c.HelperTimeout, "must be positive")

@@ -98,6 +98,7 @@ name: prov1
 		{name: "unknown nested key", content: "brokers: [tls://b:4222]\nfeatures: {pkki: true}\n", wantErr: []string{"pkki"}},
 		{name: "bad duration", content: "brokers: [tls://b:4222]\ninterval: soon\n", wantErr: []string{"soon"}},
 		{name: "empty file", content: "", wantErr: []string{"brokers"}},
+		{name: "persistent without a helper", content: "brokers: [tls://b:4222]\nhelper_mode: persistent\n", wantErr: []string{"helper_mode persistent"}},
 		{name: "every error", content: `
 workers: 0
 interval: 10ms
@@ -105,6 +106,7 @@ helper: x
 helper_config: y.yaml
 helper_timeout: 0s
 helper_concurrency: -1
+helper_mode: forking
 monitor_port: 70000
 brokers: ["http://b:80", "::bad"]
 tls_ca: /nonexistent/ca.pem
@@ -120,7 +122,7 @@ loglevel: chatty
 name: ""
 `, wantErr: []string{
 			"workers 0", "interval 10ms", "helper_config", "helper_timeout 0s", "helper_concurrency -1",
-			"monitor_port 70000", "brokers[0]", "brokers[1]", "tls_ca", "nkey_seed_file", "key_type \"dsa\"",
+			"helper_mode forking", "monitor_port 70000", "brokers[0]", "brokers[1]", "tls_ca", "nkey_seed_file", "key_type \"dsa\"",
 			"queue_size 0", "rpc_timeout 1h0m0s", "rpc_retries -1", "defer_backoff 0s", "grace -1s",
 			"restart_splay 2h0m0s", "loglevel \"chatty\"", "name \"\"",
 		}},

@@ -88,6 +88,7 @@ host:port) and MUSTER_BIN (this muster binary, for "muster ca sign") in its envi
 	f.IntVarP(&o.Nodes, "nodes", "n", 100, "number of simulated nodes")
 	f.IntVar(&o.Workers, "workers", 8, "provisioner workers")
 	f.StringVar(&o.HelperCommand, "helper", "", "exec this helper per node instead of the built-in cfssl helper")
+	f.BoolVar(&o.HelperPersistent, "helper-persistent", false, "run --helper as one persistent helper (request lines in, reply lines out)")
 	f.DurationVar(&o.HelperTimeout, "helper-timeout", 10*time.Second, "helper timeout")
 	f.StringVar(&o.CACert, "ca-cert", "", "use this CA certificate instead of a throwaway CA")
 	f.StringVar(&o.CAKey, "ca-key", "", "the key of --ca-cert")

@@ -83,6 +83,9 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 	if err != nil {
 		return err
 	}
+	if c, ok := h.(io.Closer); ok {
+		defer c.Close()
+	}
 	if checkConfig {
 		fmt.Fprintf(cmd.OutOrStdout(), "%s: configuration ok\n", configFile)
 		return nil
@@ -108,6 +111,13 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 // buildHelper makes the exec'd helper when cfg.Helper is set, else the
 // built-in cfssl helper from cfg.HelperConfig.
 func buildHelper(cfg provisioner.Config) (helper.Helper, error) {
+	if cfg.Helper != "" && cfg.HelperMode == "persistent" {
+		h, err := helper.NewPersistent(helper.ExecOptions{Command: cfg.Helper, Timeout: cfg.HelperTimeout.D()})
+		if err != nil {
+			return nil, fmt.Errorf("helper: %w", err)
+		}
+		return h, nil
+	}
 	if cfg.Helper != "" {
 		h, err := helper.NewExec(helper.ExecOptions{Command: cfg.Helper, Timeout: cfg.HelperTimeout.D()})
 		if err != nil {

@@ -47,6 +47,9 @@ type Options struct {
 	// MUSTER_BROKER (the production broker host:port) and MUSTER_BIN (this
 	// program) in its environment.
 	HelperCommand string
+	// HelperPersistent runs HelperCommand as one persistent helper process
+	// (request lines in, reply lines out) instead of once per node.
+	HelperPersistent bool
 	// MusterBin is the muster binary exec'd helpers may call (MUSTER_BIN);
 	// default: this program.
 	MusterBin string
@@ -93,10 +96,11 @@ type Fleet struct {
 	errs       map[string]error
 	prodCh     chan struct{}
 
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	runErr []error
-	closed bool
+	cancel      context.CancelFunc
+	closeHelper func() error
+	wg          sync.WaitGroup
+	runErr      []error
+	closed      bool
 }
 
 // Identity returns the identity of node i.
@@ -348,7 +352,7 @@ func (f *Fleet) helper(brokerHostPort string) (helper.Helper, error) {
 				return nil, err
 			}
 		}
-		return helper.NewExec(helper.ExecOptions{
+		eo := helper.ExecOptions{
 			Command: f.opts.HelperCommand,
 			Timeout: f.opts.HelperTimeout,
 			Env: []string{
@@ -356,7 +360,16 @@ func (f *Fleet) helper(brokerHostPort string) (helper.Helper, error) {
 				"MUSTER_BROKER=" + brokerHostPort,
 				"MUSTER_BIN=" + self,
 			},
-		})
+		}
+		if f.opts.HelperPersistent {
+			p, err := helper.NewPersistent(eo)
+			if err != nil {
+				return nil, err
+			}
+			f.closeHelper = p.Close
+			return p, nil
+		}
+		return helper.NewExec(eo)
 	}
 	cfg := &cfsslhelper.Config{MiddlewareHosts: brokerHostPort}
 	return cfsslhelper.NewWithCA(f.ca, cfg)
@@ -538,6 +551,9 @@ func (f *Fleet) Close() error {
 		f.cancel()
 	}
 	f.wg.Wait()
+	if f.closeHelper != nil {
+		_ = f.closeHelper()
+	}
 	if f.broker != nil {
 		f.broker.Shutdown()
 	}

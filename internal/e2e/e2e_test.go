@@ -174,6 +174,36 @@ func TestFiftyNodesExecHelper(t *testing.T) {
 	}
 }
 
+// TestPersistentHelper provisions a fleet through one persistent built-in
+// helper process answering request lines.
+func TestPersistentHelper(t *testing.T) {
+	const n = 30
+	o := demo.Options{
+		Nodes:            n,
+		Dir:              t.TempDir(),
+		HelperCommand:    bins.muster + " helper cfssl --persistent",
+		HelperPersistent: true,
+		MusterBin:        bins.muster,
+	}
+	f, err := demo.New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := f.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.WaitProduction(ctx, n); got != n {
+		t.Fatalf("%d of %d nodes reached production; errors: %v", got, n, f.Errors())
+	}
+	answered, err := f.PingProduction(ctx, 5*time.Second)
+	if err != nil || len(answered) != n {
+		t.Fatalf("%d of %d answered over mTLS (%v)", len(answered), n, err)
+	}
+}
+
 func TestHelperDefersOnceThenSucceeds(t *testing.T) {
 	const n = 5
 	state := t.TempDir()
