@@ -75,13 +75,14 @@ func examplesDir(t *testing.T) string {
 
 func TestExampleHelpers(t *testing.T) {
 	helpers := []struct {
-		name    string
-		command func(bin, dir, caDir string) string
-		needs   []string
+		name       string
+		command    func(bin, dir, caDir string) string
+		needs      []string
+		persistent bool // also supports --persistent
 	}{
-		{"shell", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}},
-		{"python", func(_, dir, _ string) string { return filepath.Join(dir, "helper.py") }, []string{"python3"}},
-		{"ruby", func(_, dir, _ string) string { return filepath.Join(dir, "helper.rb") }, []string{"ruby"}},
+		{"shell", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}, false},
+		{"python", func(_, dir, _ string) string { return filepath.Join(dir, "helper.py") }, []string{"python3"}, true},
+		{"ruby", func(_, dir, _ string) string { return filepath.Join(dir, "helper.rb") }, []string{"ruby"}, true},
 		{"builtin cfssl", func(bin, _, caDir string) string {
 			cfg := filepath.Join(caDir, "helper.yaml")
 			yaml := "middleware_hosts: localhost:4333\n" +
@@ -91,7 +92,7 @@ func TestExampleHelpers(t *testing.T) {
 				panic(err)
 			}
 			return bin + " helper cfssl --config " + cfg + " --ca-dir " + caDir
-		}, nil},
+		}, nil, true},
 	}
 	const id = "node1.example.net"
 	type scenario struct {
@@ -116,52 +117,72 @@ func TestExampleHelpers(t *testing.T) {
 			}
 			bin := musterBin(t)
 			_, caDir := newCA(t)
-			e, err := helper.NewExec(helper.ExecOptions{
+			eo := helper.ExecOptions{
 				Command: h.command(bin, examplesDir(t), caDir),
 				Timeout: 30 * time.Second,
 				Env:     []string{"MUSTER_BIN=" + bin, "MUSTER_CA_DIR=" + caDir, "MUSTER_BROKER=localhost:4333"},
-			})
+			}
+			e, err := helper.NewExec(eo)
 			if err != nil {
 				t.Fatal(err)
 			}
-			for _, s := range scenarios {
-				t.Run(s.name, func(t *testing.T) {
-					inv, err := json.Marshal(map[string]any{"facts": s.facts, "agents": []string{"rpcutil"}})
-					if err != nil {
-						t.Fatal(err)
-					}
-					req := &helper.Request{Identity: id, Inventory: string(inv)}
-					if s.withCSR {
-						_, csr := newCSR(t, id)
-						req.CSR = &helper.CSRInfo{CSR: csr, SSLDir: "/var/lib/muster/ssl"}
-					}
-					rep, err := e.Provision(context.Background(), req)
-					if err != nil {
-						t.Fatalf("%v\nstderr: %s", err, helper.Stderr(err))
-					}
-					if err := helper.ValidateReply(req, rep, time.Now()); err != nil {
-						t.Fatal(err)
-					}
-					if rep.Defer != s.wantDefer {
-						t.Fatalf("defer = %t, want %t (%+v)", rep.Defer, s.wantDefer, rep)
-					}
-					if s.wantDefer {
-						return
-					}
-					if got := rep.Configuration["plugin.choria.middleware_hosts"]; got != s.wantBroker {
-						t.Errorf("middleware_hosts = %q, want %q", got, s.wantBroker)
-					}
-					if s.withCSR && (rep.Certificate == "" || rep.SSLDir != "/var/lib/muster/ssl") {
-						t.Errorf("certificate %d bytes, ssldir %q", len(rep.Certificate), rep.SSLDir)
-					}
-					wantKey := "/etc/muster/ssl/private.pem"
-					if s.withCSR {
-						wantKey = "/var/lib/muster/ssl/private.pem"
-					}
-					if got := rep.Configuration["plugin.security.file.key"]; got != wantKey {
-						t.Errorf("key path = %q, want %q", got, wantKey)
-					}
-				})
+			runners := []struct {
+				mode string
+				h    helper.Helper
+			}{{"exec", e}}
+			if h.persistent {
+				eo.Command += " --persistent"
+				p, err := helper.NewPersistent(eo)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer p.Close()
+				runners = append(runners, struct {
+					mode string
+					h    helper.Helper
+				}{"persistent", p})
+			}
+			for _, r := range runners {
+				for _, s := range scenarios {
+					e := r.h
+					t.Run(r.mode+"/"+s.name, func(t *testing.T) {
+						inv, err := json.Marshal(map[string]any{"facts": s.facts, "agents": []string{"rpcutil"}})
+						if err != nil {
+							t.Fatal(err)
+						}
+						req := &helper.Request{Identity: id, Inventory: string(inv)}
+						if s.withCSR {
+							_, csr := newCSR(t, id)
+							req.CSR = &helper.CSRInfo{CSR: csr, SSLDir: "/var/lib/muster/ssl"}
+						}
+						rep, err := e.Provision(context.Background(), req)
+						if err != nil {
+							t.Fatalf("%v\nstderr: %s", err, helper.Stderr(err))
+						}
+						if err := helper.ValidateReply(req, rep, time.Now()); err != nil {
+							t.Fatal(err)
+						}
+						if rep.Defer != s.wantDefer {
+							t.Fatalf("defer = %t, want %t (%+v)", rep.Defer, s.wantDefer, rep)
+						}
+						if s.wantDefer {
+							return
+						}
+						if got := rep.Configuration["plugin.choria.middleware_hosts"]; got != s.wantBroker {
+							t.Errorf("middleware_hosts = %q, want %q", got, s.wantBroker)
+						}
+						if s.withCSR && (rep.Certificate == "" || rep.SSLDir != "/var/lib/muster/ssl") {
+							t.Errorf("certificate %d bytes, ssldir %q", len(rep.Certificate), rep.SSLDir)
+						}
+						wantKey := "/etc/muster/ssl/private.pem"
+						if s.withCSR {
+							wantKey = "/var/lib/muster/ssl/private.pem"
+						}
+						if got := rep.Configuration["plugin.security.file.key"]; got != wantKey {
+							t.Errorf("key path = %q, want %q", got, wantKey)
+						}
+					})
+				}
 			}
 		})
 	}

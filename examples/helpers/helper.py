@@ -9,6 +9,10 @@ Reads the request JSON on stdin and writes the reply JSON on stdout:
   - signs the node's CSR with "${MUSTER_BIN:-muster} ca sign" using the CA in
     $MUSTER_CA_DIR and returns the certificate, the CA and the ssldir.
 Diagnostics go to stderr (Muster keeps a bounded copy); exit 1 on error.
+
+With --persistent it is a persistent helper (docs/helpers.md): one request
+per stdin line, one reply line per request tagged with its request_id, and
+{"request_id": ..., "error": ...} for a request it cannot answer.
 """
 
 import json
@@ -17,21 +21,22 @@ import subprocess
 import sys
 
 
+class HelperError(Exception):
+    pass
+
+
 def fail(msg):
-    print("helper.py: " + msg, file=sys.stderr)
-    sys.exit(1)
+    raise HelperError(msg)
 
 
-def main():
-    request = json.load(sys.stdin)
+def answer(request):
     identity = request.get("identity") or fail("request has no identity")
     # The inventory is a JSON *string* holding an object.
     inventory = json.loads(request.get("inventory") or "{}")
     facts = inventory.get("facts") or {}
 
     if facts.get("defer") == "true":
-        json.dump({"defer": True, "msg": "node %s asked to be deferred" % identity}, sys.stdout)
-        return
+        return {"defer": True, "msg": "node %s asked to be deferred" % identity}
 
     if facts.get("country") == "mt":
         brokers = "choria1.mt.example.net:4223"
@@ -68,7 +73,28 @@ def main():
         reply["certificate"] = signed.stdout
         reply["ssldir"] = ssldir
 
-    json.dump(reply, sys.stdout)
+    return reply
+
+
+def main():
+    if "--persistent" in sys.argv[1:]:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            try:
+                reply = answer(request)
+            except Exception as e:  # one failed request must not end the helper
+                reply = {"error": str(e)}
+            reply["request_id"] = request.get("request_id")
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
+        return
+    try:
+        json.dump(answer(json.load(sys.stdin)), sys.stdout)
+    except HelperError as e:
+        print("helper.py: " + str(e), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
