@@ -54,8 +54,13 @@ func musterBin(t *testing.T) string {
 	return built.path
 }
 
-// TestMain removes the binary built by musterBin.
+// TestMain removes the binary built by musterBin. With
+// MUSTER_FAKE_HELPER set the test binary is instead a persistent helper
+// process for persistent_test.go.
 func TestMain(m *testing.M) {
+	if mode := os.Getenv("MUSTER_FAKE_HELPER"); mode != "" {
+		os.Exit(fakeHelper(mode))
+	}
 	code := m.Run()
 	if built.path != "" {
 		os.RemoveAll(filepath.Dir(built.path))
@@ -80,7 +85,7 @@ func TestExampleHelpers(t *testing.T) {
 		needs      []string
 		persistent bool // also supports --persistent
 	}{
-		{"shell", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}, false},
+		{"shell", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}, true},
 		{"python", func(_, dir, _ string) string { return filepath.Join(dir, "helper.py") }, []string{"python3"}, true},
 		{"ruby", func(_, dir, _ string) string { return filepath.Join(dir, "helper.rb") }, []string{"ruby"}, true},
 		{"builtin cfssl", func(bin, _, caDir string) string {
@@ -131,8 +136,11 @@ func TestExampleHelpers(t *testing.T) {
 				h    helper.Helper
 			}{{"exec", e}}
 			if h.persistent {
-				eo.Command += " --persistent"
-				p, err := helper.NewPersistent(eo)
+				p, err := helper.NewPersistent(helper.PersistentOptions{
+					Command: eo.Command + " --persistent",
+					Timeout: eo.Timeout,
+					Env:     eo.Env,
+				})
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -1,54 +1,145 @@
 package helper_test
 
 import (
+	"bufio"
 	"context"
-	"crypto"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
+
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/pki"
 )
 
-// reverser is a persistent helper in Python that holds requests until it has
-// n of them, then answers them in reverse order of arrival; a request whose
-// identity starts with "slow" is never answered and one starting with
-// "crash" kills the helper.
-const reverser = `import json, sys, os
-held = []
-n = int(sys.argv[1])
-for line in sys.stdin:
-    req = json.loads(line)
-    if req["identity"].startswith("slow"):
-        continue
-    if req["identity"].startswith("crash"):
-        sys.stderr.write("helper crashing on purpose\n"); sys.stderr.flush()
-        os._exit(7)
-    held.append(req)
-    if len(held) >= n:
-        for r in reversed(held):
-            sys.stdout.write(json.dumps({"request_id": r["request_id"], "defer": True, "msg": r["identity"]}) + "\n")
-        sys.stdout.flush()
-        held = []
-`
+// fakeHelper is the persistent helper the tests run: the test binary
+// itself, re-executed with MUSTER_FAKE_HELPER set (see TestMain). Modes:
+//
+//   - "reverse:N" holds ordinary requests until it has N, then answers
+//     them in reverse order of arrival (defer, msg = identity). Requests
+//     are special by identity prefix: "slow" is never answered, "crash"
+//     exits 7, "garbage" gets a line that is not JSON, "huge" a line of
+//     8 KiB, "badtype" a reply with a wrongly typed field, "noid" a reply
+//     without request_id, "unknown" a reply for an invented id before its
+//     own, "fail" an error reply, "stderr" 1000 stderr lines first.
+//   - "stubborn" starts a child (sleep), writes "<pid> <child pid>" to
+//     $MUSTER_FAKE_DIR/pids, answers every request at once, and keeps
+//     running after stdin ends.
+//   - "die" exits 3 at once.
+func fakeHelper(mode string) int {
+	name, arg, _ := strings.Cut(mode, ":")
+	held := 1
+	switch name {
+	case "die":
+		fmt.Fprintln(os.Stderr, "cannot start: no configuration")
+		return 3
+	case "reverse":
+		n, err := strconv.Atoi(arg)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
+		held = n
+	case "stubborn":
+		child := exec.Command("sleep", "3600")
+		if err := child.Start(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
+		pids := fmt.Sprintf("%d %d", os.Getpid(), child.Process.Pid)
+		if err := os.WriteFile(filepath.Join(os.Getenv("MUSTER_FAKE_DIR"), "pids"), []byte(pids), 0o600); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 2
+		}
+	default:
+		fmt.Fprintln(os.Stderr, "unknown mode", mode)
+		return 2
+	}
+	out := bufio.NewWriter(os.Stdout)
+	reply := func(v any) {
+		b, _ := json.Marshal(v)
+		out.Write(append(b, '\n'))
+		out.Flush()
+	}
+	var queue []helper.Request
+	sc := bufio.NewScanner(os.Stdin)
+	sc.Buffer(nil, 4<<20)
+	for sc.Scan() {
+		var req helper.Request
+		if err := json.Unmarshal(sc.Bytes(), &req); err != nil {
+			fmt.Fprintln(os.Stderr, "bad request line:", err)
+			return 2
+		}
+		id := req.RequestID
+		switch p := req.Identity; {
+		case strings.HasPrefix(p, "slow"):
+			continue
+		case strings.HasPrefix(p, "crash"):
+			fmt.Fprintln(os.Stderr, "helper crashing on purpose")
+			return 7
+		case strings.HasPrefix(p, "garbage"):
+			out.WriteString("this is not json\n")
+			out.Flush()
+			continue
+		case strings.HasPrefix(p, "huge"):
+			out.WriteString(`{"request_id":"` + id + `","msg":"` + strings.Repeat("x", 8<<10) + "\"}\n")
+			out.Flush()
+			continue
+		case strings.HasPrefix(p, "badtype"):
+			reply(map[string]any{"request_id": id, "defer": "yes"})
+			continue
+		case strings.HasPrefix(p, "noid"):
+			reply(map[string]any{"defer": true})
+			continue
+		case strings.HasPrefix(p, "unknown"):
+			reply(map[string]any{"request_id": "no-such-request", "defer": true})
+			reply(map[string]any{"request_id": id, "defer": true, "msg": p})
+			continue
+		case strings.HasPrefix(p, "fail"):
+			reply(map[string]any{"request_id": id, "error": "no capacity"})
+			continue
+		case strings.HasPrefix(p, "stderr"):
+			for i := range 1000 {
+				fmt.Fprintf(os.Stderr, "diagnostic line %d\n", i)
+			}
+		}
+		queue = append(queue, req)
+		if len(queue) >= held {
+			for i := len(queue) - 1; i >= 0; i-- {
+				reply(map[string]any{"request_id": queue[i].RequestID, "defer": true, "msg": queue[i].Identity})
+			}
+			queue = queue[:0]
+		}
+	}
+	if name == "stubborn" {
+		time.Sleep(time.Hour) // ignores the end of stdin; Close must kill it
+	}
+	return 0
+}
 
-func newPersistentPy(t *testing.T, script string, args string, timeout time.Duration) *helper.Persistent {
+// newFake returns a persistent helper running fakeHelper in mode.
+func newFake(t *testing.T, mode string, change func(*helper.PersistentOptions)) *helper.Persistent {
 	t.Helper()
-	if _, err := exec.LookPath("python3"); err != nil {
-		t.Skip("python3 not installed: persistent helper tests skipped")
+	opts := helper.PersistentOptions{
+		Command: "'" + os.Args[0] + "'",
+		Timeout: 20 * time.Second,
+		// GORACE: a race-enabled helper would otherwise linger 1s at exit.
+		Env: []string{"MUSTER_FAKE_HELPER=" + mode, "MUSTER_FAKE_DIR=" + t.TempDir(), "GORACE=atexit_sleep_ms=0"},
 	}
-	path := writeScript(t, t.TempDir(), "helper.py", "")
-	if err := writeFile(path, script); err != nil {
-		t.Fatal(err)
+	if change != nil {
+		change(&opts)
 	}
-	p, err := helper.NewPersistent(helper.ExecOptions{Command: "python3 " + path + " " + args, Timeout: timeout})
+	p, err := helper.NewPersistent(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,23 +147,71 @@ func newPersistentPy(t *testing.T, script string, args string, timeout time.Dura
 	return p
 }
 
-func TestPersistentOutOfOrderAndConcurrent(t *testing.T) {
+// provision sends one request for identity.
+func provision(p *helper.Persistent, identity string) (*helper.Reply, error) {
+	return p.Provision(context.Background(), &helper.Request{Identity: identity, Inventory: "{}"})
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestNewPersistentErrors(t *testing.T) {
+	cases := []struct {
+		name string
+		opts helper.PersistentOptions
+		want []string
+	}{
+		{"empty command", helper.PersistentOptions{Command: " "}, []string{"empty"}},
+		{"not found", helper.PersistentOptions{Command: "/nonexistent/helper"}, []string{"no such file"}},
+		{"negative limits", helper.PersistentOptions{Command: os.Args[0], Timeout: -1, MaxLine: -1, MaxInFlight: -2, MaxStderr: -1},
+			[]string{"timeout", "max line -1", "max in flight -2", "max stderr"}},
+		{"bad env", helper.PersistentOptions{Command: os.Args[0], Env: []string{"NOEQUALS"}}, []string{"NOEQUALS"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := helper.NewPersistent(c.opts)
+			if err == nil {
+				t.Fatal("no error")
+			}
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestPersistentOutOfOrderConcurrent(t *testing.T) {
 	const n = 50
-	p := newPersistentPy(t, reverser, fmt.Sprint(n), 20*time.Second)
+	p := newFake(t, "reverse:"+strconv.Itoa(n), nil)
+	if got := p.Stats().Starts; got != 0 {
+		t.Fatalf("started %d processes before the first request", got)
+	}
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
-	for i := 0; i < n; i++ {
+	for i := range n {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			id := fmt.Sprintf("node%02d.example.net", i)
-			rep, err := p.Provision(context.Background(), &helper.Request{Identity: id, Inventory: "{}"})
-			if err != nil {
-				errs <- fmt.Errorf("%w (stderr %q)", err, helper.Stderr(err))
-				return
-			}
-			if !rep.Defer || rep.Msg != id {
+			rep, err := provision(p, id)
+			switch {
+			case err != nil:
+				errs <- fmt.Errorf("%s: %w (stderr %q)", id, err, helper.Stderr(err))
+			case !rep.Defer || rep.Msg != id:
 				errs <- fmt.Errorf("%s got the reply meant for %q", id, rep.Msg)
+			case rep.RequestID == "":
+				errs <- fmt.Errorf("%s: reply without request_id", id)
 			}
 		}()
 	}
@@ -81,110 +220,358 @@ func TestPersistentOutOfOrderAndConcurrent(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-}
-
-func TestPersistentTimeoutDoesNotStallOthers(t *testing.T) {
-	p := newPersistentPy(t, reverser, "1", 500*time.Millisecond)
-	_, err := p.Provision(context.Background(), &helper.Request{Identity: "slow.example.net", Inventory: "{}"})
-	if !errors.Is(err, helper.ErrTimeout) {
-		t.Fatalf("slow request: %v, want helper.ErrTimeout", err)
-	}
-	rep, err := p.Provision(context.Background(), &helper.Request{Identity: "fast.example.net", Inventory: "{}"})
-	if err != nil || rep.Msg != "fast.example.net" {
-		t.Fatalf("request after a timeout: %+v %v", rep, err)
+	if s := p.Stats(); s.Starts != 1 || s.InFlight != 0 {
+		t.Errorf("stats %+v, want one start and nothing in flight", s)
 	}
 }
 
-func TestPersistentCrashRestarts(t *testing.T) {
-	p := newPersistentPy(t, reverser, "1", 5*time.Second)
-	_, err := p.Provision(context.Background(), &helper.Request{Identity: "crash.example.net", Inventory: "{}"})
-	if !errors.Is(err, helper.ErrHelperDied) || !errors.Is(err, helper.ErrExit) {
-		t.Fatalf("crash: %v, want helper.ErrHelperDied and helper.ErrExit", err)
-	}
-	if !strings.Contains(helper.Stderr(err), "crashing on purpose") {
-		t.Fatalf("stderr %q", helper.Stderr(err))
-	}
-	rep, err := p.Provision(context.Background(), &helper.Request{Identity: "after.example.net", Inventory: "{}"})
-	if err != nil || rep.Msg != "after.example.net" {
-		t.Fatalf("request after the crash: %+v %v", rep, err)
-	}
-}
-
-func TestPersistentGarbageLine(t *testing.T) {
-	script := "import sys\nfor line in sys.stdin:\n    print('not json', flush=True)\n"
-	p := newPersistentPy(t, script, "", 5*time.Second)
-	_, err := p.Provision(context.Background(), &helper.Request{Identity: "n1.example.net", Inventory: "{}"})
-	if !errors.Is(err, helper.ErrHelperDied) || !errors.Is(err, helper.ErrBadJSON) {
-		t.Fatalf("garbage: %v, want helper.ErrHelperDied wrapping helper.ErrBadJSON", err)
-	}
-}
-
-func TestPersistentErrorReply(t *testing.T) {
-	script := "import sys, json\nfor line in sys.stdin:\n    r = json.loads(line)\n    print(json.dumps({'request_id': r['request_id'], 'error': 'no capacity'}), flush=True)\n"
-	p := newPersistentPy(t, script, "", 5*time.Second)
-	_, err := p.Provision(context.Background(), &helper.Request{Identity: "n1.example.net", Inventory: "{}"})
-	if !errors.Is(err, helper.ErrHelperFailed) || !strings.Contains(err.Error(), "no capacity") {
-		t.Fatalf("error reply: %v", err)
-	}
-}
-
-func TestPersistentCloseEndsProcess(t *testing.T) {
-	pidFile := filepath.Join(t.TempDir(), "pid")
-	p := newPersistentPy(t, "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(3600)\n", pidFile, time.Second)
-	_, _ = p.Provision(context.Background(), &helper.Request{Identity: "n1.example.net", Inventory: "{}"})
-	b, err := os.ReadFile(pidFile)
+func TestPersistentKeepsRequestID(t *testing.T) {
+	p := newFake(t, "reverse:1", nil)
+	rep, err := p.Provision(context.Background(), &helper.Request{Identity: "n1.example.net", Inventory: "{}", RequestID: "mine-1"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	var pid int
-	fmt.Sscan(string(b), &pid)
+	if rep.RequestID != "mine-1" {
+		t.Fatalf("reply request_id %q, want mine-1", rep.RequestID)
+	}
+}
+
+func TestPersistentMaxInFlight(t *testing.T) {
+	// Two slots, and the helper answers only pairs: a third concurrent
+	// request waits for a slot instead of being sent.
+	p := newFake(t, "reverse:2", func(o *helper.PersistentOptions) { o.MaxInFlight = 2 })
+	var wg sync.WaitGroup
+	for i := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := fmt.Sprintf("node%d.example.net", i)
+			if rep, err := provision(p, id); err != nil || rep.Msg != id {
+				t.Errorf("%s: %+v %v", id, rep, err)
+			}
+		}()
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	seen := 0
+	for finished := false; !finished; {
+		select {
+		case <-done:
+			finished = true
+		case <-time.After(time.Millisecond):
+			seen = max(seen, p.Stats().InFlight)
+		}
+	}
+	if seen > 2 {
+		t.Errorf("%d requests in flight, limit 2", seen)
+	}
+}
+
+func TestPersistentTimeoutDoesNotStallOthers(t *testing.T) {
+	p := newFake(t, "reverse:1", func(o *helper.PersistentOptions) { o.Timeout = 2 * time.Second })
+	slow := make(chan error, 1)
+	go func() {
+		_, err := provision(p, "slow.example.net")
+		slow <- err
+	}()
+	waitFor(t, "the slow request to be in flight", func() bool { return p.Stats().InFlight == 1 })
+	for i := range 10 {
+		id := fmt.Sprintf("fast%d.example.net", i)
+		if rep, err := provision(p, id); err != nil || rep.Msg != id {
+			t.Fatalf("%s while another request hangs: %+v %v", id, rep, err)
+		}
+	}
+	if err := <-slow; !errors.Is(err, helper.ErrTimeout) {
+		t.Fatalf("slow request: %v, want helper.ErrTimeout", err)
+	}
+	if rep, err := provision(p, "after.example.net"); err != nil || rep.Msg != "after.example.net" {
+		t.Fatalf("request after the timeout: %+v %v", rep, err)
+	}
+	if s := p.Stats(); s.Starts != 1 || s.Timeouts != 1 {
+		t.Errorf("stats %+v, want one start (the process kept running) and one timeout", s)
+	}
+}
+
+func TestPersistentCrashFailsInFlightAndRestarts(t *testing.T) {
+	p := newFake(t, "reverse:3", nil)
+	errs := make(chan error, 3)
+	for _, id := range []string{"held1.example.net", "held2.example.net"} {
+		go func() {
+			_, err := provision(p, id)
+			errs <- err
+		}()
+	}
+	waitFor(t, "two requests in flight", func() bool { return p.Stats().InFlight == 2 })
+	go func() {
+		_, err := provision(p, "crash.example.net")
+		errs <- err
+	}()
+	for range 3 {
+		err := <-errs
+		if !errors.Is(err, helper.ErrHelperDied) || !errors.Is(err, helper.ErrExit) {
+			t.Fatalf("in-flight request: %v, want helper.ErrHelperDied and helper.ErrExit", err)
+		}
+		var ee *helper.ExitError
+		if !errors.As(err, &ee) || ee.Code != 7 {
+			t.Errorf("error %v, want exit status 7", err)
+		}
+		if !strings.Contains(helper.Stderr(err), "crashing on purpose") {
+			t.Errorf("stderr %q", helper.Stderr(err))
+		}
+	}
+	var wg sync.WaitGroup
+	for i := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := fmt.Sprintf("after%d.example.net", i)
+			if rep, err := provision(p, id); err != nil || rep.Msg != id {
+				t.Errorf("%s after the crash: %+v %v", id, rep, err)
+			}
+		}()
+	}
+	wg.Wait()
+	if got := p.Stats().Starts; got != 2 {
+		t.Errorf("%d starts, want 2", got)
+	}
+}
+
+func TestPersistentHelperThatCannotStart(t *testing.T) {
+	p := newFake(t, "die", nil)
+	for i := range 3 {
+		_, err := provision(p, "n1.example.net")
+		if !errors.Is(err, helper.ErrExit) {
+			t.Fatalf("attempt %d: %v, want helper.ErrExit", i, err)
+		}
+	}
+	// Only requests start processes: a dead helper is not respawned in a
+	// loop on its own.
+	if got := p.Stats().Starts; got > 3 {
+		t.Errorf("%d starts for 3 requests", got)
+	}
+}
+
+func TestPersistentBadLines(t *testing.T) {
+	cases := []struct {
+		name        string
+		identity    string
+		wantErr     []error
+		wantStarts  int64 // after a following good request
+		wantBad     int64
+		wantUnknown int64
+	}{
+		{name: "not JSON restarts", identity: "garbage.example.net",
+			wantErr: []error{helper.ErrHelperRestarted, helper.ErrBadJSON}, wantStarts: 2, wantBad: 1},
+		{name: "line over MaxLine restarts", identity: "huge.example.net",
+			wantErr: []error{helper.ErrHelperRestarted, helper.ErrTooLarge}, wantStarts: 2, wantBad: 1},
+		{name: "reply without request_id restarts", identity: "noid.example.net",
+			wantErr: []error{helper.ErrHelperRestarted, helper.ErrInvalidReply}, wantStarts: 2, wantBad: 1},
+		{name: "wrongly typed reply fails only its request", identity: "badtype.example.net",
+			wantErr: []error{helper.ErrBadJSON}, wantStarts: 1, wantBad: 1},
+		{name: "reply for an unknown id is dropped", identity: "unknown.example.net",
+			wantStarts: 1, wantUnknown: 1},
+		{name: "error reply", identity: "fail.example.net",
+			wantErr: []error{helper.ErrHelperFailed}, wantStarts: 1},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := newFake(t, "reverse:1", func(o *helper.PersistentOptions) { o.MaxLine = 4096 })
+			rep, err := provision(p, c.identity)
+			for _, want := range c.wantErr {
+				if !errors.Is(err, want) {
+					t.Errorf("error %v, want %v", err, want)
+				}
+			}
+			if len(c.wantErr) == 0 && (err != nil || rep.Msg != c.identity) {
+				t.Errorf("reply %+v, error %v", rep, err)
+			}
+			if rep, err := provision(p, "next.example.net"); err != nil || rep.Msg != "next.example.net" {
+				t.Fatalf("next request: %+v %v", rep, err)
+			}
+			s := p.Stats()
+			if s.Starts != c.wantStarts || s.BadLines != c.wantBad || s.UnknownReplies != c.wantUnknown {
+				t.Errorf("stats %+v, want starts %d, bad lines %d, unknown %d", s, c.wantStarts, c.wantBad, c.wantUnknown)
+			}
+		})
+	}
+}
+
+func TestPersistentContextCancel(t *testing.T) {
+	p := newFake(t, "reverse:1", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		_, err := p.Provision(ctx, &helper.Request{Identity: "slow.example.net"})
+		done <- err
+	}()
+	waitFor(t, "the request to be in flight", func() bool { return p.Stats().InFlight == 1 })
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("error %v, want context.Canceled", err)
+	}
+	waitFor(t, "the request to be forgotten", func() bool { return p.Stats().InFlight == 0 })
+}
+
+func TestPersistentStderrLoggedAndRateLimited(t *testing.T) {
+	logger, hook := logtest.NewNullLogger()
+	p := newFake(t, "reverse:1", func(o *helper.PersistentOptions) { o.Logger = logrus.NewEntry(logger) })
+	if _, err := provision(p, "stderr.example.net"); err != nil {
+		t.Fatal(err)
+	}
+	p.Close()
+	lines := 0
+	for _, e := range hook.AllEntries() {
+		if e.Data["stream"] != "stderr" {
+			continue
+		}
+		lines++
+		if e.Data["component"] != "helper" || e.Data["pid"] == nil {
+			t.Errorf("stderr entry fields %v", e.Data)
+		}
+		if !strings.HasPrefix(e.Message, "diagnostic line ") {
+			t.Errorf("stderr entry %q", e.Message)
+		}
+	}
+	if lines == 0 || lines >= 1000 {
+		t.Errorf("%d of 1000 stderr lines logged, want some but not all", lines)
+	}
+}
+
+func TestPersistentCloseKillsGroup(t *testing.T) {
+	dir := t.TempDir()
+	p := newFake(t, "stubborn", func(o *helper.PersistentOptions) {
+		o.Env = []string{"MUSTER_FAKE_HELPER=stubborn", "MUSTER_FAKE_DIR=" + dir, "GORACE=atexit_sleep_ms=0"}
+	})
+	if _, err := provision(p, "n1.example.net"); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(filepath.Join(dir, "pids"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid, child int
+	if _, err := fmt.Sscan(string(data), &pid, &child); err != nil {
+		t.Fatalf("pids %q: %v", data, err)
+	}
+	inFlight := make(chan error, 1)
+	go func() {
+		_, err := provision(p, "slow.example.net")
+		inFlight <- err
+	}()
+	waitFor(t, "a request in flight", func() bool { return p.Stats().InFlight == 1 })
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if !processGone(pid) {
-		t.Fatalf("helper process %d still running after Close", pid)
+	for _, id := range []int{pid, child} {
+		if !processGone(id) {
+			t.Errorf("process %d still running after Close", id)
+		}
 	}
-	if _, err := p.Provision(context.Background(), &helper.Request{Identity: "n1.example.net"}); err == nil {
-		t.Fatal("Provision after Close succeeded")
+	if err := <-inFlight; !errors.Is(err, helper.ErrClosed) {
+		t.Errorf("in-flight request: %v, want helper.ErrClosed", err)
+	}
+	if err := p.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if _, err := provision(p, "n2.example.net"); !errors.Is(err, helper.ErrClosed) {
+		t.Errorf("Provision after Close: %v, want helper.ErrClosed", err)
 	}
 }
 
 func TestPersistentBuiltinCfssl(t *testing.T) {
 	bin := musterBin(t)
 	c, caDir := newCA(t)
-	p, err := helper.NewPersistent(helper.ExecOptions{Command: bin + " helper cfssl --persistent --ca-dir " + caDir + " --middleware-hosts localhost:4222", Timeout: 20 * time.Second})
+	p, err := helper.NewPersistent(helper.PersistentOptions{
+		Command: bin + " helper cfssl --persistent --ca-dir " + caDir + " --middleware-hosts localhost:4222",
+		Timeout: 30 * time.Second,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.Close()
+	caPEM := strings.TrimSpace(string(c.CertificatePEM()))
 	var wg sync.WaitGroup
-	for i := 0; i < 20; i++ {
+	for i := range 20 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			id := fmt.Sprintf("node%02d.example.net", i)
 			key, csr := newCSR(t, id)
-			pub, _ := marshalPub(key)
-			req := &helper.Request{Identity: id, CSR: &helper.CSRInfo{CSR: csr, PublicKey: pub, SSLDir: "/etc/muster/ssl"}, Inventory: `{"facts":{}}`}
+			pub, err := pki.MarshalPublicKey(key.Public())
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			req := &helper.Request{Identity: id, CSR: &helper.CSRInfo{CSR: csr, PublicKey: string(pub), SSLDir: "/etc/muster/ssl"}, Inventory: `{"facts":{}}`}
 			rep, err := p.Provision(context.Background(), req)
 			if err != nil {
-				t.Errorf("%s: %v", id, err)
+				t.Errorf("%s: %v (stderr %q)", id, err, helper.Stderr(err))
 				return
 			}
 			if err := helper.ValidateReply(req, rep, time.Now()); err != nil {
 				t.Errorf("%s: %v", id, err)
 			}
-			if !strings.Contains(rep.CA, strings.TrimSpace(string(c.CertificatePEM()))[:60]) {
+			if strings.TrimSpace(rep.CA) != caPEM {
 				t.Errorf("%s: reply CA is not the test CA", id)
 			}
 		}()
 	}
 	wg.Wait()
+	if got := p.Stats().Starts; got != 1 {
+		t.Errorf("%d processes for 20 requests, want 1", got)
+	}
 }
 
-func writeFile(path, body string) error { return os.WriteFile(path, []byte(body), 0o755) }
+// failing is an in-process Helper that fails identities starting with
+// "bad" and defers the others.
+type failing struct{}
 
-func marshalPub(key crypto.Signer) (string, error) {
-	b, err := pki.MarshalPublicKey(key.Public())
-	return string(b), err
+func (failing) Provision(_ context.Context, req *helper.Request) (*helper.Reply, error) {
+	if strings.HasPrefix(req.Identity, "bad") {
+		return nil, errors.New("cannot sign")
+	}
+	return &helper.Reply{Defer: true, Msg: req.Identity}, nil
+}
+
+func TestServeLines(t *testing.T) {
+	in := strings.Join([]string{
+		`{"identity":"a.example.net","inventory":"{}","request_id":"1"}`,
+		``,
+		`not a request`,
+		`{"identity":"b.example.net","inventory":"{}"}`,
+		`{"identity":7,"request_id":"2"}`,
+		`{"identity":"bad.example.net","inventory":"{}","request_id":"3"}`,
+		`{"identity":"c.example.net","inventory":"{}","request_id":"4"}`,
+	}, "\n") + "\n"
+	var out, errOut strings.Builder
+	if err := helper.ServeLines(context.Background(), failing{}, strings.NewReader(in), &out, &errOut, 3); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]helper.Reply{}
+	for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		rep, err := helper.DecodeReply([]byte(line))
+		if err != nil {
+			t.Fatalf("reply line %q: %v", line, err)
+		}
+		got[rep.RequestID] = *rep
+	}
+	want := map[string]func(helper.Reply) bool{
+		"1": func(r helper.Reply) bool { return r.Defer && r.Msg == "a.example.net" },
+		"2": func(r helper.Reply) bool { return strings.Contains(r.Error, "identity") },
+		"3": func(r helper.Reply) bool { return r.Error == "cannot sign" },
+		"4": func(r helper.Reply) bool { return r.Defer && r.Msg == "c.example.net" },
+	}
+	if len(got) != len(want) {
+		t.Errorf("replies %v, want ids 1-4", got)
+	}
+	for id, ok := range want {
+		if !ok(got[id]) {
+			t.Errorf("reply %s = %+v", id, got[id])
+		}
+	}
+	for _, w := range []string{"skipping request line", "no request_id"} {
+		if !strings.Contains(errOut.String(), w) {
+			t.Errorf("stderr %q lacks %q", errOut.String(), w)
+		}
+	}
 }

@@ -21,60 +21,86 @@ func ServeOne(ctx context.Context, h Helper, in io.Reader, out io.Writer) error 
 	if err != nil {
 		return err
 	}
-	return serveRequest(ctx, h, req, out)
-}
-
-// serveRequest answers one decoded request; a line-oriented mode calls it
-// once per line.
-func serveRequest(ctx context.Context, h Helper, req *Request, out io.Writer) error {
-	rep, err := h.Provision(ctx, req)
+	line, err := answer(ctx, h, req)
 	if err != nil {
 		return err
+	}
+	if _, err := out.Write(line); err != nil {
+		return fmt.Errorf("write helper reply: %w", err)
+	}
+	return nil
+}
+
+// answer runs h for one decoded request and renders the reply as one line
+// (compact JSON and a newline) carrying the request's request_id. Both
+// ServeOne and ServeLines answer through it.
+func answer(ctx context.Context, h Helper, req *Request) ([]byte, error) {
+	rep, err := h.Provision(ctx, req)
+	if err != nil {
+		return nil, err
 	}
 	if rep.RequestID == "" {
 		rep.RequestID = req.RequestID
 	}
 	b, err := json.Marshal(rep)
 	if err != nil {
-		return fmt.Errorf("encode helper reply for %s: %w", req.Identity, err)
+		return nil, fmt.Errorf("encode helper reply for %s: %w", req.Identity, err)
 	}
-	if _, err := out.Write(append(b, '\n')); err != nil {
-		return fmt.Errorf("write helper reply: %w", err)
-	}
-	return nil
+	return append(b, '\n'), nil
 }
 
-// ServeLines makes an in-process Helper a persistent helper program: it
-// reads newline-delimited requests from in, answers up to concurrency of
-// them at a time, and writes each reply as one line to out, tagged with the
-// request's request_id (replies may be out of order). A request the helper
-// fails gets a reply with "error" set; a line that is not a request is
-// reported on errOut and skipped. It returns when in ends and every reply
-// is written.
+// errorReply renders the persistent-mode reply for a request that failed.
+func errorReply(requestID string, err error) []byte {
+	b, _ := json.Marshal(&Reply{RequestID: requestID, Error: err.Error()})
+	return append(b, '\n')
+}
+
+// ServeLines makes an in-process Helper a persistent helper program
+// (docs/helpers.md, "Persistent mode"): it reads newline-delimited requests
+// from in, answers up to concurrency of them at a time, and writes each
+// reply as one line to out (one write per line, never interleaved), tagged
+// with the request's request_id, so replies may be out of order. A request
+// the helper fails gets a reply with "error" set; a line that is not a
+// request gets an error reply when its request_id can be read, and is
+// otherwise reported on errOut and skipped. It returns when in ends and
+// every reply is written.
 func ServeLines(ctx context.Context, h Helper, in io.Reader, out, errOut io.Writer, concurrency int) error {
 	if concurrency <= 0 {
 		concurrency = 1
 	}
 	sc := bufio.NewScanner(in)
-	sc.Buffer(make([]byte, 0, 64*1024), MaxRequestSize)
+	sc.Buffer(make([]byte, 0, 64<<10), MaxRequestSize+1)
 	var wmu sync.Mutex
 	var wg sync.WaitGroup
-	sem := make(chan struct{}, concurrency)
-	write := func(b []byte) {
+	var writeErr error
+	write := func(line []byte) {
 		wmu.Lock()
 		defer wmu.Unlock()
-		_, _ = out.Write(append(b, '\n'))
+		if writeErr != nil {
+			return
+		}
+		if _, err := out.Write(line); err != nil {
+			writeErr = fmt.Errorf("write helper reply: %w", err)
+		}
 	}
+	sem := make(chan struct{}, concurrency)
 	for sc.Scan() {
 		if len(sc.Bytes()) == 0 {
 			continue
 		}
 		req, err := DecodeRequest(sc.Bytes())
-		if err != nil || req.RequestID == "" {
-			if err == nil {
-				err = fmt.Errorf("request without request_id")
+		if err == nil && req.RequestID == "" {
+			err = fmt.Errorf("helper request for %s: no request_id", req.Identity)
+		}
+		if err != nil {
+			var probe struct {
+				RequestID string `json:"request_id"`
 			}
-			fmt.Fprintf(errOut, "skipping request line: %v\n", err)
+			if json.Unmarshal(sc.Bytes(), &probe) == nil && probe.RequestID != "" {
+				write(errorReply(probe.RequestID, err))
+			} else {
+				fmt.Fprintf(errOut, "skipping request line: %v\n", err)
+			}
 			continue
 		}
 		sem <- struct{}{}
@@ -82,21 +108,18 @@ func ServeLines(ctx context.Context, h Helper, in io.Reader, out, errOut io.Writ
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			rep, err := h.Provision(ctx, req)
+			line, err := answer(ctx, h, req)
 			if err != nil {
-				rep = &Reply{Error: err.Error()}
+				line = errorReply(req.RequestID, err)
 			}
-			rep.RequestID = req.RequestID
-			b, err := json.Marshal(rep)
-			if err != nil {
-				b, _ = json.Marshal(&Reply{RequestID: req.RequestID, Error: "encode reply: " + err.Error()})
-			}
-			write(b)
+			write(line)
 		}()
 	}
 	wg.Wait()
 	if err := sc.Err(); err != nil {
 		return fmt.Errorf("read helper requests: %w", err)
 	}
-	return nil
+	wmu.Lock()
+	defer wmu.Unlock()
+	return writeErr
 }

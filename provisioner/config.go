@@ -134,6 +134,7 @@ func DefaultConfig() Config {
 	return Config{
 		Workers:       DefaultWorkers,
 		Interval:      Duration(DefaultInterval),
+		HelperMode:    "exec",
 		HelperTimeout: Duration(DefaultHelperTimeout),
 		MonitorHost:   DefaultMonitorHost,
 		Features:      Features{PKI: true},

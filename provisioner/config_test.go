@@ -26,6 +26,7 @@ func TestDefaultConfig(t *testing.T) {
 	}{
 		{"workers", c.Workers == 8},
 		{"interval", c.Interval.D() == time.Minute},
+		{"helper_mode", c.HelperMode == "exec"},
 		{"helper_timeout", c.HelperTimeout.D() == 10*time.Second},
 		{"helper_concurrency", c.helperConcurrency() == 8},
 		{"monitor_host", c.MonitorHost == "127.0.0.1"},
@@ -90,7 +91,7 @@ name: prov1
 			}
 		}},
 		{name: "defaults kept", content: "brokers: [tls://b:4222]\n", check: func(t *testing.T, c Config) {
-			if !c.Features.PKI || c.Workers != 8 || c.Grace.D() != 2*time.Minute {
+			if !c.Features.PKI || c.Workers != 8 || c.Grace.D() != 2*time.Minute || c.HelperMode != "exec" {
 				t.Errorf("defaults lost: %+v", c)
 			}
 		}},
@@ -98,6 +99,16 @@ name: prov1
 		{name: "unknown nested key", content: "brokers: [tls://b:4222]\nfeatures: {pkki: true}\n", wantErr: []string{"pkki"}},
 		{name: "bad duration", content: "brokers: [tls://b:4222]\ninterval: soon\n", wantErr: []string{"soon"}},
 		{name: "empty file", content: "", wantErr: []string{"brokers"}},
+		{name: "persistent helper", content: "brokers: [tls://b:4222]\nhelper: ./h.py --persistent\nhelper_mode: persistent\n", check: func(t *testing.T, c Config) {
+			if c.HelperMode != "persistent" || c.Helper != "./h.py --persistent" {
+				t.Errorf("loaded %+v", c)
+			}
+		}},
+		{name: "exec mode spelled out", content: "brokers: [tls://b:4222]\nhelper_mode: exec\n", check: func(t *testing.T, c Config) {
+			if c.HelperMode != "exec" {
+				t.Errorf("loaded %+v", c)
+			}
+		}},
 		{name: "persistent without a helper", content: "brokers: [tls://b:4222]\nhelper_mode: persistent\n", wantErr: []string{"helper_mode persistent"}},
 		{name: "every error", content: `
 workers: 0

@@ -37,7 +37,8 @@ With --persistent it is a persistent helper instead: it reads newline-delimited 
 stdin ends, answers up to --concurrency of them at once, and writes one reply line per request,
 tagged with its request_id (a failed request gets a reply with "error" set).`,
 		Example: `  muster helper cfssl --config /etc/muster/helper-cfssl.yaml < request.json
-  muster helper cfssl --ca-dir ./ca --middleware-hosts broker.example.net:4222 < request.json`,
+  muster helper cfssl --ca-dir ./ca --middleware-hosts broker.example.net:4222 < request.json
+  muster helper cfssl --config /etc/muster/helper-cfssl.yaml --persistent --concurrency 16   # provisioner helper_mode: persistent`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg := &cfsslhelper.Config{}

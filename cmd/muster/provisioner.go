@@ -79,14 +79,14 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 	if err != nil {
 		return err
 	}
-	h, err := buildHelper(cfg)
-	if err != nil {
-		return err
-	}
-	if c, ok := h.(io.Closer); ok {
-		defer c.Close()
-	}
 	if checkConfig {
+		h, err := buildHelper(cfg, nil)
+		if err != nil {
+			return err
+		}
+		if c, ok := h.(io.Closer); ok {
+			c.Close()
+		}
 		fmt.Fprintf(cmd.OutOrStdout(), "%s: configuration ok\n", configFile)
 		return nil
 	}
@@ -95,6 +95,13 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 		return err
 	}
 	defer closer.Close()
+	h, err := buildHelper(cfg, logrus.NewEntry(log))
+	if err != nil {
+		return err
+	}
+	if c, ok := h.(io.Closer); ok {
+		defer c.Close() // a persistent helper's process ends with the command
+	}
 	p, err := provisioner.New(provisioner.Options{
 		Config: cfg,
 		Helper: h,
@@ -108,11 +115,21 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 	return p.Run(ctx)
 }
 
-// buildHelper makes the exec'd helper when cfg.Helper is set, else the
-// built-in cfssl helper from cfg.HelperConfig.
-func buildHelper(cfg provisioner.Config) (helper.Helper, error) {
+// buildHelper makes the exec'd helper when cfg.Helper is set (one
+// long-running process with helper_mode persistent, logging its stderr to
+// log, nil for none), else the built-in cfssl helper from cfg.HelperConfig.
+func buildHelper(cfg provisioner.Config, log *logrus.Entry) (helper.Helper, error) {
 	if cfg.Helper != "" && cfg.HelperMode == "persistent" {
-		h, err := helper.NewPersistent(helper.ExecOptions{Command: cfg.Helper, Timeout: cfg.HelperTimeout.D()})
+		inFlight := cfg.HelperConcurrency
+		if inFlight == 0 {
+			inFlight = cfg.Workers
+		}
+		h, err := helper.NewPersistent(helper.PersistentOptions{
+			Command:     cfg.Helper,
+			Timeout:     cfg.HelperTimeout.D(),
+			MaxInFlight: inFlight,
+			Logger:      log,
+		})
 		if err != nil {
 			return nil, fmt.Errorf("helper: %w", err)
 		}
