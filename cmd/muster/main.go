@@ -32,6 +32,7 @@ func newRootCmd() *cobra.Command {
 		newCACmd(),
 		newHelperCmd(),
 		newDemoCmd(),
+		newBenchCmd(),
 	)
 	return root
 }

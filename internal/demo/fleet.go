@@ -73,6 +73,33 @@ type Options struct {
 	OnProvisioned func(identity string, at time.Time)
 	// OnNodeDone, when set, receives every provisioner outcome.
 	OnNodeDone func(identity string, outcome provisioner.Outcome, stage provisioner.Stage, err error)
+
+	// InProcess connects the agents and the provisioner to the broker with
+	// nats.InProcessServer instead of TCP + TLS. In-process connections
+	// carry no TLS, so agents in production mode present no certificate and
+	// the broker does not verify them (PingProduction finds none).
+	InProcess bool
+	// WrapHelper, when set, wraps the fleet's helper (for timing or fault
+	// injection).
+	WrapHelper func(helper.Helper) helper.Helper
+	// RestartSplay is the provisioner's restart_splay (default 200ms).
+	RestartSplay time.Duration
+	// QueueSize is the provisioner's queue_size (default: the
+	// provisioner's default).
+	QueueSize int
+	// MetadataInterval is the agents' mean metadata interval (default 5s).
+	MetadataInterval time.Duration
+	// StartPaused starts the provisioner paused; Provisioner().Resume()
+	// lets it work.
+	StartPaused bool
+	// AgentDelay, when set, delays the start of agent i by the returned
+	// duration after Start (agents are launched in order, so delays should
+	// not decrease). Nil starts every agent at once.
+	AgentDelay func(i int) time.Duration
+	// OnAgentStart, when set, is called just before each agent runs.
+	OnAgentStart func(identity string, at time.Time)
+	// OnModeChanged, when set, receives every mode an agent connects in.
+	OnModeChanged func(identity string, m agent.Mode, at time.Time)
 }
 
 // Fleet is a running demo deployment.
@@ -97,6 +124,7 @@ type Fleet struct {
 	prodCh     chan struct{}
 
 	cancel      context.CancelFunc
+	provConn    *nats.Conn
 	closeHelper func() error
 	wg          sync.WaitGroup
 	runErr      []error
@@ -137,6 +165,12 @@ func New(opts Options) (*Fleet, error) {
 	}
 	if opts.Facts == nil {
 		opts.Facts = defaultFacts
+	}
+	if opts.RestartSplay == 0 {
+		opts.RestartSplay = 200 * time.Millisecond
+	}
+	if opts.MetadataInterval == 0 {
+		opts.MetadataInterval = 5 * time.Second
 	}
 	f := &Fleet{
 		opts:       opts,
@@ -268,6 +302,14 @@ func (f *Fleet) Start(ctx context.Context) error {
 	ctx, f.cancel = context.WithCancel(ctx)
 	url := f.broker.ClientURL()
 	hostPort := url[len("tls://"):]
+	agentBrokers := []string{url}
+	if f.opts.InProcess {
+		// In-process connections carry no TLS: no tls:// URL for the
+		// provisioning side, and a nats:// production broker (the
+		// address is not dialled, the connection is in-process).
+		agentBrokers = nil
+		hostPort = "nats://" + hostPort
+	}
 
 	token := randomToken()
 	h, err := f.helper(hostPort)
@@ -284,18 +326,45 @@ func (f *Fleet) Start(ctx context.Context) error {
 	pcfg.HelperTimeout = provisioner.Duration(f.opts.HelperTimeout)
 	pcfg.DeferBackoff = provisioner.Duration(f.opts.DeferBackoff)
 	pcfg.Interval = provisioner.Duration(10 * time.Second)
-	pcfg.RestartSplay = provisioner.Duration(200 * time.Millisecond)
+	pcfg.RestartSplay = provisioner.Duration(f.opts.RestartSplay)
 	if f.opts.KeyType != "" {
 		pcfg.KeyType = f.opts.KeyType
+	}
+	if f.opts.QueueSize > 0 {
+		pcfg.QueueSize = f.opts.QueueSize
+	}
+	if f.opts.WrapHelper != nil {
+		h = f.opts.WrapHelper(h)
+	}
+	var provConn *nats.Conn
+	if f.opts.InProcess {
+		nkeyOpt, err := nats.NkeyOptionFromSeed(pcfg.NkeySeedFile)
+		if err != nil {
+			return fmt.Errorf("provisioner nkey: %w", err)
+		}
+		provConn, err = nats.Connect("", nats.InProcessServer(f.broker.Server()), nkeyOpt,
+			nats.Name(pcfg.Name), nats.MaxReconnects(-1))
+		if err != nil {
+			return fmt.Errorf("provisioner in-process connection: %w", err)
+		}
+		f.provConn = provConn
 	}
 	f.prov, err = provisioner.New(provisioner.Options{
 		Config:   pcfg,
 		Helper:   h,
+		Conn:     provConn,
 		Logger:   f.log.WithField("component", "provisioner"),
 		Observer: observer{f},
 	})
 	if err != nil {
 		return fmt.Errorf("provisioner: %w", err)
+	}
+	if f.opts.StartPaused {
+		f.prov.Pause()
+	}
+	var inProcess nats.InProcessConnProvider
+	if f.opts.InProcess {
+		inProcess = f.broker.Server()
 	}
 
 	for i := 0; i < f.opts.Nodes; i++ {
@@ -304,7 +373,7 @@ func (f *Fleet) Start(ctx context.Context) error {
 			Identity: id,
 			StateDir: filepath.Join(f.dir, "agents", id),
 			Provisioning: agent.ProvisioningSettings{
-				Brokers: []string{url},
+				Brokers: agentBrokers,
 				Token:   token,
 				CAPEM:   f.ca.CertificatePEM(),
 				Enabled: true,
@@ -312,8 +381,9 @@ func (f *Fleet) Start(ctx context.Context) error {
 			Facts:            f.opts.Facts(i),
 			Version:          "demo",
 			Logger:           f.log.WithFields(logrus.Fields{"component": "agent", "identity": id}),
-			MetadataInterval: 5 * time.Second,
+			MetadataInterval: f.opts.MetadataInterval,
 			Observer:         observer{f},
+			InProcess:        inProcess,
 		})
 		if err != nil {
 			return fmt.Errorf("agent %s: %w", id, err)
@@ -324,11 +394,39 @@ func (f *Fleet) Start(ctx context.Context) error {
 
 	f.started = time.Now()
 	f.goRun("provisioner", func() error { return f.prov.Run(ctx) })
-	for i, a := range f.agents {
-		a := a
-		f.goRun(f.ids[i], func() error { return a.Run(ctx) })
+	if f.opts.AgentDelay == nil {
+		for i := range f.agents {
+			f.runAgent(ctx, i)
+		}
+		return nil
 	}
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		t := time.NewTimer(0)
+		defer t.Stop()
+		for i := range f.agents {
+			if wait := time.Until(f.started.Add(f.opts.AgentDelay(i))); wait > 0 {
+				t.Reset(wait)
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+			}
+			f.runAgent(ctx, i)
+		}
+	}()
 	return nil
+}
+
+// runAgent runs agent i in its own goroutine.
+func (f *Fleet) runAgent(ctx context.Context, i int) {
+	a := f.agents[i]
+	if f.opts.OnAgentStart != nil {
+		f.opts.OnAgentStart(f.ids[i], time.Now())
+	}
+	f.goRun(f.ids[i], func() error { return a.Run(ctx) })
 }
 
 func (f *Fleet) goRun(name string, fn func() error) {
@@ -362,7 +460,10 @@ func (f *Fleet) helper(brokerHostPort string) (helper.Helper, error) {
 			},
 		}
 		if f.opts.HelperPersistent {
-			p, err := helper.NewPersistent(eo)
+			p, err := helper.NewPersistent(helper.PersistentOptions{
+				Command: eo.Command, Timeout: eo.Timeout, Env: eo.Env,
+				Logger: f.log.WithField("component", "helper"),
+			})
 			if err != nil {
 				return nil, err
 			}
@@ -378,6 +479,9 @@ func (f *Fleet) helper(brokerHostPort string) (helper.Helper, error) {
 type observer struct{ f *Fleet }
 
 func (o observer) ModeChanged(identity string, m agent.Mode, at time.Time) {
+	if o.f.opts.OnModeChanged != nil {
+		o.f.opts.OnModeChanged(identity, m, at)
+	}
 	if m != agent.ModeProduction {
 		return
 	}
@@ -551,6 +655,9 @@ func (f *Fleet) Close() error {
 		f.cancel()
 	}
 	f.wg.Wait()
+	if f.provConn != nil {
+		f.provConn.Close()
+	}
 	if f.closeHelper != nil {
 		_ = f.closeHelper()
 	}

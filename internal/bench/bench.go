@@ -1,0 +1,758 @@
+// Package bench measures a whole Muster deployment in one process: it runs
+// the broker, the provisioner and N real agents (internal/demo's Fleet),
+// provisions every agent, and reports throughput, time to production,
+// per-stage latency, CPU and memory costs, and errors. `muster bench` prints
+// its Result.
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"runtime"
+	"slices"
+	"sort"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/sirupsen/logrus"
+
+	"github.com/muster-io/muster/agent"
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/demo"
+	"github.com/muster-io/muster/provisioner"
+)
+
+// Helper modes.
+const (
+	HelperBuiltin    = "builtin"
+	HelperExec       = "exec"
+	HelperPersistent = "persistent"
+)
+
+// Arrival modes.
+const (
+	ArrivalStorm = "storm"
+	ArrivalRamp  = "ramp"
+)
+
+// Transports.
+const (
+	TransportTCP       = "tcp"
+	TransportInProcess = "inprocess"
+)
+
+// ErrOptions wraps every option error.
+var ErrOptions = errors.New("invalid bench options")
+
+// Options configure a benchmark run.
+type Options struct {
+	// Nodes is the number of agents to provision (at least 1).
+	Nodes int
+	// Workers is the provisioner's worker count (default 8).
+	Workers int
+	// Helper is builtin, exec or persistent (default builtin).
+	Helper string
+	// HelperCmd is the command of an exec or persistent helper.
+	HelperCmd string
+	// HelperTimeout bounds one helper run (default 10s).
+	HelperTimeout time.Duration
+	// Arrival is storm (every agent at once) or ramp (Rate agents a second).
+	Arrival string
+	// Rate is the ramp's agents per second.
+	Rate float64
+	// KeyType is the node key type: ecdsa-p256 or rsa (default ecdsa-p256).
+	KeyType string
+	// Transport is tcp (TLS over loopback) or inprocess
+	// (nats.InProcessServer, no TLS).
+	Transport string
+	// Timeout bounds the provisioning phase (default 10 minutes).
+	Timeout time.Duration
+	// IdleAgents is how many agents the idle-memory phase starts; 0 uses
+	// Nodes, a negative value skips the phase.
+	IdleAgents int
+	// RestartSplay is the provisioner's restart_splay (default 1ms, the
+	// smallest that counts: a bench measures the pipeline, not the splay).
+	RestartSplay time.Duration
+	// DeferBackoff is how long a failed node waits before it is taken
+	// again (default 2s).
+	DeferBackoff time.Duration
+	// Settle is how long the run keeps watching after the last node reached
+	// production, to catch duplicate provisioning (default 1s; negative
+	// skips). It is not part of the measured time.
+	Settle time.Duration
+	// MetadataInterval is the agents' mean metadata interval, their
+	// periodic re-announcement (default 30s).
+	MetadataInterval time.Duration
+	// MusterBin is the muster binary exec'd helpers get as MUSTER_BIN
+	// (default: this program).
+	MusterBin string
+	// Progress receives progress lines; nil shows none.
+	Progress io.Writer
+	// Logger receives the components' logs (default: discarded).
+	Logger *logrus.Logger
+	// WrapHelper, when set, wraps the helper inside the timing wrapper
+	// (tests inject failures with it).
+	WrapHelper func(helper.Helper) helper.Helper
+}
+
+// Validate applies defaults and reports every problem, naming the option
+// and its value.
+func (o *Options) Validate() error {
+	if o.Workers == 0 {
+		o.Workers = 8
+	}
+	if o.Helper == "" {
+		o.Helper = HelperBuiltin
+	}
+	if o.Arrival == "" {
+		o.Arrival = ArrivalStorm
+	}
+	if o.Transport == "" {
+		o.Transport = TransportInProcess
+	}
+	if o.KeyType == "" {
+		o.KeyType = "ecdsa-p256"
+	}
+	if o.Timeout == 0 {
+		o.Timeout = 10 * time.Minute
+	}
+	if o.HelperTimeout == 0 {
+		o.HelperTimeout = 10 * time.Second
+	}
+	if o.RestartSplay == 0 {
+		o.RestartSplay = time.Millisecond
+	}
+	if o.DeferBackoff == 0 {
+		o.DeferBackoff = 2 * time.Second
+	}
+	if o.MetadataInterval == 0 {
+		o.MetadataInterval = 30 * time.Second
+	}
+	if o.Settle == 0 {
+		o.Settle = time.Second
+	}
+	var errs []error
+	bad := func(key string, val any, why string) {
+		errs = append(errs, fmt.Errorf("%w: %s %v: %s", ErrOptions, key, val, why))
+	}
+	if o.Nodes < 1 {
+		bad("nodes", o.Nodes, "must be at least 1")
+	}
+	if o.Workers < 1 || o.Workers > 10000 {
+		bad("workers", o.Workers, "must be 1..10000")
+	}
+	switch o.Helper {
+	case HelperBuiltin:
+		if o.HelperCmd != "" {
+			bad("helper-cmd", o.HelperCmd, "only used with --helper exec or persistent")
+		}
+	case HelperExec, HelperPersistent:
+		if o.HelperCmd == "" {
+			bad("helper-cmd", `""`, "required with --helper "+o.Helper)
+		}
+	default:
+		bad("helper", o.Helper, "must be builtin, exec or persistent")
+	}
+	switch o.Arrival {
+	case ArrivalStorm:
+		if o.Rate != 0 {
+			bad("rate", o.Rate, "only used with --arrival ramp")
+		}
+	case ArrivalRamp:
+		if o.Rate <= 0 {
+			bad("rate", o.Rate, "must be positive with --arrival ramp")
+		}
+	default:
+		bad("arrival", o.Arrival, "must be storm or ramp")
+	}
+	switch o.KeyType {
+	case "ecdsa-p256", "rsa":
+	default:
+		bad("key-type", o.KeyType, "must be ecdsa-p256 or rsa")
+	}
+	switch o.Transport {
+	case TransportTCP, TransportInProcess:
+	default:
+		bad("transport", o.Transport, "must be tcp or inprocess")
+	}
+	if o.Timeout < 0 {
+		bad("timeout", o.Timeout, "must be positive")
+	}
+	if o.HelperTimeout < 0 {
+		bad("helper-timeout", o.HelperTimeout, "must be positive")
+	}
+	if o.RestartSplay < 0 {
+		bad("restart-splay", o.RestartSplay, "must be positive")
+	}
+	if o.MetadataInterval < 0 {
+		bad("metadata-interval", o.MetadataInterval, "must be positive")
+	}
+	if o.DeferBackoff < 0 {
+		bad("defer-backoff", o.DeferBackoff, "must be positive")
+	}
+	return errors.Join(errs...)
+}
+
+// Percentiles summarise a distribution, in seconds.
+type Percentiles struct {
+	P50 float64 `json:"p50_seconds"`
+	P95 float64 `json:"p95_seconds"`
+	P99 float64 `json:"p99_seconds"`
+	Max float64 `json:"max_seconds"`
+}
+
+// StageLatency is the latency of one pipeline stage.
+type StageLatency struct {
+	// Stage names the stage: queue_wait, inventory, gencsr, helper,
+	// configure, restart.
+	Stage string `json:"stage"`
+	// Count is the number of observations.
+	Count uint64 `json:"count"`
+	// MeanMS is the exact mean in milliseconds.
+	MeanMS float64 `json:"mean_ms"`
+	// P95MS is the 95th percentile in milliseconds: exact when Source is
+	// "measured", interpolated inside the histogram bucket when Source is
+	// "histogram".
+	P95MS float64 `json:"p95_ms"`
+	// Source says where the figures come from: measured (every duration
+	// recorded) or histogram (the provisioner's metrics).
+	Source string `json:"source"`
+	// Metric is the provisioner metric behind a histogram figure.
+	Metric string `json:"metric,omitempty"`
+}
+
+// Machine describes where the run happened.
+type Machine struct {
+	CPUs      int    `json:"cpus"`
+	GOMAXPROC int    `json:"gomaxprocs"`
+	GOOS      string `json:"goos"`
+	GOARCH    string `json:"goarch"`
+	Go        string `json:"go"`
+}
+
+// Result is what a benchmark run reports.
+type Result struct {
+	Machine   Machine `json:"machine"`
+	Nodes     int     `json:"nodes"`
+	Workers   int     `json:"workers"`
+	Helper    string  `json:"helper"`
+	HelperCmd string  `json:"helper_cmd,omitempty"`
+	Arrival   string  `json:"arrival"`
+	Rate      float64 `json:"rate_per_second,omitempty"`
+	KeyType   string  `json:"key_type"`
+	Transport string  `json:"transport"`
+	// ProductionConnections says what a production connection is in this
+	// run: "TCP + mutual TLS" or "in-process (no mTLS)".
+	ProductionConnections string `json:"production_connections"`
+
+	// Provisioned counts nodes that reached production mode.
+	Provisioned int `json:"provisioned"`
+	// NotProvisioned counts nodes that did not within the timeout.
+	NotProvisioned int `json:"not_provisioned"`
+	// Duplicates counts identities the provisioner reported provisioned
+	// more than once; DuplicateIdentities names up to 20 of them.
+	Duplicates          int      `json:"duplicates"`
+	DuplicateIdentities []string `json:"duplicate_identities,omitempty"`
+	// ProductionReconnects counts production-mode connections beyond the
+	// first per identity.
+	ProductionReconnects int `json:"production_reconnects"`
+
+	// Seconds runs from the first agent's start to the last node's
+	// production connection.
+	Seconds     float64 `json:"seconds"`
+	NodesPerMin float64 `json:"nodes_per_min"`
+	// TimeToProduction runs from each agent's start to its production
+	// connection.
+	TimeToProduction Percentiles    `json:"time_to_production"`
+	Stages           []StageLatency `json:"stages"`
+
+	// CPUSeconds is this process's user+sys CPU during the provisioning
+	// phase; ChildCPUSeconds that of exec'd helpers reaped in it.
+	CPUSeconds             float64 `json:"cpu_seconds"`
+	ChildCPUSeconds        float64 `json:"child_cpu_seconds"`
+	CPUMillisPerNode       float64 `json:"cpu_ms_per_node"`
+	ChildCPUMillisPerNode  float64 `json:"child_cpu_ms_per_node"`
+	PeakRSSMB              float64 `json:"peak_rss_mb"`
+	IdleAgents             int     `json:"idle_agents"`
+	IdleAgentHeapBytes     float64 `json:"idle_agent_heap_bytes"`
+	IdleAgentGoroutines    float64 `json:"idle_agent_goroutines"`
+	HeapInuseAfterMB       float64 `json:"heap_inuse_after_mb"`
+	GoroutinesAfterCleanup int     `json:"goroutines_after_cleanup"`
+
+	// Outcomes counts provisioner attempt outcomes (provisioned,
+	// deferred, failed, shutdown).
+	Outcomes map[string]int `json:"outcomes"`
+	// FailedByStage counts failed attempts by the stage they failed in,
+	// as seen by the Observer.
+	FailedByStage map[string]int `json:"failed_by_stage,omitempty"`
+	// Errors and Retries are the provisioner's errors_total and
+	// retries_total by stage (zero stages left out).
+	Errors  map[string]float64 `json:"errors_total,omitempty"`
+	Retries map[string]float64 `json:"retries_total,omitempty"`
+	// SampleErrors holds the last error of up to 10 nodes.
+	SampleErrors map[string]string `json:"sample_errors,omitempty"`
+}
+
+// OK reports whether every node was provisioned exactly once.
+func (r *Result) OK() bool { return r.NotProvisioned == 0 && r.Duplicates == 0 }
+
+// recorder collects what the fleet's callbacks report.
+type recorder struct {
+	mu          sync.Mutex
+	started     map[string]time.Time
+	production  map[string]time.Time
+	prodConns   map[string]int
+	provisioned map[string]int
+	outcomes    map[string]int
+	failedStage map[string]int
+	lastErr     map[string]string
+	helperDur   []time.Duration
+	newProd     chan struct{}
+	bar         *progressbar.ProgressBar
+}
+
+func newRecorder(n int) *recorder {
+	return &recorder{
+		started:     make(map[string]time.Time, n),
+		production:  make(map[string]time.Time, n),
+		prodConns:   make(map[string]int, n),
+		provisioned: make(map[string]int, n),
+		outcomes:    map[string]int{},
+		failedStage: map[string]int{},
+		lastErr:     map[string]string{},
+		helperDur:   make([]time.Duration, 0, n),
+		newProd:     make(chan struct{}, 1),
+	}
+}
+
+func (r *recorder) agentStarted(id string, at time.Time) {
+	r.mu.Lock()
+	r.started[id] = at
+	r.mu.Unlock()
+}
+
+func (r *recorder) modeChanged(id string, m agent.Mode, at time.Time) {
+	if m != agent.ModeProduction {
+		return
+	}
+	r.mu.Lock()
+	r.prodConns[id]++
+	first := r.prodConns[id] == 1
+	if first {
+		r.production[id] = at
+	}
+	bar := r.bar
+	r.mu.Unlock()
+	if !first {
+		return
+	}
+	if bar != nil {
+		_ = bar.Add(1)
+	}
+	select {
+	case r.newProd <- struct{}{}:
+	default:
+	}
+}
+
+func (r *recorder) nodeDone(id string, out provisioner.Outcome, stage provisioner.Stage, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.outcomes[string(out)]++
+	switch out {
+	case provisioner.OutcomeProvisioned:
+		r.provisioned[id]++
+	case provisioner.OutcomeFailed:
+		r.failedStage[string(stage)]++
+	}
+	if err != nil {
+		r.lastErr[id] = err.Error()
+	}
+}
+
+func (r *recorder) productionCount() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.production)
+}
+
+// timedHelper measures every helper run.
+type timedHelper struct {
+	h   helper.Helper
+	rec *recorder
+}
+
+func (t timedHelper) Provision(ctx context.Context, req *helper.Request) (*helper.Reply, error) {
+	start := time.Now()
+	rep, err := t.h.Provision(ctx, req)
+	d := time.Since(start)
+	t.rec.mu.Lock()
+	t.rec.helperDur = append(t.rec.helperDur, d)
+	t.rec.mu.Unlock()
+	return rep, err
+}
+
+// Run runs the benchmark: the idle-memory phase (unless skipped), then the
+// provisioning phase. It returns the result even when some nodes were not
+// provisioned (see Result.OK); errors are for runs that could not happen.
+func Run(ctx context.Context, o Options) (*Result, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	res := &Result{
+		Machine: Machine{
+			CPUs: runtime.NumCPU(), GOMAXPROC: runtime.GOMAXPROCS(0),
+			GOOS: runtime.GOOS, GOARCH: runtime.GOARCH, Go: runtime.Version(),
+		},
+		Nodes: o.Nodes, Workers: o.Workers, Helper: o.Helper, HelperCmd: o.HelperCmd,
+		Arrival: o.Arrival, Rate: o.Rate, KeyType: o.KeyType, Transport: o.Transport,
+		ProductionConnections: "TCP + mutual TLS",
+	}
+	if o.Transport == TransportInProcess {
+		res.ProductionConnections = "in-process (no mTLS)"
+	}
+	idle := o.IdleAgents
+	if idle == 0 {
+		idle = o.Nodes
+	}
+	if idle > 0 {
+		if err := idlePhase(ctx, o, idle, res); err != nil {
+			return nil, fmt.Errorf("idle-memory phase: %w", err)
+		}
+	}
+	if err := provisionPhase(ctx, o, res); err != nil {
+		return nil, fmt.Errorf("provisioning phase: %w", err)
+	}
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err == nil {
+		res.PeakRSSMB = maxRSSBytes(ru.Maxrss) / (1 << 20)
+	}
+	fullGC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	res.HeapInuseAfterMB = float64(ms.HeapInuse) / (1 << 20)
+	res.GoroutinesAfterCleanup = runtime.NumGoroutine()
+	return res, nil
+}
+
+// fleetOptions are the fleet settings both phases share.
+func fleetOptions(o Options, nodes int) demo.Options {
+	fo := demo.Options{
+		Nodes:            nodes,
+		Workers:          o.Workers,
+		KeyType:          o.KeyType,
+		HelperTimeout:    o.HelperTimeout,
+		DeferBackoff:     o.DeferBackoff,
+		RestartSplay:     o.RestartSplay,
+		MusterBin:        o.MusterBin,
+		Logger:           o.Logger,
+		InProcess:        o.Transport == TransportInProcess,
+		QueueSize:        max(nodes, provisioner.DefaultQueueSize),
+		MetadataInterval: o.MetadataInterval,
+	}
+	if o.Helper != HelperBuiltin {
+		fo.HelperCommand = o.HelperCmd
+		fo.HelperPersistent = o.Helper == HelperPersistent
+	}
+	return fo
+}
+
+// idlePhase starts n agents with the provisioner paused, waits until every
+// one is connected in provisioning mode, and records the heap they hold.
+func idlePhase(ctx context.Context, o Options, n int, res *Result) error {
+	var mu sync.Mutex
+	connected := make(map[string]bool, n)
+	ready := make(chan struct{})
+	fo := fleetOptions(o, n)
+	fo.HelperCommand, fo.HelperPersistent = "", false // the paused provisioner never calls it
+	fo.StartPaused = true
+	fo.OnModeChanged = func(id string, m agent.Mode, _ time.Time) {
+		if m != agent.ModeProvisioning {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if connected[id] {
+			return
+		}
+		connected[id] = true
+		if len(connected) == n {
+			close(ready)
+		}
+	}
+	f, err := demo.New(fo)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.StartBroker(); err != nil {
+		return err
+	}
+	if o.Progress != nil {
+		fmt.Fprintf(o.Progress, "idle phase: starting %d agents with the provisioner paused\n", n)
+	}
+	fullGC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	gBefore := runtime.NumGoroutine()
+	if err := f.Start(ctx); err != nil {
+		return err
+	}
+	waitCtx, cancel := context.WithTimeout(ctx, o.Timeout)
+	defer cancel()
+	select {
+	case <-ready:
+	case <-waitCtx.Done():
+		mu.Lock()
+		got := len(connected)
+		mu.Unlock()
+		return fmt.Errorf("%d of %d agents connected: %w", got, n, waitCtx.Err())
+	}
+	fullGC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	res.IdleAgents = n
+	res.IdleAgentHeapBytes = (float64(after.HeapInuse) - float64(before.HeapInuse)) / float64(n)
+	res.IdleAgentGoroutines = float64(runtime.NumGoroutine()-gBefore) / float64(n)
+	if err := f.Close(); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+// provisionPhase provisions o.Nodes agents and fills in the result.
+func provisionPhase(ctx context.Context, o Options, res *Result) error {
+	rec := newRecorder(o.Nodes)
+	fo := fleetOptions(o, o.Nodes)
+	fo.OnAgentStart = rec.agentStarted
+	fo.OnModeChanged = rec.modeChanged
+	fo.OnNodeDone = rec.nodeDone
+	fo.WrapHelper = func(h helper.Helper) helper.Helper {
+		if o.WrapHelper != nil {
+			h = o.WrapHelper(h)
+		}
+		return timedHelper{h: h, rec: rec}
+	}
+	if o.Arrival == ArrivalRamp {
+		step := float64(time.Second) / o.Rate
+		fo.AgentDelay = func(i int) time.Duration { return time.Duration(float64(i) * step) }
+	}
+	fullGC()
+	f, err := demo.New(fo)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.StartBroker(); err != nil {
+		return err
+	}
+	if o.Progress != nil {
+		fmt.Fprintf(o.Progress, "provisioning %d agents: %s arrival, helper %s, %d workers, %s transport\n",
+			o.Nodes, o.Arrival, o.Helper, o.Workers, o.Transport)
+		rec.mu.Lock()
+		rec.bar = progressbar.NewOptions(o.Nodes,
+			progressbar.OptionSetWriter(o.Progress),
+			progressbar.OptionSetDescription("provisioning"),
+			progressbar.OptionShowCount(),
+			progressbar.OptionShowIts(),
+			progressbar.OptionSetItsString("nodes"),
+			progressbar.OptionSetPredictTime(true),
+			progressbar.OptionThrottle(100*time.Millisecond),
+			progressbar.OptionOnCompletion(func() { fmt.Fprintln(o.Progress) }),
+		)
+		rec.mu.Unlock()
+	}
+
+	var ruBefore, chBefore syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruBefore)
+	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chBefore)
+	if err := f.Start(ctx); err != nil {
+		return err
+	}
+	waitCtx, cancel := context.WithTimeout(ctx, o.Timeout)
+	defer cancel()
+	for rec.productionCount() < o.Nodes && waitCtx.Err() == nil {
+		t := time.NewTimer(500 * time.Millisecond)
+		select {
+		case <-waitCtx.Done():
+		case <-rec.newProd:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	var ruAfter, chAfter syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruAfter)
+	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chAfter)
+	if o.Progress != nil && rec.productionCount() < o.Nodes {
+		rec.mu.Lock()
+		_ = rec.bar.Exit()
+		rec.mu.Unlock()
+		fmt.Fprintln(o.Progress)
+	}
+	if o.Settle > 0 && ctx.Err() == nil {
+		t := time.NewTimer(o.Settle)
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	metrics, gatherErr := gatherMetrics(f.Provisioner())
+	if err := f.Close(); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	if gatherErr != nil {
+		return fmt.Errorf("provisioner metrics: %w", gatherErr)
+	}
+
+	res.CPUSeconds = cpuSeconds(ruAfter) - cpuSeconds(ruBefore)
+	res.ChildCPUSeconds = cpuSeconds(chAfter) - cpuSeconds(chBefore)
+	fill(res, rec, metrics)
+	return nil
+}
+
+// fill turns the recorder's data and the provisioner metrics into figures.
+func fill(res *Result, rec *recorder, m *provMetrics) {
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	res.Provisioned = len(rec.production)
+	res.NotProvisioned = res.Nodes - res.Provisioned
+	var first, last time.Time
+	for _, t := range rec.started {
+		if first.IsZero() || t.Before(first) {
+			first = t
+		}
+	}
+	lat := make([]float64, 0, len(rec.production))
+	for id, at := range rec.production {
+		if at.After(last) {
+			last = at
+		}
+		if s, ok := rec.started[id]; ok {
+			lat = append(lat, max(0, at.Sub(s).Seconds()))
+		}
+	}
+	if !first.IsZero() && last.After(first) {
+		res.Seconds = last.Sub(first).Seconds()
+		res.NodesPerMin = float64(res.Provisioned) / last.Sub(first).Minutes()
+	}
+	sort.Float64s(lat)
+	res.TimeToProduction = Percentiles{
+		P50: quantile(lat, 0.50), P95: quantile(lat, 0.95),
+		P99: quantile(lat, 0.99), Max: quantile(lat, 1),
+	}
+	for id, n := range rec.provisioned {
+		if n > 1 {
+			res.Duplicates++
+			res.DuplicateIdentities = append(res.DuplicateIdentities, id)
+		}
+	}
+	slices.Sort(res.DuplicateIdentities)
+	if len(res.DuplicateIdentities) > 20 {
+		res.DuplicateIdentities = res.DuplicateIdentities[:20]
+	}
+	for _, n := range rec.prodConns {
+		if n > 1 {
+			res.ProductionReconnects += n - 1
+		}
+	}
+	if res.Provisioned > 0 {
+		res.CPUMillisPerNode = res.CPUSeconds * 1000 / float64(res.Provisioned)
+		res.ChildCPUMillisPerNode = res.ChildCPUSeconds * 1000 / float64(res.Provisioned)
+	}
+	res.Outcomes = maps(rec.outcomes)
+	if len(rec.failedStage) > 0 {
+		res.FailedByStage = maps(rec.failedStage)
+	}
+	ids := make([]string, 0, len(rec.lastErr))
+	for id := range rec.lastErr {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		if res.SampleErrors == nil {
+			res.SampleErrors = map[string]string{}
+		}
+		if len(res.SampleErrors) == 10 {
+			break
+		}
+		res.SampleErrors[id] = rec.lastErr[id]
+	}
+
+	res.Stages = append(res.Stages, m.stage("queue_wait", metricQueueWait, ""))
+	for _, a := range []string{"inventory", "gencsr"} {
+		res.Stages = append(res.Stages, m.stage(a, metricRPC, a))
+	}
+	hd := make([]float64, len(rec.helperDur))
+	var sum float64
+	for i, d := range rec.helperDur {
+		hd[i] = d.Seconds()
+		sum += hd[i]
+	}
+	sort.Float64s(hd)
+	hs := StageLatency{Stage: "helper", Count: uint64(len(hd)), Source: "measured"}
+	if len(hd) > 0 {
+		hs.MeanMS = sum / float64(len(hd)) * 1000
+		hs.P95MS = quantile(hd, 0.95) * 1000
+	}
+	res.Stages = append(res.Stages, hs)
+	for _, a := range []string{"configure", "restart"} {
+		res.Stages = append(res.Stages, m.stage(a, metricRPC, a))
+	}
+	res.Errors = nonZero(m.errors)
+	res.Retries = nonZero(m.retries)
+}
+
+func maps(m map[string]int) map[string]int {
+	out := make(map[string]int, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+func nonZero(m map[string]float64) map[string]float64 {
+	var out map[string]float64
+	for k, v := range m {
+		if v == 0 {
+			continue
+		}
+		if out == nil {
+			out = map[string]float64{}
+		}
+		out[k] = v
+	}
+	return out
+}
+
+// quantile returns the q quantile of sorted values (nearest rank).
+func quantile(sorted []float64, q float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(q*float64(len(sorted))+0.5) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func cpuSeconds(ru syscall.Rusage) float64 {
+	return float64(ru.Utime.Sec+ru.Stime.Sec) + float64(ru.Utime.Usec+ru.Stime.Usec)/1e6
+}
+
+// maxRSSBytes converts ru_maxrss (KiB on Linux) to bytes.
+func maxRSSBytes(v int64) float64 {
+	if runtime.GOOS == "darwin" {
+		return float64(v)
+	}
+	return float64(v) * 1024
+}
+
+// fullGC collects twice, so objects parked in sync.Pool victim caches are
+// freed too and heap figures compare like with like.
+func fullGC() {
+	runtime.GC()
+	runtime.GC()
+}

@@ -1,0 +1,207 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/demo"
+)
+
+func TestOptionsValidate(t *testing.T) {
+	cases := []struct {
+		name string
+		o    Options
+		want []string // substrings of the error; nil: valid
+	}{
+		{"defaults", Options{Nodes: 1}, nil},
+		{"ramp", Options{Nodes: 5, Arrival: ArrivalRamp, Rate: 100}, nil},
+		{"exec", Options{Nodes: 5, Helper: HelperExec, HelperCmd: "muster helper cfssl"}, nil},
+		{"no nodes", Options{}, []string{"nodes 0"}},
+		{"exec without command", Options{Nodes: 1, Helper: HelperExec}, []string{"helper-cmd", "--helper exec"}},
+		{"persistent without command", Options{Nodes: 1, Helper: HelperPersistent}, []string{"--helper persistent"}},
+		{"builtin with command", Options{Nodes: 1, HelperCmd: "x"}, []string{"helper-cmd x"}},
+		{"unknown helper", Options{Nodes: 1, Helper: "fork"}, []string{"helper fork"}},
+		{"ramp without rate", Options{Nodes: 1, Arrival: ArrivalRamp}, []string{"rate 0"}},
+		{"storm with rate", Options{Nodes: 1, Rate: 3}, []string{"rate 3"}},
+		{"unknown arrival", Options{Nodes: 1, Arrival: "trickle"}, []string{"arrival trickle"}},
+		{"unknown transport", Options{Nodes: 1, Transport: "udp"}, []string{"transport udp"}},
+		{"unknown key type", Options{Nodes: 1, KeyType: "dsa"}, []string{"key-type dsa"}},
+		{"every problem", Options{Nodes: -1, Workers: -2, Transport: "x"}, []string{"nodes -1", "workers -2", "transport x"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.o.Validate()
+			if tc.want == nil {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				return
+			}
+			if !errors.Is(err, ErrOptions) {
+				t.Fatalf("Validate = %v, want ErrOptions", err)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestHistogramQuantile(t *testing.T) {
+	inf := math.Inf(1)
+	cases := []struct {
+		name string
+		h    histogram
+		q    float64
+		want float64
+	}{
+		{"empty", histogram{}, 0.95, 0},
+		{"first bucket", histogram{count: 10, buckets: []bucket{{0.01, 10}, {0.1, 10}, {inf, 10}}}, 0.5, 0.005},
+		{"interpolated", histogram{count: 10, buckets: []bucket{{0.01, 0}, {0.1, 10}, {inf, 10}}}, 0.5, 0.055},
+		{"in +Inf", histogram{count: 10, buckets: []bucket{{0.01, 1}, {0.1, 2}, {inf, 10}}}, 0.95, 0.1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := tc.h.quantile(tc.q); math.Abs(got-tc.want) > 1e-9 {
+				t.Errorf("quantile(%v) = %v, want %v", tc.q, got, tc.want)
+			}
+		})
+	}
+}
+
+// flakyHelper fails the first request of every identity in fail.
+type flakyHelper struct {
+	h    helper.Helper
+	fail map[string]bool
+
+	mu     sync.Mutex
+	failed map[string]bool
+}
+
+var errInjected = errors.New("injected helper failure")
+
+func (f *flakyHelper) Provision(ctx context.Context, req *helper.Request) (*helper.Reply, error) {
+	f.mu.Lock()
+	first := f.fail[req.Identity] && !f.failed[req.Identity]
+	if first {
+		f.failed[req.Identity] = true
+	}
+	f.mu.Unlock()
+	if first {
+		return nil, fmt.Errorf("%s: %w", req.Identity, errInjected)
+	}
+	return f.h.Provision(ctx, req)
+}
+
+func TestRunAccounting(t *testing.T) {
+	cases := []struct {
+		name      string
+		nodes     int
+		transport string
+		arrival   string
+		rate      float64
+		failEvery int
+	}{
+		{"inprocess storm", 30, TransportInProcess, ArrivalStorm, 0, 5},
+		{"tcp ramp", 20, TransportTCP, ArrivalRamp, 200, 4},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			fail := map[string]bool{}
+			for i := 0; i < tc.nodes; i += tc.failEvery {
+				fail[demo.Identity(i)] = true
+			}
+			o := Options{
+				Nodes: tc.nodes, Workers: 4, Transport: tc.transport,
+				Arrival: tc.arrival, Rate: tc.rate, IdleAgents: 10,
+				Timeout: 2 * time.Minute, DeferBackoff: 50 * time.Millisecond,
+				MetadataInterval: 500 * time.Millisecond, Settle: 200 * time.Millisecond,
+				WrapHelper: func(h helper.Helper) helper.Helper {
+					return &flakyHelper{h: h, fail: fail, failed: map[string]bool{}}
+				},
+			}
+			r, err := Run(context.Background(), o)
+			if err != nil {
+				t.Fatalf("Run: %v", err)
+			}
+			checkResult(t, r, tc.nodes, len(fail))
+		})
+	}
+}
+
+func checkResult(t *testing.T, r *Result, nodes, failures int) {
+	t.Helper()
+	if r.Provisioned != nodes || r.NotProvisioned != 0 || !r.OK() {
+		t.Errorf("provisioned %d, not provisioned %d, want %d and 0", r.Provisioned, r.NotProvisioned, nodes)
+	}
+	if r.Duplicates != 0 {
+		t.Errorf("duplicates %d: %v", r.Duplicates, r.DuplicateIdentities)
+	}
+	if got := r.Outcomes["provisioned"]; got != nodes {
+		t.Errorf("provisioned outcomes %d, want %d (every node once)", got, nodes)
+	}
+	if got := r.Outcomes["failed"]; got != failures {
+		t.Errorf("failed outcomes %d, want %d", got, failures)
+	}
+	if got := r.FailedByStage["helper"]; got != failures {
+		t.Errorf("failed at helper %d, want %d", got, failures)
+	}
+	if got := r.Errors["helper"]; got != float64(failures) {
+		t.Errorf("errors_total{stage=helper} %v, want %d", got, failures)
+	}
+	if len(r.SampleErrors) == 0 || !strings.Contains(fmt.Sprint(r.SampleErrors), errInjected.Error()) {
+		t.Errorf("sample errors %v do not show the injected failure", r.SampleErrors)
+	}
+	stages := map[string]StageLatency{}
+	for _, s := range r.Stages {
+		stages[s.Stage] = s
+		if s.MeanMS < 0 || s.P95MS < 0 {
+			t.Errorf("stage %s: negative figures %+v", s.Stage, s)
+		}
+	}
+	for _, name := range []string{"queue_wait", "inventory", "gencsr", "helper", "configure", "restart"} {
+		if _, ok := stages[name]; !ok {
+			t.Errorf("stage %s missing", name)
+		}
+	}
+	if got := stages["helper"].Count; got != uint64(nodes+failures) {
+		t.Errorf("helper runs %d, want %d", got, nodes+failures)
+	}
+	if got := stages["configure"].Count; got < uint64(nodes) {
+		t.Errorf("configure RPCs %d, want at least %d", got, nodes)
+	}
+	for name, v := range map[string]float64{
+		"seconds": r.Seconds, "nodes/min": r.NodesPerMin, "cpu": r.CPUSeconds, "child cpu": r.ChildCPUSeconds,
+		"cpu/node": r.CPUMillisPerNode, "peak rss": r.PeakRSSMB, "p50": r.TimeToProduction.P50,
+		"p99": r.TimeToProduction.P99, "max": r.TimeToProduction.Max, "idle goroutines": r.IdleAgentGoroutines,
+	} {
+		if v < 0 || math.IsNaN(v) {
+			t.Errorf("%s = %v, want a non-negative number", name, v)
+		}
+	}
+	if r.NodesPerMin == 0 || r.PeakRSSMB == 0 {
+		t.Errorf("nodes/min %v, peak RSS %v: want positive", r.NodesPerMin, r.PeakRSSMB)
+	}
+	if r.TimeToProduction.P50 > r.TimeToProduction.P99 || r.TimeToProduction.P99 > r.TimeToProduction.Max {
+		t.Errorf("percentiles out of order: %+v", r.TimeToProduction)
+	}
+	if r.IdleAgents != 10 {
+		t.Errorf("idle agents %d, want 10", r.IdleAgents)
+	}
+	var out strings.Builder
+	r.Print(&out)
+	for _, want := range []string{"nodes/min", "time to production", "memory per idle agent", "errors_total by stage"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, out.String())
+		}
+	}
+}

@@ -1,0 +1,80 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+)
+
+// Print writes the result as a human table.
+func (r *Result) Print(w io.Writer) {
+	p := func(label, format string, args ...any) {
+		fmt.Fprintf(w, "%-26s "+format+"\n", append([]any{label}, args...)...)
+	}
+	p("machine", "%d CPUs (GOMAXPROCS %d), %s/%s, %s", r.Machine.CPUs, r.Machine.GOMAXPROC, r.Machine.GOOS, r.Machine.GOARCH, r.Machine.Go)
+	helper := r.Helper
+	if r.HelperCmd != "" {
+		helper += fmt.Sprintf(" %q", r.HelperCmd)
+	}
+	arrival := r.Arrival
+	if r.Rate > 0 {
+		arrival += fmt.Sprintf(" %g/s", r.Rate)
+	}
+	p("run", "%d nodes, %d workers, helper %s, arrival %s, key %s, transport %s", r.Nodes, r.Workers, helper, arrival, r.KeyType, r.Transport)
+	p("production connections", "%s", r.ProductionConnections)
+	p("provisioned", "%d of %d (%d not provisioned)", r.Provisioned, r.Nodes, r.NotProvisioned)
+	p("provisioned twice or more", "%d %s", r.Duplicates, strings.Join(r.DuplicateIdentities, " "))
+	p("production reconnects", "%d", r.ProductionReconnects)
+	p("time", "%.2fs (first agent start to last production connection)", r.Seconds)
+	p("rate", "%.0f nodes/min", r.NodesPerMin)
+	t := r.TimeToProduction
+	p("time to production", "p50 %.3fs  p95 %.3fs  p99 %.3fs  max %.3fs", t.P50, t.P95, t.P99, t.Max)
+	fmt.Fprintf(w, "%-26s %8s %10s %10s  %s\n", "stage", "count", "mean ms", "p95 ms", "source")
+	for _, s := range r.Stages {
+		src := s.Source
+		if s.Metric != "" {
+			src += " " + s.Metric
+		}
+		fmt.Fprintf(w, "  %-24s %8d %10.3f %10.3f  %s\n", s.Stage, s.Count, s.MeanMS, s.P95MS, src)
+	}
+	p("CPU", "%.2fs self (%.3f ms/node), %.2fs exec'd helpers (%.3f ms/node)", r.CPUSeconds, r.CPUMillisPerNode, r.ChildCPUSeconds, r.ChildCPUMillisPerNode)
+	p("peak RSS", "%.0f MB", r.PeakRSSMB)
+	if r.IdleAgents > 0 {
+		p("memory per idle agent", "%.1f KB heap, %.1f goroutines (%d idle agents)", r.IdleAgentHeapBytes/1024, r.IdleAgentGoroutines, r.IdleAgents)
+	} else {
+		p("memory per idle agent", "not measured")
+	}
+	p("after cleanup", "%.1f MB heap in use, %d goroutines", r.HeapInuseAfterMB, r.GoroutinesAfterCleanup)
+	p("outcomes", "%s", kv(r.Outcomes))
+	if len(r.FailedByStage) > 0 {
+		p("failed attempts by stage", "%s", kv(r.FailedByStage))
+	}
+	p("errors_total by stage", "%s", kv(r.Errors))
+	p("retries_total by stage", "%s", kv(r.Retries))
+	ids := make([]string, 0, len(r.SampleErrors))
+	for id := range r.SampleErrors {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	for _, id := range ids {
+		p("last error", "%s: %s", id, r.SampleErrors[id])
+	}
+}
+
+// kv formats a map as sorted key=value pairs, or "none".
+func kv[V int | float64](m map[string]V) string {
+	if len(m) == 0 {
+		return "none"
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	parts := make([]string, len(keys))
+	for i, k := range keys {
+		parts[i] = fmt.Sprintf("%s=%v", k, m[k])
+	}
+	return strings.Join(parts, " ")
+}
