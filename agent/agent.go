@@ -23,6 +23,7 @@ import (
 	"github.com/muster-io/muster/internal/logging"
 	"github.com/muster-io/muster/internal/pki"
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/token"
 )
 
 // Defaults.
@@ -98,9 +99,17 @@ type Observer interface {
 type ProvisioningSettings struct {
 	// Brokers are the provisioning broker URLs (tls://host:port or host:port).
 	Brokers []string
-	// Token is the fleet token every request must carry; empty disables the
-	// check. Secret.
+	// Token is the node's provisioning token (a JWT from `muster token
+	// create`), presented to the provisioning broker when connecting and
+	// to the provisioner in the inventory. Its trust claims (brokers,
+	// ca_pin, provisioner_keys) fill in settings left empty. Secret.
 	Token string
+	// TrustedKeys are the provisioner public nkeys whose signatures the
+	// agent accepts on requests (several at once for key rotation).
+	TrustedKeys []string
+	// InsecureUnsignedRequests accepts requests without a valid provisioner
+	// signature. For labs only; the agent warns at every start.
+	InsecureUnsignedRequests bool
 	// CAFile is the CA that signs the provisioning broker's certificate.
 	CAFile string
 	// CAPEM is the same CA, inline.
@@ -174,6 +183,8 @@ type Agent struct {
 	mode       atomic.Int32
 	running    atomic.Bool
 	tlsRefused atomic.Int64 // TLS verification failures of the provisioning broker, for tests and logs
+	trusted    *protocol.KeySet
+	refused    refusals
 
 	mu   sync.Mutex
 	seen map[string]time.Time // request ID → expiry
@@ -206,6 +217,28 @@ func New(opts Options) (*Agent, error) {
 		}
 	}
 	p := opts.Provisioning
+	p.TrustedKeys = append([]string(nil), p.TrustedKeys...)
+	if p.Token != "" {
+		if c, err := token.Inspect(p.Token); err != nil {
+			bad("provisioning token: %v", err)
+		} else {
+			// The token's trust claims fill in what is not set explicitly.
+			p.TrustedKeys = append(p.TrustedKeys, c.Muster.ProvisionerKeys...)
+			if len(p.Brokers) == 0 {
+				p.Brokers = c.Muster.Brokers
+			}
+			if p.CAPin == "" && p.CAFile == "" && len(p.CAPEM) == 0 {
+				p.CAPin = c.Muster.CAPin
+			}
+		}
+	}
+	trusted, err := protocol.NewKeySet(p.TrustedKeys)
+	if err != nil {
+		bad("provisioner keys: %v", err)
+	}
+	if p.Enabled && trusted.Len() == 0 && !p.InsecureUnsignedRequests {
+		bad("provisioner keys: none trusted; set them, carry provisioner_keys in the provisioning token, or opt in to insecure unsigned requests")
+	}
 	for _, b := range p.Brokers {
 		if _, err := brokerURL(b); err != nil {
 			bad("provisioning broker %q: %v", b, err)
@@ -275,12 +308,16 @@ func New(opts Options) (*Agent, error) {
 		fallbackN:   opts.ProductionFallbackAfter,
 		reconnWait:  opts.ReconnectWait,
 		observer:    opts.Observer,
+		trusted:     trusted,
 		seen:        map[string]time.Time{},
 	}
 	if a.log == nil {
 		a.log = logrus.NewEntry(logging.Discard())
 	}
 	a.log = a.log.WithFields(logrus.Fields{"component": "agent", "identity": a.id})
+	if p.InsecureUnsignedRequests {
+		a.log.Warn("INSECURE: insecure_unsigned_requests is on; this node obeys requests from anyone who can reach its broker")
+	}
 	if a.mdInterval == 0 {
 		a.mdInterval = DefaultMetadataInterval
 	}

@@ -51,7 +51,7 @@ func TestLifecycle(t *testing.T) {
 		Identity: id,
 		StateDir: stateDir,
 		Provisioning: ProvisioningSettings{
-			Brokers: []string{e.url}, Token: testToken, CAFile: e.caFile, FactsFile: factsFile, Enabled: true,
+			Brokers: []string{e.url}, TrustedKeys: testTrusted, CAFile: e.caFile, FactsFile: factsFile, Enabled: true,
 		},
 		Facts:            map[string]string{"role": "web"},
 		Version:          "1.2.3",
@@ -59,7 +59,7 @@ func TestLifecycle(t *testing.T) {
 		ReconnectWait:    50 * time.Millisecond,
 	})
 	a := r.a
-	tok := reqOpts{token: testToken}
+	tok := reqOpts{key: testKey}
 
 	eventually(t, "startup event", func() bool { return events.count(eventsOf(protocol.EventStartup, id)) == 1 })
 	eventually(t, "two metadata messages", func() bool { return metadata.count(nil) >= 2 })
@@ -81,7 +81,7 @@ func TestLifecycle(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer sub.Unsubscribe()
-		data := newRequest("", "", protocol.AgentDiscovery, protocol.ActionPing, "", time.Now(), nil)
+		data := newRequest("", "", protocol.AgentDiscovery, protocol.ActionPing, nil, time.Now(), nil)
 		if err := nc.PublishRequest(protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery), inbox, data); err != nil {
 			t.Fatal(err)
 		}
@@ -117,10 +117,10 @@ func TestLifecycle(t *testing.T) {
 			o    reqOpts
 			want protocol.Code
 		}{
-			{"token mismatch", reqOpts{token: "wrong"}, protocol.CodeUnauthorized},
-			{"no token", reqOpts{}, protocol.CodeUnauthorized},
-			{"stale", reqOpts{token: testToken, time: time.Now().Add(-time.Hour)}, protocol.CodeExpired},
-			{"future", reqOpts{token: testToken, time: time.Now().Add(time.Hour)}, protocol.CodeExpired},
+			{"untrusted signer", reqOpts{key: rogueKey}, protocol.CodeUnauthorized},
+			{"unsigned", reqOpts{}, protocol.CodeUnauthorized},
+			{"stale", reqOpts{key: testKey, time: time.Now().Add(-time.Hour)}, protocol.CodeExpired},
+			{"future", reqOpts{key: testKey, time: time.Now().Add(time.Hour)}, protocol.CodeExpired},
 		}
 		for _, tc := range cases {
 			t.Run(tc.name, func(t *testing.T) {
@@ -131,7 +131,7 @@ func TestLifecycle(t *testing.T) {
 			})
 		}
 		t.Run("duplicate id", func(t *testing.T) {
-			o := reqOpts{token: testToken, id: "dup-1"}
+			o := reqOpts{key: testKey, id: "dup-1"}
 			mustOK(t, call(t, nc, protocol.ProvisioningCollective, id, protocol.AgentRPCUtil, protocol.ActionPing, o, nil))
 			rep := call(t, nc, protocol.ProvisioningCollective, id, protocol.AgentRPCUtil, protocol.ActionPing, o, nil)
 			if rep.Code != protocol.CodeBadRequest {
@@ -319,7 +319,7 @@ func TestLifecycle(t *testing.T) {
 			t.Fatalf("marker: %v", err)
 		}
 		eventually(t, "shutdown event", func() bool { return events.count(eventsOf(protocol.EventShutdown, id)) == 1 })
-		a2, err := New(Options{Identity: id, StateDir: stateDir, Provisioning: ProvisioningSettings{Brokers: []string{e.url}, CAFile: e.caFile, Enabled: true}})
+		a2, err := New(Options{Identity: id, StateDir: stateDir, Provisioning: ProvisioningSettings{Brokers: []string{e.url}, CAFile: e.caFile, Enabled: true, TrustedKeys: testTrusted}})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -346,7 +346,7 @@ func TestCAPin(t *testing.T) {
 	for i, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			id := "pin" + string(rune('a'+i))
-			p := ProvisioningSettings{Brokers: []string{e.url}, CAPin: tc.pin, Enabled: true}
+			p := ProvisioningSettings{Brokers: []string{e.url}, CAPin: tc.pin, Enabled: true, TrustedKeys: testTrusted}
 			if tc.withCA {
 				p.CAFile = e.caFile
 			}
@@ -397,7 +397,7 @@ func TestProductionFallback(t *testing.T) {
 	before := snapshot(t, stateDir)
 	r := startAgent(t, Options{
 		Identity: id, StateDir: stateDir, ReconnectWait: 20 * time.Millisecond, ProductionFallbackAfter: 2,
-		Provisioning: ProvisioningSettings{Brokers: []string{e.url}, CAFile: e.caFile, Token: testToken},
+		Provisioning: ProvisioningSettings{Brokers: []string{e.url}, CAFile: e.caFile, TrustedKeys: testTrusted},
 	})
 	eventually(t, "fallback to provisioning", func() bool { return events.count(eventsOf(protocol.EventStartup, id)) == 1 })
 	if r.a.Mode() != ModeProvisioning {
@@ -429,7 +429,7 @@ func TestManyInProcessAgents(t *testing.T) {
 		id := "bulk-" + strings.Repeat("0", 3-len(itoa(i))) + itoa(i)
 		agents[i] = startAgent(t, Options{
 			Identity: id, StateDir: filepath.Join(base, id), InProcess: srv,
-			Provisioning: ProvisioningSettings{Enabled: true, Token: testToken},
+			Provisioning: ProvisioningSettings{Enabled: true, TrustedKeys: testTrusted},
 		})
 	}
 	eventually(t, "metadata from every agent", func() bool {
@@ -452,7 +452,7 @@ func TestManyInProcessAgents(t *testing.T) {
 	if err := sub.SetPendingLimits(-1, -1); err != nil {
 		t.Fatal(err)
 	}
-	data := newRequest("", "", protocol.AgentDiscovery, protocol.ActionPing, "", time.Now(), nil)
+	data := newRequest("", "", protocol.AgentDiscovery, protocol.ActionPing, nil, time.Now(), nil)
 	if err := nc.PublishRequest(protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery), inbox, data); err != nil {
 		t.Fatal(err)
 	}

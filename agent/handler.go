@@ -1,10 +1,10 @@
 package agent
 
 import (
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -78,6 +78,7 @@ func (s *session) handle(subject string, data []byte, now time.Time) result {
 	}
 	log = log.WithFields(logrus.Fields{"request_id": req.ID, "agent": req.Agent, "action": req.Action, "sender": req.Sender})
 	if err := req.CheckFresh(now, RequestSkew); err != nil {
+		s.a.refused.stale.Add(1)
 		log.WithError(err).Warn("refused stale request")
 		return s.refuse(directed, req, protocol.CodeExpired, err.Error())
 	}
@@ -90,11 +91,15 @@ func (s *session) handle(subject string, data []byte, now time.Time) result {
 	if !s.serves(req.Agent, req.Action) {
 		return s.refuse(directed, req, protocol.CodeUnknownAction, fmt.Sprintf("%s %s is not served in %s mode", req.Agent, req.Action, s.mode))
 	}
-	if s.needsToken(req.Agent) && !s.a.tokenOK(req.Token) {
-		log.Warn("refused request with a wrong token")
-		return s.refuse(directed, req, protocol.CodeUnauthorized, "token mismatch")
+	if s.needsSignature(req.Agent) {
+		if err := s.a.checkSignature(req); err != nil {
+			s.a.refused.count(err)
+			log.WithError(err).Warn("refused request without a trusted signature")
+			return s.refuse(directed, req, protocol.CodeUnauthorized, err.Error())
+		}
 	}
 	if !s.a.remember(req, now) {
+		s.a.refused.replayed.Add(1)
 		log.Warn("refused duplicate request")
 		return s.refuse(directed, req, protocol.CodeBadRequest, "request id already processed")
 	}
@@ -146,9 +151,11 @@ func (s *session) serves(agent, act string) bool {
 	return false
 }
 
-// needsToken: discovery pings are open (they reveal what metadata already
-// publishes); production rpcutil is protected by mTLS instead.
-func (s *session) needsToken(agent string) bool {
+// needsSignature: discovery pings are open (they reveal no more than
+// metadata already publishes); production rpcutil is protected by mTLS and
+// the production account's permissions instead. Everything else must carry
+// a trusted provisioner's signature.
+func (s *session) needsSignature(agent string) bool {
 	switch agent {
 	case protocol.AgentDiscovery:
 		return false
@@ -158,11 +165,50 @@ func (s *session) needsToken(agent string) bool {
 	return true
 }
 
-func (a *Agent) tokenOK(got string) bool {
-	if a.prov.Token == "" {
-		return true
+// checkSignature verifies req's signature against the trusted keys, unless
+// the insecure unsigned mode is on.
+func (a *Agent) checkSignature(req *protocol.Request) error {
+	if a.prov.InsecureUnsignedRequests {
+		return nil
 	}
-	return subtle.ConstantTimeCompare([]byte(got), []byte(a.prov.Token)) == 1
+	return req.VerifySignature(a.trusted)
+}
+
+// refusals counts refused requests by reason.
+type refusals struct {
+	unsigned, badSignature, untrusted, stale, replayed atomic.Uint64
+}
+
+func (r *refusals) count(err error) {
+	switch {
+	case errors.Is(err, protocol.ErrUnsigned):
+		r.unsigned.Add(1)
+	case errors.Is(err, protocol.ErrUntrustedKey):
+		r.untrusted.Add(1)
+	default:
+		r.badSignature.Add(1)
+	}
+}
+
+// Refusals are counts of requests an agent refused, by reason.
+type Refusals struct {
+	Unsigned     uint64 `json:"unsigned"`
+	BadSignature uint64 `json:"bad_signature"`
+	UntrustedKey uint64 `json:"untrusted_key"`
+	Stale        uint64 `json:"stale"`
+	Replayed     uint64 `json:"replayed"`
+}
+
+// Refusals returns how many requests the agent refused since it was made,
+// by reason.
+func (a *Agent) Refusals() Refusals {
+	return Refusals{
+		Unsigned:     a.refused.unsigned.Load(),
+		BadSignature: a.refused.badSignature.Load(),
+		UntrustedKey: a.refused.untrusted.Load(),
+		Stale:        a.refused.stale.Load(),
+		Replayed:     a.refused.replayed.Load(),
+	}
 }
 
 // remember records req.ID until the request expires; false when it was
@@ -258,6 +304,11 @@ func (s *session) inventory() protocol.Inventory {
 	}
 	if s.cfg != nil {
 		inv.Config = s.cfg.Masked()
+	}
+	if s.mode == ModeProvisioning {
+		// Only a trusted provisioner gets here (inventory is signed in
+		// provisioning mode); it verifies the token before provisioning.
+		inv.ProvisioningToken = s.a.prov.Token
 	}
 	return inv
 }

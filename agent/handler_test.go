@@ -8,7 +8,7 @@ import (
 )
 
 func fuzzSession(t testing.TB, mode Mode) *session {
-	a, err := New(Options{Identity: "fuzz.node", StateDir: t.TempDir(), Provisioning: ProvisioningSettings{Token: testToken}})
+	a, err := New(Options{Identity: "fuzz.node", StateDir: t.TempDir(), Provisioning: ProvisioningSettings{TrustedKeys: testTrusted}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,13 +34,13 @@ func TestHandleBroadcastErrorsAreSilent(t *testing.T) {
 	}{
 		{"garbage directed", s.nodeSubject, []byte("{"), true, protocol.CodeBadRequest},
 		{"garbage broadcast", bcast, []byte("{"), false, ""},
-		{"wrong token broadcast", bcast, newRequest("", "", protocol.AgentRPCUtil, protocol.ActionPing, "x", time.Now(), nil), false, ""},
-		{"ok broadcast", bcast, newRequest("", "", protocol.AgentRPCUtil, protocol.ActionPing, testToken, time.Now(), nil), true, protocol.CodeOK},
-		{"other target broadcast", bcast, newRequest("", "other", protocol.AgentRPCUtil, protocol.ActionPing, testToken, time.Now(), nil), false, ""},
-		{"other target directed", s.nodeSubject, newRequest("", "other", protocol.AgentRPCUtil, protocol.ActionPing, testToken, time.Now(), nil), true, protocol.CodeBadRequest},
-		{"unknown action", s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentRPCUtil, "reboot", testToken, time.Now(), nil), true, protocol.CodeUnknownAction},
-		{"discovery needs no token", protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery), newRequest("", "", protocol.AgentDiscovery, protocol.ActionPing, "", time.Now(), nil), true, protocol.CodeOK},
-		{"negative splay", s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentProvision, protocol.ActionRestart, testToken, time.Now(), protocol.RestartRequest{SplayMillis: -1}), true, protocol.CodeBadRequest},
+		{"untrusted signer broadcast", bcast, newRequest("", "", protocol.AgentRPCUtil, protocol.ActionPing, rogueKey, time.Now(), nil), false, ""},
+		{"ok broadcast", bcast, newRequest("", "", protocol.AgentRPCUtil, protocol.ActionPing, testKey, time.Now(), nil), true, protocol.CodeOK},
+		{"other target broadcast", bcast, newRequest("", "other", protocol.AgentRPCUtil, protocol.ActionPing, testKey, time.Now(), nil), false, ""},
+		{"other target directed", s.nodeSubject, newRequest("", "other", protocol.AgentRPCUtil, protocol.ActionPing, testKey, time.Now(), nil), true, protocol.CodeBadRequest},
+		{"unknown action", s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentRPCUtil, "reboot", testKey, time.Now(), nil), true, protocol.CodeUnknownAction},
+		{"discovery needs no signature", protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery), newRequest("", "", protocol.AgentDiscovery, protocol.ActionPing, nil, time.Now(), nil), true, protocol.CodeOK},
+		{"negative splay", s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentProvision, protocol.ActionRestart, testKey, time.Now(), protocol.RestartRequest{SplayMillis: -1}), true, protocol.CodeBadRequest},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -90,10 +90,10 @@ func FuzzHandleRequest(f *testing.F) {
 	now := time.Now()
 	f.Add([]byte("{}"), true)
 	f.Add([]byte("not json"), false)
-	f.Add(newRequest("a", "fuzz.node", protocol.AgentRPCUtil, protocol.ActionInventory, testToken, now, nil), true)
-	f.Add(newRequest("b", "fuzz.node", protocol.AgentProvision, protocol.ActionConfigure, testToken, now, map[string]any{"configuration": map[string]string{"a": "b"}}), true)
-	f.Add(newRequest("c", "", protocol.AgentDiscovery, protocol.ActionPing, "", now, nil), false)
-	f.Add(newRequest("d", "fuzz.node", protocol.AgentProvision, protocol.ActionRestart, testToken, now, map[string]int{"splay_ms": 1}), true)
+	f.Add(newRequest("a", "fuzz.node", protocol.AgentRPCUtil, protocol.ActionInventory, testKey, now, nil), true)
+	f.Add(newRequest("b", "fuzz.node", protocol.AgentProvision, protocol.ActionConfigure, testKey, now, map[string]any{"configuration": map[string]string{"a": "b"}}), true)
+	f.Add(newRequest("c", "", protocol.AgentDiscovery, protocol.ActionPing, nil, now, nil), false)
+	f.Add(newRequest("d", "fuzz.node", protocol.AgentProvision, protocol.ActionRestart, testKey, now, map[string]int{"splay_ms": 1}), true)
 	s := fuzzSession(f, ModeProvisioning)
 	f.Fuzz(func(t *testing.T, data []byte, directed bool) {
 		subject := protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentRPCUtil)

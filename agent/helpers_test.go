@@ -16,6 +16,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 	"github.com/nats-io/nuid"
 
 	"github.com/muster-io/muster/internal/ca"
@@ -23,7 +24,29 @@ import (
 	"github.com/muster-io/muster/internal/protocol"
 )
 
-const testToken = "fleet-t0ken"
+// Test provisioner keys: testKey is trusted by the agents under test,
+// rogueKey is not.
+var (
+	testKey     = mustUserKey()
+	rogueKey    = mustUserKey()
+	testTrusted = []string{mustPublic(testKey)}
+)
+
+func mustUserKey() nkeys.KeyPair {
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		panic(err)
+	}
+	return kp
+}
+
+func mustPublic(kp nkeys.KeyPair) string {
+	pub, err := kp.PublicKey()
+	if err != nil {
+		panic(err)
+	}
+	return pub
+}
 
 // env is a CA and a TLS nats-server on a random loopback port.
 type env struct {
@@ -199,13 +222,13 @@ func (r *running) wait(t *testing.T) error {
 }
 
 type reqOpts struct {
-	token  string
+	key    nkeys.KeyPair // nil: unsigned
 	target string
 	time   time.Time
 	id     string
 }
 
-func newRequest(id, target, agent, action, token string, at time.Time, body any) []byte {
+func newRequest(id, target, agent, action string, key nkeys.KeyPair, at time.Time, body any) []byte {
 	var raw json.RawMessage
 	if body != nil {
 		raw, _ = json.Marshal(body)
@@ -213,10 +236,16 @@ func newRequest(id, target, agent, action, token string, at time.Time, body any)
 	if id == "" {
 		id = nuid.Next()
 	}
-	data, _ := json.Marshal(protocol.Request{
+	req := protocol.Request{
 		Protocol: protocol.RequestProtocol, ID: id, Sender: "test", Target: target,
-		Agent: agent, Action: action, Time: at.UTC(), TTL: 60, Token: token, Body: raw,
-	})
+		Agent: agent, Action: action, Time: at.UTC(), TTL: 60, Body: raw,
+	}
+	if key != nil {
+		if err := req.Sign(key); err != nil {
+			panic(err)
+		}
+	}
+	data, _ := json.Marshal(req)
 	return data
 }
 
@@ -231,7 +260,7 @@ func call(t *testing.T, nc *nats.Conn, collective, id, agent, action string, o r
 	if !o.time.IsZero() {
 		at = o.time
 	}
-	data := newRequest(o.id, target, agent, action, o.token, at, body)
+	data := newRequest(o.id, target, agent, action, o.key, at, body)
 	msg, err := nc.Request(protocol.NodeSubject(collective, id), data, 20*time.Second)
 	if err != nil {
 		t.Fatalf("%s %s: %v", agent, action, err)

@@ -35,6 +35,10 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 	}
 	connected := make(chan struct{}, 1)
 	opts := append(a.baseOptions(connected, nil), nats.RetryOnFailedConnect(true))
+	if a.prov.Token != "" {
+		// The broker admits unprovisioned nodes only with a valid token.
+		opts = append(opts, nats.Token(a.prov.Token))
+	}
 	urls := nats.DefaultURL
 	if a.inProcess != nil {
 		opts = append(opts, nats.InProcessServer(a.inProcess))
@@ -114,13 +118,14 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 		opts := append(a.baseOptions(connected, closed), nats.MaxReconnects(10))
 		if a.inProcess != nil {
 			opts = append(opts, nats.InProcessServer(a.inProcess))
-		} else {
-			tc, err := productionTLS(cfg.Value(config.KeyCertificate), cfg.Value(config.KeyKey), cfg.Value(config.KeyCA))
-			if err != nil {
-				return 0, fmt.Errorf("production mode: %w", err)
-			}
-			opts = append(opts, nats.Secure(tc))
 		}
+		// Mutual TLS, also over in-process connections: the broker puts a
+		// node in PRODUCTION only for a verified certificate.
+		tc, err := productionTLS(cfg.Value(config.KeyCertificate), cfg.Value(config.KeyKey), cfg.Value(config.KeyCA))
+		if err != nil {
+			return 0, fmt.Errorf("production mode: %w", err)
+		}
+		opts = append(opts, nats.Secure(tc))
 		nc, err := nats.Connect(urls, opts...)
 		if err != nil {
 			if isRefusal(err) {

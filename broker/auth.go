@@ -2,6 +2,8 @@ package broker
 
 import (
 	"encoding/base64"
+	"fmt"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,6 +13,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/token"
 )
 
 // Account names.
@@ -78,27 +81,63 @@ type authenticator struct {
 	admins       map[string]struct{}
 	production   *server.Account
 	provisioning *server.Account
+	// tokens verifies unprovisioned nodes' tokens; nil with
+	// insecure_open_provisioning.
+	tokens *token.Verifier
+	// onDuplicate is told when a second live connection from another
+	// address claims an identity (set before the server starts).
+	onDuplicate func(identity, remote string)
 
-	counts [5]atomic.Uint64 // indexed like authResults
+	counts     [5]atomic.Uint64 // indexed like authResults
+	duplicates atomic.Uint64
+	tokenFails atomic.Uint64
+
+	srvMu sync.RWMutex
+	srv   *server.Server
+
+	liveMu sync.Mutex
+	live   map[string]liveConn // identity → last admitted unprovisioned connection
 
 	limMu      sync.Mutex
 	limLast    time.Time
 	suppressed int
 }
 
-func newAuthenticator(log *logrus.Entry, provisioners, admins []string) *authenticator {
+// liveConn is an admitted unprovisioned connection.
+type liveConn struct {
+	cid    uint64
+	remote string // host part of the remote address
+}
+
+func newAuthenticator(log *logrus.Entry, cfg Config) (*authenticator, error) {
 	a := &authenticator{
 		log:          log,
-		provisioners: make(map[string]struct{}, len(provisioners)),
-		admins:       make(map[string]struct{}, len(admins)),
+		provisioners: make(map[string]struct{}, len(cfg.Provisioners)),
+		admins:       make(map[string]struct{}, len(cfg.Admins)),
+		live:         map[string]liveConn{},
 	}
-	for _, p := range provisioners {
+	for _, p := range cfg.Provisioners {
 		a.provisioners[p] = struct{}{}
 	}
-	for _, c := range admins {
+	for _, c := range cfg.Admins {
 		a.admins[c] = struct{}{}
 	}
-	return a
+	if !cfg.InsecureOpenProvisioning || len(cfg.TokenIssuers) > 0 {
+		v, err := token.NewVerifier(cfg.TokenIssuers)
+		if err != nil {
+			return nil, fmt.Errorf("%w: token_issuers: %w", ErrInvalidConfig, err)
+		}
+		a.tokens = v
+	}
+	return a, nil
+}
+
+// setServer gives the authenticator the running server, to tell live
+// connections from closed ones.
+func (a *authenticator) setServer(s *server.Server) {
+	a.srvMu.Lock()
+	a.srv = s
+	a.srvMu.Unlock()
 }
 
 // permissions returns the permissions of a user of kind with the given
@@ -171,12 +210,63 @@ func (a *authenticator) Check(c server.ClientAuthentication) bool {
 	}
 	// Rule 3: anything else is a node waiting to be provisioned.
 	// Its node subject is bound to the connection name it claims (agents
-	// name their connection after their identity).
+	// name their connection after their identity); with token issuers
+	// configured it must hold a valid token whose scope covers that name.
 	name := UnprovisionedUser
-	if opts := c.GetOpts(); opts != nil && protocol.ValidateIdentity(opts.Name) == nil {
+	opts := c.GetOpts()
+	if opts != nil && protocol.ValidateIdentity(opts.Name) == nil {
 		name = opts.Name
 	}
+	if a.tokens != nil {
+		if name == UnprovisionedUser {
+			a.reject(c, "unprovisioned connection without a valid identity as its name")
+			return false
+		}
+		if _, err := a.tokens.Verify(opts.Token, name, time.Now()); err != nil {
+			a.tokenFails.Add(1)
+			a.reject(c, "provisioning token: "+err.Error())
+			return false
+		}
+	}
+	if name != UnprovisionedUser && !a.claim(c, name) {
+		return false
+	}
 	return a.registerAs(c, UserUnprovisioned, UnprovisionedUser, name, a.provisioning)
+}
+
+// claim records c as the live connection of identity. A second live
+// connection claiming the same identity is refused: from the same address
+// it is most likely the node reconnecting before the broker noticed its old
+// connection died (it retries), from another address it is two machines
+// claiming one identity, reported through onDuplicate so the provisioner
+// holds the identity for an operator.
+func (a *authenticator) claim(c server.ClientAuthentication, identity string) bool {
+	remote := ""
+	if addr := c.RemoteAddress(); addr != nil {
+		remote = addr.String()
+		if h, _, err := net.SplitHostPort(remote); err == nil {
+			remote = h
+		}
+	}
+	a.srvMu.RLock()
+	srv := a.srv
+	a.srvMu.RUnlock()
+	a.liveMu.Lock()
+	prev, seen := a.live[identity]
+	dup := seen && srv != nil && prev.cid != c.GetID() && srv.GetClient(prev.cid) != nil
+	if !dup {
+		a.live[identity] = liveConn{cid: c.GetID(), remote: remote}
+	}
+	a.liveMu.Unlock()
+	if !dup {
+		return true
+	}
+	a.duplicates.Add(1)
+	if prev.remote != remote && a.onDuplicate != nil {
+		a.onDuplicate(identity, remote)
+	}
+	a.reject(c, "identity already connected")
+	return false
 }
 
 // register binds the connection to acc as a user of kind.

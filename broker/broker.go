@@ -22,9 +22,12 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/internal/pki"
+	"github.com/muster-io/muster/internal/protocol"
 )
 
 // Sentinel errors.
@@ -55,11 +58,15 @@ type Broker struct {
 	caPEM  []byte
 	caPin  string
 	host   string // listen host as configured
+	// internalKey is the broker's own provisioner-kind nkey, for the
+	// in-process connection that publishes advisories.
+	internalKey nkeys.KeyPair
 
-	mu      sync.Mutex
-	srv     *server.Server
-	started bool
-	closed  bool
+	mu       sync.Mutex
+	srv      *server.Server
+	advisory *nats.Conn
+	started  bool
+	closed   bool
 }
 
 // New validates cfg, makes or reuses the development PKI when no TLS is
@@ -74,6 +81,7 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 	}
 	cfg.Provisioners = append([]string(nil), cfg.Provisioners...)
 	cfg.Admins = append([]string(nil), cfg.Admins...)
+	cfg.TokenIssuers = append([]string(nil), cfg.TokenIssuers...)
 	host, port := splitHostPort(cfg.Listen)
 	b := &Broker{cfg: cfg, log: log, host: host}
 
@@ -87,6 +95,7 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 		tlsFiles = TLSFiles{Cert: dev.ServerCert, Key: dev.ServerKey, CA: dev.CACert}
 		b.cfg.Provisioners = appendMissing(b.cfg.Provisioners, dev.ProvisionerPublicKey)
 		b.cfg.Admins = appendMissing(b.cfg.Admins, DevAdminCN)
+		b.cfg.TokenIssuers = appendMissing(b.cfg.TokenIssuers, dev.TokenIssuerPublicKey)
 	}
 	tlsConfig, err := b.loadTLS(tlsFiles)
 	if err != nil {
@@ -94,7 +103,17 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 	}
 
 	b.nlog = newNATSLogger(log)
-	b.auth = newAuthenticator(log, b.cfg.Provisioners, b.cfg.Admins)
+	b.internalKey, err = nkeys.CreateUser()
+	if err != nil {
+		return nil, fmt.Errorf("broker internal nkey: %w", err)
+	}
+	internalPub, _ := b.internalKey.PublicKey()
+	b.auth, err = newAuthenticator(log, b.cfg)
+	if err != nil {
+		return nil, err
+	}
+	b.auth.provisioners[internalPub] = struct{}{}
+	b.auth.onDuplicate = b.publishDuplicate
 	opts := &server.Options{
 		Host:                       host,
 		Port:                       port,
@@ -184,10 +203,23 @@ func (b *Broker) Start() (err error) {
 		srv.WaitForShutdown()
 		return fmt.Errorf("enable jetstream on %s: %w", PROVISIONING, err)
 	}
+	b.auth.setServer(srv)
+	adv, err := nats.Connect("", nats.InProcessServer(srv), nats.Name("muster-broker-advisories"),
+		nats.Nkey(mustPublic(b.internalKey), b.internalKey.Sign), nats.MaxReconnects(-1))
+	if err != nil {
+		srv.Shutdown()
+		srv.WaitForShutdown()
+		return fmt.Errorf("broker advisory connection: %w", err)
+	}
+	b.advisory = adv
 	b.srv, b.started = srv, true
+	if b.cfg.InsecureOpenProvisioning {
+		b.log.Warn("INSECURE: insecure_open_provisioning is on; any client can join the provisioning account without a token")
+	}
 	fields := logrus.Fields{"url": b.clientURL(srv), "ca_file": b.caFile, "ca_pin": b.caPin}
 	if b.dev != nil {
 		fields["provisioner_seed_file"] = b.dev.ProvisionerSeed
+		fields["token_issuer_seed_file"] = b.dev.TokenIssuerSeed
 		fields["admin_cert"] = b.dev.AdminCert
 	}
 	b.log.WithFields(fields).Info("broker ready")
@@ -269,13 +301,46 @@ func (b *Broker) Run(ctx context.Context) error {
 func (b *Broker) Shutdown() {
 	b.mu.Lock()
 	b.closed = true
-	srv := b.srv
+	srv, adv := b.srv, b.advisory
 	b.mu.Unlock()
+	if adv != nil {
+		adv.Close()
+	}
 	if srv == nil {
 		return
 	}
 	srv.Shutdown()
 	srv.WaitForShutdown()
+}
+
+// publishDuplicate announces on protocol.AdvisoryDuplicateIdentity that
+// two machines claim identity. It runs inside the authenticator and never
+// blocks: nats.Conn.Publish only buffers.
+func (b *Broker) publishDuplicate(identity, remote string) {
+	b.log.WithFields(logrus.Fields{"identity": identity, "remote": remote}).Warn("second live connection from another address claims an identity")
+	b.mu.Lock()
+	adv := b.advisory
+	b.mu.Unlock()
+	if adv == nil {
+		return
+	}
+	data, err := protocol.Marshal(protocol.DuplicateIdentity{
+		Protocol: protocol.AdvisoryProtocol, Identity: identity, Time: time.Now().UTC(),
+	})
+	if err == nil {
+		err = adv.Publish(protocol.AdvisoryDuplicateIdentity, data)
+	}
+	if err != nil {
+		b.log.WithError(err).Warn("publish duplicate identity advisory")
+	}
+}
+
+func mustPublic(kp nkeys.KeyPair) string {
+	pub, err := kp.PublicKey()
+	if err != nil {
+		panic(err) // a freshly created key pair always has a public key
+	}
+	return pub
 }
 
 // Server returns the embedded server (nil before Start), e.g. for

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -24,6 +25,7 @@ import (
 
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/internal/token"
 )
 
 // testLog returns a logger that writes nothing.
@@ -71,6 +73,32 @@ func dial(b *Broker, opts ...nats.Option) (*nats.Conn, error) {
 
 func adminOpt(b *Broker) nats.Option {
 	return nats.ClientCert(b.DevPKI().AdminCert, b.DevPKI().AdminKey)
+}
+
+// nodeToken is a provisioning token for identity from the development
+// token issuer.
+func nodeToken(t *testing.T, b *Broker, identity string) string {
+	t.Helper()
+	seed, err := os.ReadFile(b.DevPKI().TokenIssuerSeed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	iss, err := token.NewIssuer(seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, _, err := iss.Create(token.Scope{Identity: identity}, time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+// nodeOpts are the options of an unprovisioned node named identity with a
+// valid token.
+func nodeOpts(t *testing.T, b *Broker, identity string) []nats.Option {
+	t.Helper()
+	return []nats.Option{nats.Name(identity), nats.Token(nodeToken(t, b, identity))}
 }
 
 func provisionerOpt(t *testing.T, b *Broker) nats.Option {
@@ -334,6 +362,7 @@ func TestDevPKICreatedOnceAndReused(t *testing.T) {
 	// With TLS configured there is no dev PKI.
 	cfg2 := testConfig(t)
 	cfg2.TLS = TLSFiles{Cert: d.ServerCert, Key: d.ServerKey, CA: d.CACert}
+	cfg2.TokenIssuers = []string{d.TokenIssuerPublicKey}
 	b3, err := New(cfg2, testLog())
 	if err != nil {
 		t.Fatalf("New with TLS: %v", err)
@@ -378,7 +407,7 @@ func contains(list []string, v string) bool {
 
 func TestUnprovisionedNodeLandsInProvisioning(t *testing.T) {
 	b := startBroker(t)
-	node := connect(t, b, nats.Name("node"))
+	node := connect(t, b, nodeOpts(t, b, "node")...)
 	prov := connect(t, b, nats.Name("prov"), provisionerOpt(t, b))
 	admin := connect(t, b, nats.Name("admin"), adminOpt(b))
 
@@ -451,7 +480,7 @@ func expectViolation(t *testing.T, errs <-chan error, what string) {
 func TestNodePermissions(t *testing.T) {
 	b := startBroker(t)
 	prov := connect(t, b, provisionerOpt(t, b))
-	victim := connect(t, b, nats.Name("victim.example.net"))
+	victim := connect(t, b, nodeOpts(t, b, "victim.example.net")...)
 	victimSub, err := victim.SubscribeSync("provisioning.node.victim.example.net")
 	if err != nil {
 		t.Fatal(err)
@@ -464,7 +493,7 @@ func TestNodePermissions(t *testing.T) {
 		sub  []string
 		pub  []string
 	}{
-		{"unprovisioned", []nats.Option{nats.Name("rogue.example.net")},
+		{"unprovisioned", nodeOpts(t, b, "rogue.example.net"),
 			[]string{">", "provisioning.node.victim.example.net", "provisioning.node.>", "choria.provisioning_data", "_INBOX.>", "production.>"},
 			[]string{"provisioning.node.victim.example.net", "provisioning.broadcast.agent.discovery"}},
 		{"production node", []nats.Option{issueClient(t, devCA(t, b), t.TempDir(), "rogue", "rogue.example.net")},
@@ -521,7 +550,9 @@ func TestCertificateConnections(t *testing.T) {
 		{"production node", issueClient(t, authority, dir, "node", "node1.example.net"), PRODUCTION, "node1.example.net"},
 		{"admin", adminOpt(b), PRODUCTION, DevAdminCN},
 		{"foreign CA", forceClientCert(t, b, foreign, dir, "foreign", "node2.example.net"), "", ""},
-		{"foreign CA, certificate not sent", issueClient(t, foreign, dir, "foreign", "node3.example.net"), PROVISIONING, UnprovisionedUser},
+		// Without a certificate the broker sees an unprovisioned node, and
+		// without a provisioning token it refuses it.
+		{"foreign CA, certificate not sent", issueClient(t, foreign, dir, "foreign", "node3.example.net"), "", ""},
 		{"own CA, forced", forceClientCert(t, b, authority, dir, "forced", "node4.example.net"), PRODUCTION, "node4.example.net"},
 		{"invalid identity", issueClient(t, authority, dir, "invalid", "bad name"), "", ""},
 	}
@@ -621,7 +652,7 @@ func TestProvisionerCreatesKVBucket(t *testing.T) {
 func TestLifecycleImport(t *testing.T) {
 	b := startBroker(t)
 	prov := connect(t, b, provisionerOpt(t, b))
-	node := connect(t, b)
+	node := connect(t, b, nodeOpts(t, b, "node2.example.net")...)
 	prod := connect(t, b, issueClient(t, devCA(t, b), t.TempDir(), "node", "node1.example.net"))
 
 	sub, err := prov.SubscribeSync("production.choria.lifecycle.event.>")
@@ -680,7 +711,7 @@ func TestInProcessConnection(t *testing.T) {
 		opts     []nats.Option
 		wantUser string
 	}{
-		{"unprovisioned", nil, UnprovisionedUser},
+		{"unprovisioned", []nats.Option{nats.Token(nodeToken(t, b, "inproc-unprovisioned"))}, UnprovisionedUser},
 		{"provisioner", []nats.Option{provisionerOpt(t, b)}, b.DevPKI().ProvisionerPublicKey},
 	}
 	for _, tc := range cases {
@@ -733,7 +764,7 @@ func TestPlaintextRefused(t *testing.T) {
 
 func TestCollector(t *testing.T) {
 	b := startBroker(t)
-	connect(t, b, nats.Name("node"))
+	connect(t, b, nodeOpts(t, b, "node")...)
 	connect(t, b, adminOpt(b))
 	if _, err := dial(b, nats.Nkey("UAFAKE", func([]byte) ([]byte, error) { return nil, nil })); err == nil {
 		t.Fatal("fake nkey accepted")
@@ -776,7 +807,7 @@ func TestCollector(t *testing.T) {
 		"muster_broker_sent_bytes_total":                     func(v float64) bool { return v >= 0 },
 		"muster_broker_slow_consumers_total":                 func(v float64) bool { return v == 0 },
 		"muster_broker_account_connections{PRODUCTION}":      func(v float64) bool { return v == 1 },
-		"muster_broker_account_connections{PROVISIONING}":    func(v float64) bool { return v == 1 },
+		"muster_broker_account_connections{PROVISIONING}":    func(v float64) bool { return v == 2 }, // the node and the broker's advisory connection
 		"muster_broker_authentications_total{admin}":         func(v float64) bool { return v == 1 },
 		"muster_broker_authentications_total{rejected}":      func(v float64) bool { return v >= 1 },
 		"muster_broker_authentications_total{unprovisioned}": func(v float64) bool { return v == 1 },
@@ -825,7 +856,7 @@ func TestRunShutdownIdempotent(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	connect(t, b2)
+	connect(t, b2, nodeOpts(t, b2, "node")...)
 	cancel()
 	select {
 	case err := <-done:
@@ -905,6 +936,10 @@ func TestExampleConfig(t *testing.T) {
 	}
 	b := startBroker(t)
 	cfg.TLS = TLSFiles{Cert: b.DevPKI().ServerCert, Key: b.DevPKI().ServerKey, CA: b.DevPKI().CACert}
+	if !slices.Equal(cfg.TokenIssuers, []string{"ISSUER_PUBLIC_KEY"}) {
+		t.Errorf("example token_issuers %v", cfg.TokenIssuers)
+	}
+	cfg.TokenIssuers = []string{b.DevPKI().TokenIssuerPublicKey}
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("example: %v", err)
 	}

@@ -64,6 +64,14 @@ type Config struct {
 	// Admins are the certificate CNs given admin rights on the PRODUCTION
 	// account.
 	Admins []string `yaml:"admins"`
+	// TokenIssuers are the public nkeys ("A…") of provisioning token
+	// issuers. An unprovisioned node is admitted only with a valid token
+	// from one of them whose scope covers the identity it connects as.
+	// With the development PKI the development issuer is added.
+	TokenIssuers []string `yaml:"token_issuers"`
+	// InsecureOpenProvisioning admits unprovisioned nodes without a token.
+	// For labs only; warned about at every start.
+	InsecureOpenProvisioning bool `yaml:"insecure_open_provisioning"`
 	// LogLevel is debug, info, warn or error (trace also shows protocol
 	// traces of nats-server).
 	LogLevel string `yaml:"loglevel"`
@@ -153,6 +161,14 @@ func (c *Config) Validate() error {
 		if !nkeys.IsValidPublicUserKey(p) {
 			bad(fmt.Sprintf("provisioners[%d]", i), p, "not an nkey user public key (U...)")
 		}
+	}
+	for i, k := range c.TokenIssuers {
+		if !nkeys.IsValidPublicAccountKey(k) {
+			bad(fmt.Sprintf("token_issuers[%d]", i), k, "not an nkey account public key (A...); muster token init makes one")
+		}
+	}
+	if !c.TLS.empty() && len(c.TokenIssuers) == 0 && !c.InsecureOpenProvisioning {
+		bad("token_issuers", "[]", "at least one token issuer is required (muster token init), or set insecure_open_provisioning")
 	}
 	for i, a := range c.Admins {
 		if err := protocol.ValidateIdentity(a); err != nil {

@@ -26,6 +26,8 @@ const (
 	DevCACN = "Muster development CA"
 	// ProvisionerSeedFile is the provisioner nkey seed's file name.
 	ProvisionerSeedFile = "provisioner.nk"
+	// TokenIssuerSeedFile is the development token issuer's seed file name.
+	TokenIssuerSeedFile = "token-issuer.nk"
 )
 
 // DevPKI is the development PKI the broker makes when no TLS is configured.
@@ -45,6 +47,11 @@ type DevPKI struct {
 	ProvisionerSeed string
 	// ProvisionerPublicKey is the provisioner's nkey public key.
 	ProvisionerPublicKey string
+	// TokenIssuerSeed is the development token issuer's nkey account seed
+	// (token-issuer.nk, 0600); `muster token create --issuer` signs with it.
+	TokenIssuerSeed string
+	// TokenIssuerPublicKey is its public key, trusted by the broker.
+	TokenIssuerPublicKey string
 }
 
 // ensureDevPKI makes or reuses the development PKI in dir. The server
@@ -66,6 +73,7 @@ func ensureDevPKI(dir string, hosts []string, now time.Time) (*DevPKI, error) {
 		CACert:          filepath.Join(dir, ca.CertFile),
 		CAKey:           filepath.Join(dir, ca.KeyFile),
 		ProvisionerSeed: filepath.Join(dir, ProvisionerSeedFile),
+		TokenIssuerSeed: filepath.Join(dir, TokenIssuerSeedFile),
 	}
 	if d.ServerCert, d.ServerKey, err = ensureLeaf(authority, dir, "server", "localhost", hosts, now); err != nil {
 		return nil, fmt.Errorf("dev pki server certificate: %w", err)
@@ -73,8 +81,11 @@ func ensureDevPKI(dir string, hosts []string, now time.Time) (*DevPKI, error) {
 	if d.AdminCert, d.AdminKey, err = ensureLeaf(authority, dir, "admin", DevAdminCN, nil, now); err != nil {
 		return nil, fmt.Errorf("dev pki admin certificate: %w", err)
 	}
-	if d.ProvisionerPublicKey, err = ensureSeed(d.ProvisionerSeed); err != nil {
+	if d.ProvisionerPublicKey, err = ensureSeed(d.ProvisionerSeed, nkeys.PrefixByteUser); err != nil {
 		return nil, fmt.Errorf("dev pki provisioner nkey: %w", err)
+	}
+	if d.TokenIssuerPublicKey, err = ensureSeed(d.TokenIssuerSeed, nkeys.PrefixByteAccount); err != nil {
+		return nil, fmt.Errorf("dev pki token issuer nkey: %w", err)
 	}
 	return d, nil
 }
@@ -128,9 +139,9 @@ func leafUsable(authority *ca.CA, certFile, keyFile, cn string, hosts []string, 
 	return true
 }
 
-// ensureSeed reads the nkey user seed in file, or makes one (0600), and
-// returns its public key.
-func ensureSeed(file string) (string, error) {
+// ensureSeed reads the nkey seed of the given kind (user or account) in
+// file, or makes one (0600), and returns its public key.
+func ensureSeed(file string, kind nkeys.PrefixByte) (string, error) {
 	seed, err := os.ReadFile(file)
 	switch {
 	case err == nil:
@@ -143,15 +154,15 @@ func ensureSeed(file string) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		if !nkeys.IsValidPublicUserKey(pub) {
-			return "", fmt.Errorf("%s: not a user nkey", file)
+		if nkeys.Prefix(pub) != kind {
+			return "", fmt.Errorf("%s: not a %s nkey", file, kind)
 		}
 		return pub, nil
 	case errors.Is(err, os.ErrNotExist):
 	default:
 		return "", err
 	}
-	kp, err := nkeys.CreateUser()
+	kp, err := nkeys.CreatePair(kind)
 	if err != nil {
 		return "", err
 	}

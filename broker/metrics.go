@@ -13,6 +13,7 @@ type collector struct {
 	inMsgs, outMsgs, inBytes, outBytes  *prometheus.Desc
 	slow, accountConns, authentications *prometheus.Desc
 	jetstreamEnabled                    *prometheus.Desc
+	tokenRefusals, duplicates           *prometheus.Desc
 }
 
 // NewCollector returns a Prometheus collector of the broker's statistics,
@@ -36,6 +37,8 @@ func NewCollector(b *Broker) prometheus.Collector {
 		accountConns:     d("account_connections", "Client connections open now per account.", "account"),
 		authentications:  d("authentications_total", "Connection authentications by result.", "result"),
 		jetstreamEnabled: d("jetstream_enabled", "1 when JetStream is enabled on the PROVISIONING account."),
+		tokenRefusals:    d("token_refusals_total", "Unprovisioned connections refused for a missing, invalid, expired or out-of-scope provisioning token."),
+		duplicates:       d("duplicate_identity_total", "Connections refused because another live connection holds the identity."),
 	}
 }
 
@@ -43,7 +46,7 @@ func NewCollector(b *Broker) prometheus.Collector {
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.up, c.conns, c.connsTotal, c.subs, c.inMsgs, c.outMsgs, c.inBytes, c.outBytes,
-		c.slow, c.accountConns, c.authentications, c.jetstreamEnabled,
+		c.slow, c.accountConns, c.authentications, c.jetstreamEnabled, c.tokenRefusals, c.duplicates,
 	} {
 		ch <- d
 	}
@@ -54,6 +57,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	for i, r := range authResults {
 		ch <- prometheus.MustNewConstMetric(c.authentications, prometheus.CounterValue, float64(c.b.auth.counts[i].Load()), r)
 	}
+	ch <- prometheus.MustNewConstMetric(c.tokenRefusals, prometheus.CounterValue, float64(c.b.auth.tokenFails.Load()))
+	ch <- prometheus.MustNewConstMetric(c.duplicates, prometheus.CounterValue, float64(c.b.auth.duplicates.Load()))
 	srv := c.b.Server()
 	var v *server.Varz
 	if srv != nil && srv.Running() {

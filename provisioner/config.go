@@ -13,6 +13,7 @@ import (
 
 	"github.com/muster-io/muster/internal/logging"
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/token"
 )
 
 // Duration is a time.Duration written in YAML as a Go duration string
@@ -70,9 +71,14 @@ type Config struct {
 	// HelperConcurrency limits concurrent helper runs separately from the
 	// workers' RPCs; 0 means Workers.
 	HelperConcurrency int `yaml:"helper_concurrency"`
-	// Token is the fleet provisioning token sent in every request. Secret:
-	// never logged.
-	Token string `yaml:"token"`
+	// TokenIssuers are the public nkeys ("A…") of the issuers whose
+	// provisioning tokens are accepted (`muster token init` makes one).
+	// Nodes without a valid token in scope are not provisioned.
+	TokenIssuers []string `yaml:"token_issuers"`
+	// InsecureTokenless provisions nodes without a provisioning token. For
+	// labs only: anyone who reaches the broker gets a certificate. Logged
+	// as a warning at every start.
+	InsecureTokenless bool `yaml:"insecure_tokenless"`
 	// Site is passed to the helper in every request.
 	Site string `yaml:"site"`
 	// MonitorPort is the HTTP monitor's port: 0 is off, -1 a random port.
@@ -83,7 +89,8 @@ type Config struct {
 	Brokers []string `yaml:"brokers"`
 	// TLSCA is the CA file for the brokers' certificates.
 	TLSCA string `yaml:"tls_ca"`
-	// NkeySeedFile holds the provisioner's nkey seed (its credential).
+	// NkeySeedFile holds the provisioner's nkey seed: its credential on
+	// the broker and the key that signs every request to nodes. Required.
 	NkeySeedFile string `yaml:"nkey_seed_file"`
 	// Features switches optional parts of the pipeline.
 	Features Features `yaml:"features"`
@@ -227,6 +234,17 @@ func (c *Config) validate(needBrokers bool) error {
 		}
 		if u.User != nil {
 			bad(fmt.Sprintf("brokers[%d]", i), "(redacted)", "must not carry credentials; use nkey_seed_file")
+		}
+	}
+	if c.NkeySeedFile == "" {
+		bad("nkey_seed_file", `""`, "required: the provisioner signs every request with it (muster provisioner nkey makes one)")
+	}
+	if len(c.TokenIssuers) == 0 && !c.InsecureTokenless {
+		bad("token_issuers", "[]", "at least one token issuer is required (muster token init), or set insecure_tokenless")
+	}
+	if len(c.TokenIssuers) > 0 {
+		if _, err := token.NewVerifier(c.TokenIssuers); err != nil {
+			bad("token_issuers", c.TokenIssuers, err.Error())
 		}
 	}
 	for _, f := range []struct{ key, path string }{{"tls_ca", c.TLSCA}, {"nkey_seed_file", c.NkeySeedFile}} {

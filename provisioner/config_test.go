@@ -49,20 +49,28 @@ func TestDefaultConfig(t *testing.T) {
 		t.Errorf("default config without brokers: %v", err)
 	}
 	c.Brokers = []string{"tls://127.0.0.1:4222"}
+	if err := c.Validate(); err == nil || !strings.Contains(err.Error(), "nkey_seed_file") || !strings.Contains(err.Error(), "token_issuers") {
+		t.Errorf("default config without signing key and token issuers: %v", err)
+	}
+	c.NkeySeedFile = testSeedFile
+	c.TokenIssuers = []string{testIssuer.PublicKey()}
 	if err := c.Validate(); err != nil {
-		t.Errorf("default config with a broker: %v", err)
+		t.Errorf("default config with a broker, a key and an issuer: %v", err)
 	}
 }
 
 func TestLoadConfig(t *testing.T) {
 	seed := writeFile(t, "p.nk", "SUAxxx")
+	// trust is what every loadable configuration needs: a signing key and
+	// a token issuer.
+	trust := "nkey_seed_file: " + seed + "\ntoken_issuers: [" + testIssuer.PublicKey() + "]\n"
 	good := `
 workers: 3
 interval: 30s
 helper: "/usr/local/bin/helper --flag"
 helper_timeout: 5s
 helper_concurrency: 2
-token: abc
+token_issuers: [` + testIssuer.PublicKey() + `]
 site: lab
 monitor_port: 9300
 brokers: ["tls://broker1:4222", "nats://broker2:4222"]
@@ -90,7 +98,7 @@ name: prov1
 				t.Errorf("loaded %+v", c)
 			}
 		}},
-		{name: "defaults kept", content: "brokers: [tls://b:4222]\n", check: func(t *testing.T, c Config) {
+		{name: "defaults kept", content: trust + "brokers: [tls://b:4222]\n", check: func(t *testing.T, c Config) {
 			if !c.Features.PKI || c.Workers != 8 || c.Grace.D() != 2*time.Minute || c.HelperMode != "exec" {
 				t.Errorf("defaults lost: %+v", c)
 			}
@@ -99,12 +107,12 @@ name: prov1
 		{name: "unknown nested key", content: "brokers: [tls://b:4222]\nfeatures: {pkki: true}\n", wantErr: []string{"pkki"}},
 		{name: "bad duration", content: "brokers: [tls://b:4222]\ninterval: soon\n", wantErr: []string{"soon"}},
 		{name: "empty file", content: "", wantErr: []string{"brokers"}},
-		{name: "persistent helper", content: "brokers: [tls://b:4222]\nhelper: ./h.py --persistent\nhelper_mode: persistent\n", check: func(t *testing.T, c Config) {
+		{name: "persistent helper", content: trust + "brokers: [tls://b:4222]\nhelper: ./h.py --persistent\nhelper_mode: persistent\n", check: func(t *testing.T, c Config) {
 			if c.HelperMode != "persistent" || c.Helper != "./h.py --persistent" {
 				t.Errorf("loaded %+v", c)
 			}
 		}},
-		{name: "exec mode spelled out", content: "brokers: [tls://b:4222]\nhelper_mode: exec\n", check: func(t *testing.T, c Config) {
+		{name: "exec mode spelled out", content: trust + "brokers: [tls://b:4222]\nhelper_mode: exec\n", check: func(t *testing.T, c Config) {
 			if c.HelperMode != "exec" {
 				t.Errorf("loaded %+v", c)
 			}
@@ -131,7 +139,9 @@ grace: -1s
 restart_splay: 2h
 loglevel: chatty
 name: ""
+token_issuers: [UNOTANISSUER]
 `, wantErr: []string{
+			"token_issuers",
 			"workers 0", "interval 10ms", "helper_config", "helper_timeout 0s", "helper_concurrency -1",
 			"helper_mode forking", "monitor_port 70000", "brokers[0]", "brokers[1]", "tls_ca", "nkey_seed_file", "key_type \"dsa\"",
 			"queue_size 0", "rpc_timeout 1h0m0s", "rpc_retries -1", "defer_backoff 0s", "grace -1s",
@@ -168,10 +178,9 @@ name: ""
 
 func TestConfigSecretsNotInErrors(t *testing.T) {
 	c := DefaultConfig()
-	c.Token = "tok-secret"
 	c.Brokers = []string{"nats://user:hunter2@b:4222"}
 	err := c.Validate()
-	if err == nil || strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "tok-secret") {
+	if err == nil || strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "SUA") {
 		t.Fatalf("Validate = %v", err)
 	}
 }

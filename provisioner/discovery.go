@@ -184,7 +184,6 @@ func (p *Provisioner) Discover(ctx context.Context) (int, error) {
 		Action:   protocol.ActionPing,
 		Time:     time.Now().UTC(),
 		TTL:      p.ttl(),
-		Token:    p.cfg.Token,
 	}
 	data, err := protocol.Marshal(req)
 	if err != nil {

@@ -44,6 +44,8 @@ type metrics struct {
 	helperDur    *prometheus.HistogramVec
 	queueWait    prometheus.Histogram
 	nodeDuration prometheus.Histogram
+
+	tokenRefusals *prometheus.CounterVec
 }
 
 func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, error) {
@@ -73,6 +75,11 @@ func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, err
 		helperDur:    prometheus.NewHistogramVec(hopts("helper_duration_seconds", "Duration of helper runs, by outcome.", durBuckets), []string{"outcome"}),
 		queueWait:    prometheus.NewHistogram(hopts("queue_wait_seconds", "Time a node waited in the queue.", longBuckets)),
 		nodeDuration: prometheus.NewHistogram(hopts("node_duration_seconds", "Time from dequeue to restart acknowledged.", longBuckets)),
+
+		tokenRefusals: prometheus.NewCounterVec(prometheus.CounterOpts(opts("token_refusals_total", "Nodes refused for their provisioning token, by reason.")), []string{"reason"}),
+	}
+	for _, r := range tokenReasons {
+		m.tokenRefusals.WithLabelValues(r)
 	}
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
 	capG := prometheus.NewGauge(prometheus.GaugeOpts(opts("queue_capacity", "Size of the queue.")))
@@ -105,7 +112,7 @@ func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, err
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
-		m.queueWait, m.nodeDuration,
+		m.queueWait, m.nodeDuration, m.tokenRefusals,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err

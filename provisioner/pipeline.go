@@ -96,7 +96,18 @@ func (a *attempt) run(ctx context.Context) error {
 	if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &inv); err != nil {
 		return failAt(StageInventory, fmt.Errorf("inventory body: %w: %v", ErrBadReply, err))
 	}
-	inventory := string(rep.Body)
+	claims, err := p.checkToken(a.id, inv.ProvisioningToken)
+	if err != nil {
+		return failAt(StageInventory, err)
+	}
+	// The token is a bearer secret: the helper gets its verified claims,
+	// never the token itself.
+	inv.ProvisioningToken = ""
+	invJSON, err := json.Marshal(inv)
+	if err != nil {
+		return failAt(StageInventory, fmt.Errorf("inventory: %w", err))
+	}
+	inventory := string(invJSON)
 
 	var csrInfo *helper.CSRInfo
 	var pub crypto.PublicKey
@@ -121,7 +132,7 @@ func (a *attempt) run(ctx context.Context) error {
 		Identity:  a.id,
 		CSR:       csrInfo,
 		Inventory: inventory,
-		JWT:       json.RawMessage("null"),
+		JWT:       claims,
 		RequestID: nuid.Next(),
 		Site:      p.cfg.Site,
 	}
@@ -172,6 +183,7 @@ func (a *attempt) run(ctx context.Context) error {
 		return failAt(StageRestart, err)
 	}
 	a.outcome = OutcomeProvisioned
+	p.recordTokenUse(claims, a.id)
 	return nil
 }
 
@@ -386,8 +398,10 @@ func (p *Provisioner) rpcOnce(ctx context.Context, nc *nats.Conn, subject, targe
 		Action:   action,
 		Time:     time.Now().UTC(),
 		TTL:      p.ttl(),
-		Token:    p.cfg.Token,
 		Body:     body,
+	}
+	if err := req.Sign(p.signer); err != nil {
+		return nil, false, fmt.Errorf("%s %s: %w", agent, action, err)
 	}
 	data, err := protocol.Marshal(req)
 	if err != nil {

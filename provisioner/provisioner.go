@@ -13,18 +13,21 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/logging"
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/token"
 )
 
 // Outcome is how a node's provisioning attempt ended.
@@ -177,6 +180,12 @@ type Provisioner struct {
 	invalidAt map[string]logThrottle
 
 	connOverride *nats.Conn
+	// signer signs every request to nodes (the provisioner's nkey).
+	signer nkeys.KeyPair
+	// tokens verifies provisioning tokens; nil with insecure_tokenless.
+	tokens *token.Verifier
+	// tokenUses maps a token's jti to the identities it provisioned.
+	tokenUses map[string]map[string]struct{}
 	// ready is closed once Run has subscribed and started its workers.
 	ready chan struct{}
 }
@@ -202,6 +211,16 @@ func New(opts Options) (*Provisioner, error) {
 		return nil, err
 	}
 	cfg := opts.Config
+	signer, err := loadSigner(cfg.NkeySeedFile)
+	if err != nil {
+		return nil, err
+	}
+	var tokens *token.Verifier
+	if len(cfg.TokenIssuers) > 0 {
+		if tokens, err = token.NewVerifier(cfg.TokenIssuers); err != nil {
+			return nil, fmt.Errorf("%w: token_issuers: %w", ErrConfig, err)
+		}
+	}
 	log := opts.Logger
 	if log == nil {
 		l, _, err := logging.New(cfg.LogLevel, "")
@@ -223,7 +242,13 @@ func New(opts Options) (*Provisioner, error) {
 		gateCh:       make(chan struct{}),
 		invalidAt:    map[string]logThrottle{},
 		connOverride: opts.Conn,
+		signer:       signer,
+		tokens:       tokens,
+		tokenUses:    map[string]map[string]struct{}{},
 		ready:        make(chan struct{}),
+	}
+	if cfg.InsecureTokenless {
+		log.Warn("INSECURE: insecure_tokenless is on; any node that reaches the broker is provisioned without a provisioning token")
 	}
 	if p.drain == 0 {
 		p.drain = cfg.RPCTimeout.D() + cfg.HelperTimeout.D()
@@ -234,6 +259,30 @@ func New(opts Options) (*Provisioner, error) {
 	}
 	p.m = m
 	return p, nil
+}
+
+// loadSigner reads the provisioner's nkey seed, the key it signs requests
+// with. The seed never appears in errors.
+func loadSigner(path string) (nkeys.KeyPair, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%w: nkey_seed_file %q: %s", ErrConfig, path, errText(err))
+	}
+	kp, err := nkeys.ParseDecoratedNKey(b)
+	if err != nil {
+		return nil, fmt.Errorf("%w: nkey_seed_file %q: not an nkey seed", ErrConfig, path)
+	}
+	if _, err := kp.Seed(); err != nil {
+		return nil, fmt.Errorf("%w: nkey_seed_file %q: holds no seed", ErrConfig, path)
+	}
+	return kp, nil
+}
+
+// SignerKey is the public nkey the provisioner signs requests with; agents
+// must trust it.
+func (p *Provisioner) SignerKey() string {
+	pub, _ := p.signer.PublicKey()
+	return pub
 }
 
 // Registry returns the provisioner's private Prometheus registry.

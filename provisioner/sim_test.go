@@ -23,7 +23,6 @@ import (
 	"github.com/muster-io/muster/internal/protocol"
 )
 
-const testToken = "s3cret-fleet-token-do-not-log"
 
 // startServer runs an embedded nats-server on a random loopback port.
 func startServer(t *testing.T) string {
@@ -124,7 +123,7 @@ func newSimFleet(t *testing.T, url string, caPEM []byte) *simFleet {
 // discovery broadcast.
 func (f *simFleet) add(id string, behave nodeBehaviour) *simNode {
 	f.t.Helper()
-	n := &simNode{id: id, caPEM: f.caPEM, token: testToken, behave: behave, counts: map[string]int{}}
+	n := &simNode{id: id, caPEM: f.caPEM, token: nodeToken(f.t, id), behave: behave, counts: map[string]int{}}
 	for _, subj := range []string{
 		protocol.NodeSubject(protocol.ProvisioningCollective, id),
 		protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery),
@@ -166,11 +165,13 @@ func (n *simNode) handle(m *nats.Msg) {
 		n.respond(m, req, protocol.CodeExpired, "expired", nil)
 		return
 	}
-	if req.Token != n.token {
-		n.respond(m, req, protocol.CodeUnauthorized, "bad token", nil)
-		return
-	}
 	broadcast := req.Target == ""
+	if req.Agent != protocol.AgentDiscovery {
+		if err := req.VerifySignature(testTrusted); err != nil {
+			n.respond(m, req, protocol.CodeUnauthorized, err.Error(), nil)
+			return
+		}
+	}
 	if !broadcast && req.Target != n.id {
 		n.respond(m, req, protocol.CodeBadRequest, "wrong target", nil)
 		return
@@ -202,7 +203,7 @@ func (n *simNode) handle(m *nats.Msg) {
 		n.respond(m, req, protocol.CodeOK, "", protocol.Inventory{
 			Agents: []string{"rpcutil", "choria_provision"}, Facts: map[string]string{"identity": n.id},
 			Classes: []string{}, Collectives: []string{"provisioning"}, MainCollective: "provisioning",
-			Version: "test", DataPlugins: []string{},
+			Version: "test", DataPlugins: []string{}, ProvisioningToken: n.token,
 		})
 	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionGenCSR:
 		var g protocol.GenCSRRequest
@@ -316,9 +317,15 @@ func (h *testHelper) Provision(ctx context.Context, req *helper.Request) (*helpe
 		h.mu.Unlock()
 		return nil, errors.New("bad inventory")
 	}
-	if req.RequestID == "" || req.Site != "test-site" || string(req.JWT) != "null" {
+	var claims struct {
+		Subject string `json:"sub"`
+		Issuer  string `json:"iss"`
+	}
+	_ = json.Unmarshal(req.JWT, &claims)
+	if req.RequestID == "" || req.Site != "test-site" || claims.Subject != req.Identity || claims.Issuer != testIssuer.PublicKey() ||
+		inv.ProvisioningToken != "" || strings.Contains(req.Inventory, "eyJ") {
 		h.mu.Lock()
-		h.bad = append(h.bad, fmt.Sprintf("%s: request fields %+v", req.Identity, req))
+		h.bad = append(h.bad, fmt.Sprintf("%s: request fields: id %q site %q jwt %s", req.Identity, req.RequestID, req.Site, req.JWT))
 		h.mu.Unlock()
 	}
 	if h.hook != nil {
@@ -404,7 +411,8 @@ func testConfig() Config {
 	c := DefaultConfig()
 	c.Workers = 4
 	c.Interval = Duration(time.Second)
-	c.Token = testToken
+	c.NkeySeedFile = testSeedFile
+	c.TokenIssuers = []string{testIssuer.PublicKey()}
 	c.Site = "test-site"
 	c.RPCTimeout = Duration(300 * time.Millisecond)
 	c.RPCRetries = 2
@@ -435,8 +443,8 @@ func (r *running) stop(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("Run did not return after cancel")
 	}
-	if strings.Contains(r.logs.String(), testToken) {
-		t.Errorf("token found in logs")
+	if strings.Contains(r.logs.String(), "eyJ") {
+		t.Errorf("a provisioning token (JWT) was found in the logs")
 	}
 }
 

@@ -26,7 +26,8 @@ import (
 // variables are never written at run time.
 var (
 	provisionBrokers = ""      // comma-separated provisioning broker URLs
-	provisionToken   = ""      // fleet token
+	provisionToken   = ""      // provisioning token (JWT from muster token create)
+	provisionerKeys  = ""      // comma-separated trusted provisioner public nkeys
 	provisionCA      = ""      // path of the provisioning CA
 	provisionCAPin   = ""      // sha256:<hex> pin of the provisioning CA
 	factsFile        = ""      // facts file path
@@ -45,7 +46,10 @@ type runFlags struct {
 	identity, stateDir, config string
 	brokers                    []string
 	token, ca, caPin, facts    string
+	tokenFile                  string
+	provisionerKeys            []string
 	provision, insecure        bool
+	insecureUnsigned           bool
 	logLevel, logFile          string
 }
 
@@ -95,6 +99,13 @@ func run(args []string, stdout, stderr io.Writer) int {
 				f.token = t
 			}
 		}
+		if f.tokenFile != "" {
+			b, err := os.ReadFile(f.tokenFile)
+			if err != nil {
+				return fmt.Errorf("--token-file: %w", err)
+			}
+			f.token = strings.TrimSpace(string(b))
+		}
 		code = runAgent(cmd.Context(), f, stderr)
 		return nil
 	}
@@ -105,7 +116,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	pf.StringVar(&f.stateDir, "state-dir", "/var/lib/muster-agent", "state directory (configuration, ssl, marker)")
 	pf.StringVar(&f.config, "config", "", "configuration file (default <state-dir>/agent.cfg)")
 	pf.StringArrayVar(&f.brokers, "provisioning-broker", splitComma(provisionBrokers), "provisioning broker URL (repeatable)")
-	pf.StringVar(&f.token, "token", provisionToken, "fleet provisioning token (or MUSTER_TOKEN)")
+	pf.StringVar(&f.token, "token", provisionToken, "provisioning token (or MUSTER_TOKEN, or --token-file)")
+	pf.StringVar(&f.tokenFile, "token-file", "", "file holding the provisioning token")
+	pf.StringArrayVar(&f.provisionerKeys, "provisioner-key", splitComma(provisionerKeys), "trusted provisioner public nkey (repeatable; several for key rotation)")
+	pf.BoolVar(&f.insecureUnsigned, "insecure-unsigned-requests", false, "INSECURE: obey requests without a trusted provisioner signature")
 	pf.StringVar(&f.ca, "ca", provisionCA, "CA file of the provisioning broker")
 	pf.StringVar(&f.caPin, "ca-pin", provisionCAPin, "sha256:<hex> pin of the provisioning CA")
 	pf.StringVar(&f.facts, "facts", factsFile, "facts file (JSON object or YAML map)")
@@ -143,6 +157,7 @@ type buildInfo struct {
 	Version            string   `json:"version"`
 	ProvisionBrokers   []string `json:"provisioning_brokers"`
 	ProvisionToken     string   `json:"provisioning_token"`
+	ProvisionerKeys    []string `json:"provisioner_keys"`
 	ProvisionCA        string   `json:"provisioning_ca"`
 	ProvisionCAPin     string   `json:"provisioning_ca_pin"`
 	FactsFile          string   `json:"facts_file"`
@@ -159,6 +174,7 @@ func printBuildInfo(w io.Writer, asJSON bool) error {
 		Version:            version,
 		ProvisionBrokers:   splitComma(provisionBrokers),
 		ProvisionToken:     tok,
+		ProvisionerKeys:    splitComma(provisionerKeys),
 		ProvisionCA:        provisionCA,
 		ProvisionCAPin:     provisionCAPin,
 		FactsFile:          factsFile,
@@ -166,6 +182,9 @@ func printBuildInfo(w io.Writer, asJSON bool) error {
 	}
 	if bi.ProvisionBrokers == nil {
 		bi.ProvisionBrokers = []string{}
+	}
+	if bi.ProvisionerKeys == nil {
+		bi.ProvisionerKeys = []string{}
 	}
 	if asJSON {
 		enc := json.NewEncoder(w)
@@ -182,6 +201,7 @@ func printBuildInfo(w io.Writer, asJSON bool) error {
 	fmt.Fprintf(w, "               Version: %s\n", bi.Version)
 	fmt.Fprintf(w, "  Provisioning brokers: %s\n", orNot(strings.Join(bi.ProvisionBrokers, ", ")))
 	fmt.Fprintf(w, "    Provisioning token: %s\n", bi.ProvisionToken)
+	fmt.Fprintf(w, "      Provisioner keys: %s\n", orNot(strings.Join(bi.ProvisionerKeys, ", ")))
 	fmt.Fprintf(w, "       Provisioning CA: %s\n", orNot(bi.ProvisionCA))
 	fmt.Fprintf(w, "   Provisioning CA pin: %s\n", orNot(bi.ProvisionCAPin))
 	fmt.Fprintf(w, "            Facts file: %s\n", orNot(bi.FactsFile))
@@ -207,13 +227,15 @@ func runAgent(ctx context.Context, f *runFlags, stderr io.Writer) int {
 		StateDir:   f.stateDir,
 		ConfigFile: f.config,
 		Provisioning: agent.ProvisioningSettings{
-			Brokers:            f.brokers,
-			Token:              f.token,
-			CAFile:             f.ca,
-			CAPin:              f.caPin,
-			InsecureSkipVerify: f.insecure,
-			FactsFile:          f.facts,
-			Enabled:            f.provision,
+			Brokers:                  f.brokers,
+			Token:                    f.token,
+			TrustedKeys:              f.provisionerKeys,
+			InsecureUnsignedRequests: f.insecureUnsigned,
+			CAFile:                   f.ca,
+			CAPin:                    f.caPin,
+			InsecureSkipVerify:       f.insecure,
+			FactsFile:                f.facts,
+			Enabled:                  f.provision,
 		},
 		Version:       version,
 		Logger:        log,

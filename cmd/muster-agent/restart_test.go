@@ -15,6 +15,7 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 	"github.com/nats-io/nuid"
 
 	"github.com/muster-io/muster/internal/ca"
@@ -83,8 +84,13 @@ func TestRestartReExecs(t *testing.T) {
 		}
 	}
 
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := kp.PublicKey()
 	cmd := exec.Command(bin, "run", "--identity", "n1", "--state-dir", t.TempDir(),
-		"--provisioning-broker", url, "--ca", caFile, "--token", "tok")
+		"--provisioning-broker", url, "--ca", caFile, "--provisioner-key", pub)
 	stderr := &syncBuffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
@@ -94,10 +100,14 @@ func TestRestartReExecs(t *testing.T) {
 	waitFor(1)
 
 	body, _ := json.Marshal(protocol.RestartRequest{SplayMillis: 10})
-	req, _ := json.Marshal(protocol.Request{
+	r := protocol.Request{
 		Protocol: protocol.RequestProtocol, ID: nuid.Next(), Sender: "test", Target: "n1",
-		Agent: protocol.AgentProvision, Action: protocol.ActionRestart, Time: time.Now().UTC(), TTL: 60, Token: "tok", Body: body,
-	})
+		Agent: protocol.AgentProvision, Action: protocol.ActionRestart, Time: time.Now().UTC(), TTL: 60, Body: body,
+	}
+	if err := r.Sign(kp); err != nil {
+		t.Fatal(err)
+	}
+	req, _ := json.Marshal(r)
 	msg, err := nc.Request(protocol.NodeSubject(protocol.ProvisioningCollective, "n1"), req, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)

@@ -33,6 +33,7 @@ func newRootCmd() *cobra.Command {
 		newHelperCmd(),
 		newDemoCmd(),
 		newBenchCmd(),
+		newTokenCmd(),
 	)
 	return root
 }

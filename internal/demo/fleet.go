@@ -6,8 +6,6 @@ package demo
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -28,6 +26,7 @@ import (
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/fsutil"
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/token"
 	"github.com/muster-io/muster/provisioner"
 )
 
@@ -268,7 +267,16 @@ func (f *Fleet) prepare() error {
 		return err
 	}
 
+	issuerSeed, issuerPub, err := token.GenerateIssuerSeed()
+	if err != nil {
+		return err
+	}
+	if err := fsutil.WriteFileAtomic(filepath.Join(pkiDir, broker.TokenIssuerSeedFile), issuerSeed, 0o600); err != nil {
+		return err
+	}
+
 	bcfg := broker.DefaultConfig()
+	bcfg.TokenIssuers = []string{issuerPub}
 	bcfg.Listen = "127.0.0.1:0"
 	bcfg.StoreDir = filepath.Join(f.dir, "broker")
 	bcfg.TLS.Cert, bcfg.TLS.Key, bcfg.TLS.CA = srvCert, srvKey, caFile
@@ -311,7 +319,10 @@ func (f *Fleet) Start(ctx context.Context) error {
 		hostPort = "nats://" + hostPort
 	}
 
-	token := randomToken()
+	issuer, provKey, err := f.trust()
+	if err != nil {
+		return err
+	}
 	h, err := f.helper(hostPort)
 	if err != nil {
 		return err
@@ -321,7 +332,7 @@ func (f *Fleet) Start(ctx context.Context) error {
 	pcfg.Brokers = []string{url}
 	pcfg.TLSCA = filepath.Join(f.dir, "pki", "ca.pem")
 	pcfg.NkeySeedFile = filepath.Join(f.dir, "pki", "provisioner.nk")
-	pcfg.Token = token
+	pcfg.TokenIssuers = []string{issuer.PublicKey()}
 	pcfg.Site = "demo"
 	pcfg.HelperTimeout = provisioner.Duration(f.opts.HelperTimeout)
 	pcfg.DeferBackoff = provisioner.Duration(f.opts.DeferBackoff)
@@ -367,14 +378,20 @@ func (f *Fleet) Start(ctx context.Context) error {
 		inProcess = f.broker.Server()
 	}
 
+	now := time.Now()
 	for i := 0; i < f.opts.Nodes; i++ {
 		id := Identity(i)
+		tok, _, err := issuer.Create(token.Scope{Identity: id, Batch: "demo"}, now, 24*time.Hour)
+		if err != nil {
+			return fmt.Errorf("token for %s: %w", id, err)
+		}
 		a, err := agent.New(agent.Options{
 			Identity: id,
 			StateDir: filepath.Join(f.dir, "agents", id),
 			Provisioning: agent.ProvisioningSettings{
 				Brokers: agentBrokers,
-				Token:   token,
+				Token:       tok,
+				TrustedKeys: []string{provKey},
 				CAPEM:   f.ca.CertificatePEM(),
 				Enabled: true,
 			},
@@ -672,10 +689,26 @@ func (f *Fleet) Close() error {
 	return errors.Join(f.runErr...)
 }
 
-func randomToken() string {
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		panic(err)
+// trust reads the development PKI's token issuer and the provisioner's
+// public key: the fleet's agents get a token each from the one and trust
+// the other.
+func (f *Fleet) trust() (*token.Issuer, string, error) {
+	seed, err := os.ReadFile(filepath.Join(f.dir, "pki", broker.TokenIssuerSeedFile))
+	if err != nil {
+		return nil, "", fmt.Errorf("token issuer: %w", err)
 	}
-	return hex.EncodeToString(b)
+	issuer, err := token.NewIssuer(seed)
+	if err != nil {
+		return nil, "", fmt.Errorf("token issuer: %w", err)
+	}
+	pseed, err := os.ReadFile(filepath.Join(f.dir, "pki", broker.ProvisionerSeedFile))
+	if err != nil {
+		return nil, "", fmt.Errorf("provisioner key: %w", err)
+	}
+	kp, err := nkeys.FromSeed(pseed)
+	if err != nil {
+		return nil, "", fmt.Errorf("provisioner key: %w", err)
+	}
+	pub, err := kp.PublicKey()
+	return issuer, pub, err
 }

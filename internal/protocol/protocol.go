@@ -19,10 +19,11 @@ import (
 // Version strings carried in every envelope. A receiver rejects an envelope
 // whose protocol field it does not know.
 const (
-	RequestProtocol = "muster:request:1"
-	ReplyProtocol   = "muster:reply:1"
-	EventProtocol   = "muster:lifecycle:1"
-	MetadataProto   = "muster:metadata:1"
+	RequestProtocol  = "muster:request:1"
+	ReplyProtocol    = "muster:reply:1"
+	EventProtocol    = "muster:lifecycle:1"
+	MetadataProto    = "muster:metadata:1"
+	AdvisoryProtocol = "muster:advisory:1"
 )
 
 // Size limits. Every message from a node or a helper is checked against one of
@@ -57,7 +58,35 @@ const (
 	MetadataSubject = "choria.provisioning_data"
 	// LifecyclePrefix prefixes lifecycle events: choria.lifecycle.event.<type>.<component>.
 	LifecyclePrefix = "choria.lifecycle.event"
+	// AdvisoryDuplicateIdentity is where the broker announces that a
+	// second machine (another address) tried to connect as an identity
+	// that already has a live provisioning connection. Only provisioners
+	// can subscribe to it.
+	AdvisoryDuplicateIdentity = "muster.advisory.duplicate_identity"
 )
+
+// DuplicateIdentity is the body of an AdvisoryDuplicateIdentity message.
+type DuplicateIdentity struct {
+	Protocol string    `json:"protocol"`
+	Identity string    `json:"identity"`
+	Time     time.Time `json:"time"`
+}
+
+// DecodeDuplicateIdentity decodes and validates a duplicate identity
+// advisory.
+func DecodeDuplicateIdentity(data []byte) (*DuplicateIdentity, error) {
+	var d DuplicateIdentity
+	if err := DecodeLenient(data, MaxMessageSize, &d); err != nil {
+		return nil, fmt.Errorf("decode advisory: %w", err)
+	}
+	if d.Protocol != AdvisoryProtocol {
+		return nil, fmt.Errorf("decode advisory: protocol %q: %w", d.Protocol, ErrBadProtocol)
+	}
+	if err := ValidateIdentity(d.Identity); err != nil {
+		return nil, fmt.Errorf("decode advisory: %w", err)
+	}
+	return &d, nil
+}
 
 // Agents a node serves.
 const (
@@ -126,6 +155,7 @@ var (
 	ErrInvalidIdentity = errors.New("invalid identity")
 	ErrExpired         = errors.New("request expired")
 	ErrBadTTL          = errors.New("invalid ttl")
+	ErrBadField        = errors.New("invalid field")
 )
 
 // Request is the envelope of every request the provisioner (or an operator
@@ -144,10 +174,13 @@ type Request struct {
 	Time time.Time `json:"time"`
 	// TTL in whole seconds: the request is void after Time+TTL.
 	TTL int `json:"ttl"`
-	// Token is the fleet provisioning token (Choria's shared-token model).
-	Token string `json:"token,omitempty"`
 	// Body is the action's input; its type depends on Agent and Action.
 	Body json.RawMessage `json:"body,omitempty"`
+	// Signer is the public nkey of the key that signed the request.
+	Signer string `json:"signer,omitempty"`
+	// Signature is the raw-URL base64 ed25519 signature by Signer over
+	// SigningPayload (see sign.go).
+	Signature string `json:"sig,omitempty"`
 }
 
 // Reply is the envelope of every reply from a node.
@@ -220,6 +253,10 @@ type Inventory struct {
 	DataPlugins    []string          `json:"data_plugins"`
 	Upgradable     bool              `json:"upgradable"`
 	Config         map[string]string `json:"config,omitempty"`
+	// ProvisioningToken is the node's provisioning token (provisioning
+	// mode only). The provisioner verifies it and removes it before the
+	// inventory reaches the helper. Secret.
+	ProvisioningToken string `json:"provisioning_token,omitempty"`
 }
 
 // Key types a node can generate in gencsr.
@@ -374,6 +411,12 @@ func (r *Request) Validate() error {
 	}
 	if r.TTL <= 0 || time.Duration(r.TTL)*time.Second > MaxTTL {
 		errs = append(errs, fmt.Errorf("ttl %d: %w", r.TTL, ErrBadTTL))
+	}
+	if len(r.Sender) > 128 {
+		errs = append(errs, fmt.Errorf("sender: longer than 128 bytes: %w", ErrBadField))
+	}
+	if len(r.Signer) > 64 || len(r.Signature) > 128 {
+		errs = append(errs, fmt.Errorf("signer or sig too long: %w", ErrBadField))
 	}
 	if r.Target != "" {
 		if err := ValidateIdentity(r.Target); err != nil {
