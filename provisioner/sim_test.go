@@ -23,7 +23,6 @@ import (
 	"github.com/muster-io/muster/internal/protocol"
 )
 
-
 // startServer runs an embedded nats-server on a random loopback port.
 func startServer(t *testing.T) string {
 	t.Helper()
