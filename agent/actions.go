@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -84,6 +85,13 @@ func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *
 	}
 	if id, set := cfg.Get(config.KeyIdentity); set && id != a.id {
 		return fail(protocol.CodeBadRequest, "configuration: identity %q is not this node's identity %q", id, a.id)
+	}
+	// Paths the agent will open are confined to its state directory, so a
+	// configuration cannot point it at files elsewhere on the machine.
+	for _, k := range []string{config.KeyCertificate, config.KeyKey, config.KeyCA} {
+		if v, set := cfg.Get(k); set && !a.inStateDir(v) {
+			return fail(protocol.CodeBadRequest, "configuration: %s must be an absolute path inside the agent's state directory", k)
+		}
 	}
 	var files []fsutil.File
 	certPath := filepath.Join(a.sslDir, CertFile)
@@ -165,6 +173,17 @@ func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *
 	s.cfg = cfg
 	log.WithFields(logrus.Fields{"certificate": certInstalled, "keys": cfg.Len()}).Info("configured; waiting for restart")
 	return ok(nil)
+}
+
+// inStateDir reports whether p is an absolute path inside the state
+// directory once cleaned (so "..", "." and doubled separators cannot
+// escape it).
+func (a *Agent) inStateDir(p string) bool {
+	if !filepath.IsAbs(p) {
+		return false
+	}
+	rel, err := filepath.Rel(a.stateDir, filepath.Clean(p))
+	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator))
 }
 
 // policyFiles validates the policies of a configure request.
