@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"github.com/nats-io/nkeys"
+
 	"testing"
 	"time"
 
@@ -115,4 +117,47 @@ func FuzzHandleRequest(f *testing.F) {
 			t.Fatalf("reply sender %q", rep.Sender)
 		}
 	})
+}
+
+func TestRefusalsCounted(t *testing.T) {
+	s := fuzzSession(t, ModeProvisioning)
+	now := time.Now()
+	inv := func(key nkeys.KeyPair, id string, at time.Time) []byte {
+		return newRequest(id, "fuzz.node", protocol.AgentRPCUtil, protocol.ActionInventory, key, at, nil)
+	}
+	send := func(data []byte) protocol.Code {
+		t.Helper()
+		res := s.handle(s.nodeSubject, data, now)
+		rep, err := protocol.DecodeReply(res.reply)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rep.Code
+	}
+	if c := send(inv(nil, "", now)); c != protocol.CodeUnauthorized {
+		t.Errorf("unsigned: %s", c)
+	}
+	if c := send(inv(rogueKey, "", now)); c != protocol.CodeUnauthorized {
+		t.Errorf("rogue: %s", c)
+	}
+	tampered := inv(testKey, "", now)
+	tampered = []byte(string(tampered[:len(tampered)-1]) + `,"sender":"x"}`)
+	if c := send(tampered); c != protocol.CodeUnauthorized { // the later "sender" wins when decoding
+		t.Errorf("tampered: %s", c)
+	}
+	if c := send(inv(testKey, "", now.Add(-time.Hour))); c != protocol.CodeExpired {
+		t.Errorf("stale: %s", c)
+	}
+	once := inv(testKey, "once", now)
+	if c := send(once); c != protocol.CodeOK {
+		t.Errorf("first: %s", c)
+	}
+	if c := send(once); c != protocol.CodeBadRequest {
+		t.Errorf("replay: %s", c)
+	}
+	got := s.a.Refusals()
+	want := Refusals{Unsigned: 1, UntrustedKey: 1, BadSignature: 1, Stale: 1, Replayed: 1}
+	if got != want {
+		t.Errorf("refusals %+v, want %+v", got, want)
+	}
 }
