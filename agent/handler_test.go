@@ -2,6 +2,7 @@ package agent
 
 import (
 	"github.com/nats-io/nkeys"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"testing"
 	"time"
@@ -159,5 +160,26 @@ func TestRefusalsCounted(t *testing.T) {
 	want := Refusals{Unsigned: 1, UntrustedKey: 1, BadSignature: 1, Stale: 1, Replayed: 1}
 	if got != want {
 		t.Errorf("refusals %+v, want %+v", got, want)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(NewCollector(s.a))
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			key := mf.GetName()
+			for _, l := range m.GetLabel() {
+				key += "{" + l.GetValue() + "}"
+			}
+			seen[key] = m.GetCounter().GetValue()
+		}
+	}
+	for _, r := range []string{"unsigned", "bad_signature", "untrusted_key", "stale", "replayed"} {
+		if seen["muster_agent_refused_requests_total{"+r+"}"] != 1 {
+			t.Errorf("metric for %s: %v", r, seen)
+		}
 	}
 }

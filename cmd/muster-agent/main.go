@@ -9,14 +9,20 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/muster-io/muster/agent"
 	"github.com/muster-io/muster/internal/logging"
@@ -50,6 +56,7 @@ type runFlags struct {
 	provisionerKeys            []string
 	provision, insecure        bool
 	insecureUnsigned           bool
+	metricsListen              string
 	logLevel, logFile          string
 }
 
@@ -125,6 +132,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	pf.StringVar(&f.facts, "facts", factsFile, "facts file (JSON object or YAML map)")
 	pf.BoolVar(&f.provision, "provision", provDefault, "provision when there is no configuration file")
 	pf.BoolVar(&f.insecure, "insecure-skip-tls-verify", false, "INSECURE: do not verify the provisioning broker's certificate")
+	pf.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus /metrics on host:port (off by default)")
 	pf.StringVar(&f.logLevel, "loglevel", "info", "log level: debug, info, warn, error")
 	pf.StringVar(&f.logFile, "logfile", "", "log file (default stderr)")
 
@@ -245,6 +253,14 @@ func runAgent(ctx context.Context, f *runFlags, stderr io.Writer) int {
 		log.WithError(err).Error("invalid settings")
 		return exitError
 	}
+	if f.metricsListen != "" {
+		stop, err := serveMetrics(f.metricsListen, a)
+		if err != nil {
+			log.WithError(err).Error("metrics listener")
+			return exitError
+		}
+		defer stop()
+	}
 	err = a.Run(ctx)
 	switch {
 	case err == nil:
@@ -268,4 +284,22 @@ func runAgent(ctx context.Context, f *runFlags, stderr io.Writer) int {
 		log.WithError(err).Error("agent failed")
 		return exitError
 	}
+}
+
+// serveMetrics serves the agent's Prometheus metrics on addr until stop is
+// called.
+func serveMetrics(addr string, a *agent.Agent) (stop func(), err error) {
+	reg := prometheus.NewRegistry()
+	if err := reg.Register(agent.NewCollector(a)); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	return func() { _ = srv.Close() }, nil
 }
