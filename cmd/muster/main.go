@@ -34,6 +34,7 @@ func newRootCmd() *cobra.Command {
 		newDemoCmd(),
 		newBenchCmd(),
 		newTokenCmd(),
+		newRequestCmd(),
 	)
 	return root
 }
