@@ -6,11 +6,13 @@ LDFLAGS   := -X main.version=$(VERSION)
 # Agent provisioning defaults compiled into muster-agent (see docs/agent.md).
 AGENT_BROKERS ?=
 AGENT_TOKEN   ?=
+AGENT_PROVISIONER_KEYS ?=
 AGENT_CA      ?=
 AGENT_CA_PIN  ?=
 AGENT_FACTS   ?=
 AGENT_PROVISION ?= true
 AGENT_LDFLAGS := $(LDFLAGS) -X main.provisionBrokers=$(AGENT_BROKERS) -X main.provisionToken=$(AGENT_TOKEN) \
+	-X main.provisionerKeys=$(AGENT_PROVISIONER_KEYS) \
 	-X main.provisionCA=$(AGENT_CA) -X main.provisionCAPin=$(AGENT_CA_PIN) -X main.factsFile=$(AGENT_FACTS) \
 	-X main.provisionDefault=$(AGENT_PROVISION)
 FUZZTIME  ?= 5s
