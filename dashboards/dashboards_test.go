@@ -4,10 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/nats-io/nkeys"
 
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/logging"
@@ -25,6 +28,16 @@ func registered(t *testing.T) map[string]bool {
 	t.Helper()
 	cfg := provisioner.DefaultConfig()
 	cfg.Brokers = []string{"tls://127.0.0.1:4222"}
+	kp, err := nkeys.CreateUser()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seed, _ := kp.Seed()
+	cfg.NkeySeedFile = filepath.Join(t.TempDir(), "p.nk")
+	if err := os.WriteFile(cfg.NkeySeedFile, seed, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg.InsecureTokenless = true // the metrics are the same either way
 	p, err := provisioner.New(provisioner.Options{Config: cfg, Helper: noHelper{}, Logger: logging.Discard().WithField("component", "test")})
 	if err != nil {
 		t.Fatal(err)
