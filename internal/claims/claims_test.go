@@ -1,0 +1,161 @@
+package claims
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+func startJS(t *testing.T) jetstream.JetStream {
+	t.Helper()
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	t.Cleanup(s.Shutdown)
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("server not ready")
+	}
+	nc, err := nats.Connect(s.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return js
+}
+
+func store(t *testing.T, js jetstream.JetStream, owner string, lease time.Duration) *Store {
+	t.Helper()
+	s, err := New(context.Background(), js, Config{Owner: owner, Lease: lease})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestClaimExclusiveAndRelease(t *testing.T) {
+	js := startJS(t)
+	ctx := context.Background()
+	a, b := store(t, js, "prov-a", 5*time.Second), store(t, js, "prov-b", 5*time.Second)
+	ca, err := a.Claim(ctx, "n1.example.net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Claim(ctx, "n1.example.net"); !errors.Is(err, ErrClaimed) {
+		t.Fatalf("second claim: %v, want ErrClaimed", err)
+	}
+	if h, _ := b.Holder(ctx, "n1.example.net"); h != "prov-a" {
+		t.Fatalf("holder %q", h)
+	}
+	if err := ca.Renew(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := ca.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	cb, err := b.Claim(ctx, "n1.example.net")
+	if err != nil {
+		t.Fatalf("claim after release: %v", err)
+	}
+	// a's stale handle can neither renew nor release b's claim.
+	if err := ca.Renew(ctx); !errors.Is(err, ErrLost) {
+		t.Fatalf("stale renew: %v, want ErrLost", err)
+	}
+	if err := ca.Release(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if h, _ := a.Holder(ctx, "n1.example.net"); h != "prov-b" {
+		t.Fatalf("stale release removed b's claim: holder %q", h)
+	}
+	_ = cb
+	if _, err := a.Claim(ctx, "../bad"); err == nil {
+		t.Fatal("invalid key claimed")
+	}
+}
+
+func TestLeaseLapses(t *testing.T) {
+	js := startJS(t)
+	ctx := context.Background()
+	a, b := store(t, js, "prov-a", MinLease), store(t, js, "prov-b", MinLease)
+	ca, err := a.Claim(ctx, "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// a "crashes": no renewals. b gets the claim once the lease lapses.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err := b.Claim(ctx, "n1")
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ErrClaimed) || time.Now().After(deadline) {
+			t.Fatalf("claim after lapse: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := ca.Renew(ctx); !errors.Is(err, ErrLost) {
+		t.Fatalf("renew after lapse: %v, want ErrLost", err)
+	}
+}
+
+func TestHoldKeepsClaimAndReportsLoss(t *testing.T) {
+	js := startJS(t)
+	a, b := store(t, js, "prov-a", MinLease), store(t, js, "prov-b", MinLease)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ca, err := a.Claim(ctx, "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lostCalls atomic.Int32
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); ca.Hold(ctx, func(error) { lostCalls.Add(1) }) }()
+	// Over three leases the claim stays with a.
+	end := time.Now().Add(3 * MinLease)
+	for time.Now().Before(end) {
+		if _, err := b.Claim(ctx, "n1"); !errors.Is(err, ErrClaimed) {
+			t.Fatalf("b claimed a held key: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// Someone removes the claim (an operator purge): a's next renewal
+	// reports the loss and Hold returns.
+	if err := js.DeleteKeyValue(context.Background(), DefaultBucket); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := New(ctx, js, Config{Owner: "prov-b", Lease: MinLease}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Hold did not return after losing the claim")
+	}
+	if lostCalls.Load() != 1 {
+		t.Fatalf("lost called %d times", lostCalls.Load())
+	}
+}
+
+func TestConfigValidation(t *testing.T) {
+	js := startJS(t)
+	for _, c := range []Config{{Owner: ""}, {Owner: "a", Lease: time.Second}, {Owner: "a", Replicas: 9}} {
+		if _, err := New(context.Background(), js, c); !errors.Is(err, ErrConfig) {
+			t.Errorf("New(%+v) = %v", c, err)
+		}
+	}
+}
