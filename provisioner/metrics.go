@@ -44,9 +44,11 @@ type metrics struct {
 	helperDur    *prometheus.HistogramVec
 	queueWait    prometheus.Histogram
 	nodeDuration prometheus.Histogram
+
+	policyRejections *prometheus.CounterVec
 }
 
-func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, error) {
+func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metrics, error) {
 	opts := func(name, help string) prometheus.Opts {
 		return prometheus.Opts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}
 	}
@@ -74,6 +76,8 @@ func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, err
 		queueWait:    prometheus.NewHistogram(hopts("queue_wait_seconds", "Time a node waited in the queue.", longBuckets)),
 		nodeDuration: prometheus.NewHistogram(hopts("node_duration_seconds", "Time from dequeue to restart acknowledged.", longBuckets)),
 	}
+	m.policyRejections = prometheus.NewCounterVec(prometheus.CounterOpts(opts("policy_rejections_total", "CSRs and certificates refused by the provisioner's policy, by reason.")), []string{"reason"})
+	heldG := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("held_nodes", "Nodes held for an operator's approval.")), held)
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
 	capG := prometheus.NewGauge(prometheus.GaugeOpts(opts("queue_capacity", "Size of the queue.")))
 	capG.Set(float64(capacity))
@@ -96,6 +100,9 @@ func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, err
 	for _, a := range rpcActions {
 		m.rpcDuration.WithLabelValues(a)
 	}
+	for _, r := range rejectReasons {
+		m.policyRejections.WithLabelValues(r)
+	}
 	for _, o := range []string{helperConfigure, helperDefer, helperShutdown, helperError} {
 		m.helperDur.WithLabelValues(o)
 	}
@@ -105,7 +112,7 @@ func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, err
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
-		m.queueWait, m.nodeDuration,
+		m.queueWait, m.nodeDuration, m.policyRejections, heldG,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err
