@@ -530,14 +530,12 @@ func (p *Provisioner) rejected(err error) error {
 // the attempt.
 func (p *Provisioner) checkCertificate(a *attempt, req *helper.Request, rep *helper.Reply, pub crypto.PublicKey, now time.Time) error {
 	classify := func(err error, what string) error {
-		reason := rejectCert
-		switch {
-		case errors.Is(err, pki.ErrKeyMismatch):
-			reason = rejectCertKey
-		case errors.Is(err, pki.ErrIdentityMismatch):
-			reason = rejectCertIdentity
-		case errors.Is(err, pki.ErrUntrusted) && what == "policy.ca_file":
-			reason = rejectCertChain
+		reason := certReason(err)
+		if reason == "" {
+			reason = rejectCert
+		}
+		if reason == rejectCertChain && what != "policy.ca_file" {
+			reason = rejectCert
 		}
 		return fmt.Errorf("%w: certificate (checked against %s): %w", ErrHelperRejected, what, p.rejected(&policyError{reason: reason, err: err}))
 	}
@@ -560,6 +558,36 @@ func (p *Provisioner) checkCertificate(a *attempt, req *helper.Request, rep *hel
 		a.serial = leaf.SerialNumber.Text(16)
 	}
 	return nil
+}
+
+// certReason is the rejection reason of a certificate check error, "" for
+// an error that is not about the certificate.
+func certReason(err error) string {
+	switch {
+	case errors.Is(err, pki.ErrKeyMismatch):
+		return rejectCertKey
+	case errors.Is(err, pki.ErrIdentityMismatch):
+		return rejectCertIdentity
+	case errors.Is(err, pki.ErrUntrusted):
+		return rejectCertChain
+	case errors.Is(err, pki.ErrExpired), errors.Is(err, pki.ErrBadPEM):
+		return rejectCert
+	}
+	return ""
+}
+
+// helperRejected wraps a helper contract failure; one about the certificate
+// (helper.ValidateReply checks it against the CSR's key and the helper's
+// CA) counts as a policy rejection.
+func (p *Provisioner) helperRejected(err error) error {
+	reason := certReason(err)
+	if reason == rejectCertChain {
+		reason = rejectCert // the helper's own CA, not the trust anchor
+	}
+	if reason != "" {
+		err = p.rejected(&policyError{reason: reason, err: err})
+	}
+	return fmt.Errorf("%w: %w", ErrHelperRejected, err)
 }
 
 // stillClear stops an attempt before configure when the node was held or

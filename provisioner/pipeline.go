@@ -249,7 +249,7 @@ func (p *Provisioner) runHelper(ctx context.Context, a *attempt, req *helper.Req
 func (p *Provisioner) validateReply(a *attempt, req *helper.Request, rep *helper.Reply, pub crypto.PublicKey) error {
 	now := time.Now()
 	if err := helper.ValidateReply(req, rep, now); err != nil {
-		return fmt.Errorf("%w: %w", ErrHelperRejected, err)
+		return p.helperRejected(err)
 	}
 	if rep.Defer || rep.Shutdown || rep.Certificate == "" {
 		return nil

@@ -79,6 +79,9 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 	if err != nil {
 		return err
 	}
+	if err := builtinPolicyCA(&cfg); err != nil {
+		return err
+	}
 	if checkConfig {
 		h, err := buildHelper(cfg, nil)
 		if err != nil {
@@ -113,6 +116,28 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return p.Run(ctx)
+}
+
+// builtinPolicyCA makes the built-in helper's CA certificate the trust
+// anchor of policy.ca_file when that is not set: the provisioner then
+// refuses any certificate that does not chain to the CA the helper signs
+// with.
+func builtinPolicyCA(cfg *provisioner.Config) error {
+	if cfg.Helper != "" || cfg.HelperConfig == "" || cfg.Policy.CAFile != "" {
+		return nil
+	}
+	hc, err := cfsslhelper.LoadConfig(cfg.HelperConfig)
+	if err != nil {
+		return fmt.Errorf("helper_config: %w", err)
+	}
+	if hc.CA.Cert == "" {
+		return nil
+	}
+	cfg.Policy.CAFile = hc.CA.Cert
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("policy.ca_file from helper_config ca.cert: %w", err)
+	}
+	return nil
 }
 
 // buildHelper makes the exec'd helper when cfg.Helper is set (one
@@ -197,6 +222,7 @@ func callMonitor(ctx context.Context, method, url string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	req.Header.Set(provisioner.OperatorHeader, "cli")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, err
@@ -239,6 +265,10 @@ func printNodes(w io.Writer, body []byte) error {
 	if err := json.Unmarshal(body, &nodes); err != nil {
 		return fmt.Errorf("nodes: %w", err)
 	}
+	return printNodeTable(w, nodes)
+}
+
+func printNodeTable(w io.Writer, nodes []provisioner.NodeStatus) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "IDENTITY\tSTATE\tSTAGE\tATTEMPTS\tUPDATED\tLAST ERROR")
 	for _, n := range nodes {
