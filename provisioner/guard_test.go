@@ -203,8 +203,10 @@ func TestPolicyRefusesCSRs(t *testing.T) {
 		msg    string
 	}{
 		{
-			name:   "forbidden DNS SAN",
-			csr:    func(t *testing.T) func(string) (crypto.Signer, []byte, error) { return csrWith(mustKey(t, "p256"), []string{"login.bank.example"}, nil, nil) },
+			name: "forbidden DNS SAN",
+			csr: func(t *testing.T) func(string) (crypto.Signer, []byte, error) {
+				return csrWith(mustKey(t, "p256"), []string{"login.bank.example"}, nil, nil)
+			},
 			reason: rejectSAN, msg: `DNS SAN "login.bank.example"`,
 		},
 		{
@@ -216,8 +218,10 @@ func TestPolicyRefusesCSRs(t *testing.T) {
 			reason: rejectSAN, msg: "IP SAN 192.0.2.1",
 		},
 		{
-			name:   "forbidden URI SAN",
-			csr:    func(t *testing.T) func(string) (crypto.Signer, []byte, error) { return csrWith(mustKey(t, "p256"), nil, nil, []string{"spiffe://example.net/admin"}) },
+			name: "forbidden URI SAN",
+			csr: func(t *testing.T) func(string) (crypto.Signer, []byte, error) {
+				return csrWith(mustKey(t, "p256"), nil, nil, []string{"spiffe://example.net/admin"})
+			},
 			reason: rejectSAN, msg: "URI SAN",
 		},
 		{
@@ -228,24 +232,32 @@ func TestPolicyRefusesCSRs(t *testing.T) {
 			},
 		},
 		{
-			name:   "weak RSA key",
-			csr:    func(t *testing.T) func(string) (crypto.Signer, []byte, error) { return csrWith(mustKey(t, "rsa1024"), nil, nil, nil) },
+			name: "weak RSA key",
+			csr: func(t *testing.T) func(string) (crypto.Signer, []byte, error) {
+				return csrWith(mustKey(t, "rsa1024"), nil, nil, nil)
+			},
 			reason: rejectKey, msg: "RSA key of 1024 bits",
 		},
 		{
-			name:   "RSA 2048 (control)",
-			csr:    func(t *testing.T) func(string) (crypto.Signer, []byte, error) { return csrWith(mustKey(t, "rsa2048"), nil, nil, nil) },
+			name: "RSA 2048 (control)",
+			csr: func(t *testing.T) func(string) (crypto.Signer, []byte, error) {
+				return csrWith(mustKey(t, "rsa2048"), nil, nil, nil)
+			},
 			reason: "",
 		},
 		{
 			name:   "key type outside policy",
 			policy: func(p *Policy) { p.KeyTypes = []string{PolicyKeyECDSAP256} },
-			csr:    func(t *testing.T) func(string) (crypto.Signer, []byte, error) { return csrWith(mustKey(t, "ed25519"), nil, nil, nil) },
+			csr: func(t *testing.T) func(string) (crypto.Signer, []byte, error) {
+				return csrWith(mustKey(t, "ed25519"), nil, nil, nil)
+			},
 			reason: rejectKey, msg: "key type ed25519",
 		},
 		{
-			name:   "P-384 (control)",
-			csr:    func(t *testing.T) func(string) (crypto.Signer, []byte, error) { return csrWith(mustKey(t, "p384"), nil, nil, nil) },
+			name: "P-384 (control)",
+			csr: func(t *testing.T) func(string) (crypto.Signer, []byte, error) {
+				return csrWith(mustKey(t, "p384"), nil, nil, nil)
+			},
 			reason: "",
 		},
 		{
