@@ -158,7 +158,8 @@ type FileRegistry struct {
 
 	mu   sync.Mutex
 	recs map[string]Record
-	gen  uint64 // bumped by every change
+	enc  map[string][]byte // each record's JSON, encoded once per change
+	gen  uint64            // bumped by every change
 
 	wmu     sync.Mutex
 	written uint64 // generation last written
@@ -177,7 +178,7 @@ func OpenFileRegistry(dir string) (*FileRegistry, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("identity registry: %w", err)
 	}
-	r := &FileRegistry{path: filepath.Join(dir, RegistryFile), recs: map[string]Record{}}
+	r := &FileRegistry{path: filepath.Join(dir, RegistryFile), recs: map[string]Record{}, enc: map[string][]byte{}}
 	f, err := os.Open(r.path)
 	if errors.Is(err, os.ErrNotExist) {
 		return r, nil
@@ -193,6 +194,13 @@ func OpenFileRegistry(dir string) (*FileRegistry, error) {
 	recs, err := DecodeRegistry(data)
 	if err != nil {
 		return nil, fmt.Errorf("identity registry %s: %w (move it away to start with an empty registry, or restore a backup)", r.path, err)
+	}
+	for id, rec := range recs {
+		b, err := json.Marshal(rec)
+		if err != nil {
+			return nil, fmt.Errorf("identity registry: %w", err)
+		}
+		r.enc[id] = b
 	}
 	r.recs = recs
 	return r, nil
@@ -256,12 +264,17 @@ func (r *FileRegistry) Put(rec Record) error {
 	if err := rec.validate(); err != nil {
 		return fmt.Errorf("registry put: %w", err)
 	}
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("registry put %s: %w", rec.Identity, err)
+	}
 	r.mu.Lock()
 	if _, ok := r.recs[rec.Identity]; !ok && len(r.recs) >= MaxRegistryRecords {
 		r.mu.Unlock()
 		return fmt.Errorf("registry put %s: %w (%d identities)", rec.Identity, ErrRegistryFull, MaxRegistryRecords)
 	}
 	r.recs[rec.Identity] = rec
+	r.enc[rec.Identity] = b
 	r.gen++
 	mine := r.gen
 	r.mu.Unlock()
@@ -277,18 +290,34 @@ func (r *FileRegistry) flush(gen uint64) error {
 	if r.written >= gen {
 		return nil
 	}
+	// The document is {"version":1,"records":[ one record per line ]},
+	// sorted by identity, built from the records' cached encodings.
 	r.mu.Lock()
-	doc := registryDoc{Version: registryVersion, Records: sortedRecords(r.recs)}
+	ids := make([]string, 0, len(r.enc))
+	size := 64
+	for id, b := range r.enc {
+		ids = append(ids, id)
+		size += len(b) + 2
+	}
+	sort.Strings(ids)
+	var buf bytes.Buffer
+	buf.Grow(size)
+	fmt.Fprintf(&buf, "{\"version\":%d,\"records\":[", registryVersion)
+	for i, id := range ids {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		buf.WriteString("\n")
+		buf.Write(r.enc[id])
+	}
+	buf.WriteString("\n]}\n")
 	cur := r.gen
 	r.mu.Unlock()
-	data, err := json.MarshalIndent(doc, "", " ")
-	if err != nil {
-		return fmt.Errorf("identity registry: %w", err)
-	}
+	data := buf.Bytes()
 	if len(data) > MaxRegistryBytes {
 		return fmt.Errorf("identity registry: %w: %d bytes", ErrRegistryFull, len(data))
 	}
-	if err := fsutil.WriteFileAtomic(r.path, append(data, '\n'), 0o600); err != nil {
+	if err := fsutil.WriteFileAtomic(r.path, data, 0o600); err != nil {
 		return fmt.Errorf("identity registry: %w", err)
 	}
 	r.written = cur
