@@ -400,3 +400,57 @@ func TestPolicyRefusesCertificates(t *testing.T) {
 		})
 	}
 }
+
+// FuzzCheckNodeCSR feeds arbitrary gencsr replies (untrusted node input)
+// through the CSR checks and the default policy: nothing panics, and what
+// is accepted names only the identity.
+func FuzzCheckNodeCSR(f *testing.F) {
+	const id = "node1.example.net"
+	g, err := newGuard(DefaultConfig().Policy)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, kind := range []string{"p256", "ed25519"} {
+		var key crypto.Signer
+		var kerr error
+		switch kind {
+		case "p256":
+			key, kerr = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		default:
+			_, key, kerr = ed25519.GenerateKey(rand.Reader)
+		}
+		if kerr != nil {
+			f.Fatal(kerr)
+		}
+		_, csr, err := csrWith(key, []string{"evil.example.com"}, nil, nil)(id)
+		if err != nil {
+			f.Fatal(err)
+		}
+		der, _ := x509.MarshalPKIXPublicKey(key.Public())
+		pub := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
+		f.Add(string(csr), string(pub))
+		_, good, _ := csrWith(key, nil, nil, nil)(id)
+		f.Add(string(good), string(pub))
+	}
+	f.Add("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "")
+	f.Fuzz(func(t *testing.T, csrPEM, pubPEM string) {
+		csr, pub, err := checkCSR(id, &protocol.GenCSRReply{CSR: csrPEM, PublicKey: pubPEM})
+		if err != nil {
+			return
+		}
+		if csr.Subject.CommonName != id || pub == nil {
+			t.Fatalf("accepted CN %q", csr.Subject.CommonName)
+		}
+		if g.checkKey(pub) != nil || g.checkSANs(csr, id) != nil {
+			return
+		}
+		for _, d := range csr.DNSNames {
+			if !strings.EqualFold(d, id) {
+				t.Fatalf("default policy accepted DNS SAN %q", d)
+			}
+		}
+		if len(csr.IPAddresses)+len(csr.URIs)+len(csr.EmailAddresses) > 0 {
+			t.Fatal("default policy accepted a non-DNS SAN")
+		}
+	})
+}
