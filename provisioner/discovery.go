@@ -107,9 +107,10 @@ func (p *Provisioner) markProduction(id string) {
 }
 
 // offer queues a node unless it is queued, in progress, in production,
-// held, denied, or waiting (deferred, failed, grace). startedAt is the time of a startup
-// event (zero for other sources): a node in production that starts up in
-// provisioning mode afterwards was reprovisioned and is taken again.
+// held, denied, or waiting (deferred, failed, grace). startedAt is the time
+// of a startup event (zero for other sources): a node in production that
+// starts up in provisioning mode afterwards was reprovisioned and is taken
+// again.
 // It reports whether the node was queued.
 func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
 	now := time.Now()

@@ -39,7 +39,13 @@ func newProvisionerCmd() *cobra.Command {
 startup events and a periodic broadcast discovery), queues each node once, and provisions it in a
 worker pool: inventory, gencsr, helper, reply validation, then configure and restart (or defer, or
 shutdown). An HTTP monitor (monitor_port) serves /metrics, /healthz, /status, /nodes and POST
-/pause, /resume; the pause, resume, status and nodes subcommands call it.
+/pause, /resume; the pause, resume, status and nodes subcommands call it, and "muster nodes"
+approves or denies held nodes through it.
+
+Whatever the helper does, the provisioner checks every CSR and certificate against its policy
+(policy: san_allow, key_types, rsa_min_bits, ca_file; with the built-in helper ca_file defaults to
+its CA), and holds an identity that comes back with a different key than the one recorded in
+state_dir.
 
 With "helper" set the command line is run per node (the Choria helper contract); without it the
 built-in cfssl helper is configured from "helper_config". See docs/provisioner.md.`,
