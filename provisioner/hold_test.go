@@ -23,9 +23,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/muster-io/muster/agent"
+	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/helper/cfsslhelper"
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/pki"
+	"github.com/muster-io/muster/internal/protocol"
 )
 
 // startServerObj runs an embedded nats-server on a random loopback port and
@@ -627,5 +629,47 @@ func BenchmarkFileRegistryPut(b *testing.B) {
 		if err := r.Put(Record{Identity: fmt.Sprintf("node%05d.example.net", i%10_000), KeyFingerprint: fp, Serial: "ff", ProvisionedAt: now}); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestHoldDuringAttempt holds a node while its helper runs (as the
+// duplicate-connection check would): the attempt stops before configure
+// and the node stays held.
+func TestHoldDuringAttempt(t *testing.T) {
+	const id = "node1.example.net"
+	url := startServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	node := fleet.add(id, nil)
+	var p *Provisioner
+	holdErr := make(chan error, 1)
+	h := newTestHelper(c, func(req *helper.Request, call int) (*helper.Reply, error, bool) {
+		if call == 1 {
+			holdErr <- p.Hold(req.Identity, HoldDuplicateConnection)
+		}
+		return nil, nil, false
+	})
+	obs := newObserved()
+	r := startProvisioner(t, url, testConfig(), h, obs, func(pp *Provisioner) { p = pp })
+	waitFor(t, 10*time.Second, "attempt ended held", func() bool { return obs.has(id, "held/validate") })
+	if err := <-holdErr; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.p.Discover(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	r.stop(t)
+	st, _ := nodeState(r.p, id)
+	if st.State != StateHeld || st.HoldReason != HoldDuplicateConnection || !st.RetryAt.IsZero() {
+		t.Fatalf("status %+v", st)
+	}
+	if n := node.count(protocol.ActionConfigure); n != 0 {
+		t.Fatalf("%d configure requests to a held node", n)
+	}
+	if h.callCount(id) != 1 {
+		t.Fatalf("helper ran %d times", h.callCount(id))
+	}
+	if _, ok, _ := r.p.reg.Get(id); ok {
+		t.Fatal("held node recorded as provisioned")
 	}
 }
