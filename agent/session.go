@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -127,6 +128,12 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 		}
 		opts = append(opts, nats.Secure(tc))
 		nc, err := nats.Connect(urls, opts...)
+		if errors.Is(err, nats.ErrSecureConnWanted) && a.inProcess != nil {
+			// An in-process server without TLS (tests, embedding): the
+			// connection never leaves the process, so connect in the
+			// clear; the broker still decides the account.
+			nc, err = nats.Connect(urls, opts[:len(opts)-1]...)
+		}
 		if err != nil {
 			if isRefusal(err) {
 				refused++

@@ -116,7 +116,53 @@ type Config struct {
 	LogLevel string `yaml:"loglevel"`
 	// Name is the sender name in requests.
 	Name string `yaml:"name"`
+	// Policy holds the checks the provisioner applies to every CSR and
+	// certificate, whatever the helper does.
+	Policy Policy `yaml:"policy"`
+	// StateDir is where the identity registry (registry.json) is kept;
+	// empty keeps it in memory only, so it is lost at restart.
+	StateDir string `yaml:"state_dir"`
 }
+
+// Policy is the provisioner-side CSR and certificate policy.
+type Policy struct {
+	// SANAllow lists the patterns every SAN of a node's CSR must match one
+	// of: DNS globs ("*.example.net", "*" stands for one label),
+	// "{identity}" (the node's own identity, also inside a pattern), IP
+	// addresses and CIDR ranges ("10.0.0.0/8"), URI globs
+	// ("spiffe://example.net/node/{identity}") and e-mail globs
+	// ("*@example.net"). Default: just "{identity}".
+	SANAllow []string `yaml:"san_allow"`
+	// KeyTypes are the key types a CSR may carry: ecdsa-p256, ecdsa-p384,
+	// ed25519 and rsa. Default: all four.
+	KeyTypes []string `yaml:"key_types"`
+	// RSAMinBits is the smallest RSA modulus accepted. Default 2048.
+	RSAMinBits int `yaml:"rsa_min_bits"`
+	// CAFile is a PEM bundle of the CA certificates every certificate the
+	// helper returns must chain to (the trust anchor; the helper's own ca
+	// field is not trusted for this). Empty: not checked. The built-in
+	// cfssl helper sets it to its CA certificate when it is empty.
+	CAFile string `yaml:"ca_file"`
+}
+
+// Key types a CSR may carry under Policy.KeyTypes.
+const (
+	PolicyKeyECDSAP256 = "ecdsa-p256"
+	PolicyKeyECDSAP384 = "ecdsa-p384"
+	PolicyKeyEd25519   = "ed25519"
+	PolicyKeyRSA       = "rsa"
+)
+
+// IdentityPattern is the placeholder for the node's identity in
+// Policy.SANAllow.
+const IdentityPattern = "{identity}"
+
+// Policy limits.
+const (
+	DefaultRSAMinBits = 2048
+	maxSANPatterns    = 256
+	maxPatternLength  = 512
+)
 
 // Defaults.
 const (
@@ -154,6 +200,11 @@ func DefaultConfig() Config {
 		RestartSplay:  Duration(DefaultRestartSplay),
 		LogLevel:      "info",
 		Name:          "muster-provisioner@" + host,
+		Policy: Policy{
+			SANAllow:   []string{IdentityPattern},
+			KeyTypes:   []string{PolicyKeyECDSAP256, PolicyKeyECDSAP384, PolicyKeyEd25519, PolicyKeyRSA},
+			RSAMinBits: DefaultRSAMinBits,
+		},
 	}
 }
 
@@ -285,6 +336,14 @@ func (c *Config) validate(needBrokers bool) error {
 	}
 	if c.Name == "" || len(c.Name) > 128 {
 		bad("name", fmt.Sprintf("%q", c.Name), "must be 1..128 bytes")
+	}
+	errs = append(errs, c.Policy.validate(c.KeyType)...)
+	if c.StateDir != "" {
+		if st, err := os.Stat(c.StateDir); err == nil && !st.IsDir() {
+			bad("state_dir", fmt.Sprintf("%q", c.StateDir), "is not a directory")
+		} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+			bad("state_dir", fmt.Sprintf("%q", c.StateDir), "cannot be read: "+errText(err))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -95,7 +95,9 @@ func (p *Provisioner) markProduction(id string) {
 		n = &node{NodeStatus: NodeStatus{Identity: id}}
 		p.nodes[id] = n
 	}
-	if n.State != StateInProgress && n.State != StateQueued {
+	switch n.State {
+	case StateInProgress, StateQueued, StateHeld, StateDenied:
+	default:
 		n.State = StateProduction
 		n.RetryAt = time.Time{}
 	}
@@ -104,10 +106,11 @@ func (p *Provisioner) markProduction(id string) {
 	p.log.WithField("identity", id).Debug("node arrived in production")
 }
 
-// offer queues a node unless it is queued, in progress, in production, or
-// waiting (deferred, failed, grace). startedAt is the time of a startup
-// event (zero for other sources): a node in production that starts up in
-// provisioning mode afterwards was reprovisioned and is taken again.
+// offer queues a node unless it is queued, in progress, in production,
+// held, denied, or waiting (deferred, failed, grace). startedAt is the time
+// of a startup event (zero for other sources): a node in production that
+// starts up in provisioning mode afterwards was reprovisioned and is taken
+// again.
 // It reports whether the node was queued.
 func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
 	now := time.Now()
@@ -119,7 +122,7 @@ func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
 		p.nodes[id] = n
 	}
 	switch n.State {
-	case StateQueued, StateInProgress:
+	case StateQueued, StateInProgress, StateHeld, StateDenied:
 		return false
 	case StateProduction:
 		if startedAt.IsZero() || !startedAt.After(n.Updated) {

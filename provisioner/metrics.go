@@ -45,10 +45,11 @@ type metrics struct {
 	queueWait    prometheus.Histogram
 	nodeDuration prometheus.Histogram
 
-	tokenRefusals *prometheus.CounterVec
+	tokenRefusals    *prometheus.CounterVec
+	policyRejections *prometheus.CounterVec
 }
 
-func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, error) {
+func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metrics, error) {
 	opts := func(name, help string) prometheus.Opts {
 		return prometheus.Opts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}
 	}
@@ -81,6 +82,8 @@ func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, err
 	for _, r := range tokenReasons {
 		m.tokenRefusals.WithLabelValues(r)
 	}
+	m.policyRejections = prometheus.NewCounterVec(prometheus.CounterOpts(opts("policy_rejections_total", "CSRs and certificates refused by the provisioner's policy, by reason.")), []string{"reason"})
+	heldG := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("held_nodes", "Nodes held for an operator's approval.")), held)
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
 	capG := prometheus.NewGauge(prometheus.GaugeOpts(opts("queue_capacity", "Size of the queue.")))
 	capG.Set(float64(capacity))
@@ -103,6 +106,9 @@ func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, err
 	for _, a := range rpcActions {
 		m.rpcDuration.WithLabelValues(a)
 	}
+	for _, r := range rejectReasons {
+		m.policyRejections.WithLabelValues(r)
+	}
 	for _, o := range []string{helperConfigure, helperDefer, helperShutdown, helperError} {
 		m.helperDur.WithLabelValues(o)
 	}
@@ -112,7 +118,7 @@ func newMetrics(queueDepth func() float64, capacity, workers int) (*metrics, err
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
-		m.queueWait, m.nodeDuration, m.tokenRefusals,
+		m.queueWait, m.nodeDuration, m.tokenRefusals, m.policyRejections, heldG,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err

@@ -47,6 +47,10 @@ type attempt struct {
 	stage   Stage
 	retryAt time.Duration // for deferrals
 	outcome Outcome
+	// approval is the operator approval this attempt consumed, if any.
+	approval *approval
+	keyFP    string // fingerprint of the node's key
+	serial   string // serial of the certificate sent
 }
 
 // process runs one node through the pipeline and records the result.
@@ -113,15 +117,11 @@ func (a *attempt) run(ctx context.Context) error {
 	var pub crypto.PublicKey
 	if p.cfg.Features.PKI {
 		a.setStage(StageGenCSR)
-		rep, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionGenCSR, StageGenCSR, protocol.GenCSRRequest{KeyType: p.cfg.KeyType})
+		g, err := p.nodeCSR(ctx, a)
 		if err != nil {
 			return failAt(StageGenCSR, err)
 		}
-		var g protocol.GenCSRReply
-		if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &g); err != nil {
-			return failAt(StageGenCSR, fmt.Errorf("gencsr body: %w: %v", ErrBadReply, err))
-		}
-		if pub, err = checkCSR(a.id, &g); err != nil {
+		if pub, err = p.checkNodeCSR(a, g); err != nil {
 			return failAt(StageGenCSR, err)
 		}
 		csrInfo = &helper.CSRInfo{CSR: g.CSR, PublicKey: g.PublicKey, SSLDir: g.SSLDir}
@@ -142,7 +142,7 @@ func (a *attempt) run(ctx context.Context) error {
 	}
 
 	a.setStage(StageValidate)
-	if err := p.validateReply(req, hrep, pub); err != nil {
+	if err := p.validateReply(a, req, hrep, pub); err != nil {
 		return failAt(StageValidate, err)
 	}
 
@@ -165,6 +165,9 @@ func (a *attempt) run(ctx context.Context) error {
 		return nil
 	}
 
+	if err := p.stillClear(a); err != nil {
+		return failAt(StageValidate, err)
+	}
 	a.setStage(StageConfigure)
 	creq := protocol.ConfigureRequest{
 		Configuration:  hrep.Configuration,
@@ -182,33 +185,35 @@ func (a *attempt) run(ctx context.Context) error {
 	if _, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionRestart, StageRestart, rreq); err != nil {
 		return failAt(StageRestart, err)
 	}
+	p.recordProvisioned(a)
 	a.outcome = OutcomeProvisioned
 	p.recordTokenUse(claims, a.id)
 	return nil
 }
 
 // checkCSR checks a gencsr reply: the CSR's signature, its CN and the public
-// key it carries against the reply's public_key. It returns the key.
-func checkCSR(id string, g *protocol.GenCSRReply) (crypto.PublicKey, error) {
+// key it carries against the reply's public_key. It returns the CSR and the
+// key.
+func checkCSR(id string, g *protocol.GenCSRReply) (*x509.CertificateRequest, crypto.PublicKey, error) {
 	csr, err := pki.ParseCSR([]byte(g.CSR))
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrBadCSR, err)
+		return nil, nil, fmt.Errorf("%w: %w", ErrBadCSR, err)
 	}
 	if csr.Subject.CommonName != id {
-		return nil, fmt.Errorf("%w: CN %q is not the identity", ErrBadCSR, csr.Subject.CommonName)
+		return nil, nil, fmt.Errorf("%w: CN %q is not the identity", ErrBadCSR, clip(csr.Subject.CommonName))
 	}
 	block, rest := pem.Decode([]byte(g.PublicKey))
 	if block == nil || block.Type != "PUBLIC KEY" || len(bytes.TrimSpace(rest)) > 0 {
-		return nil, fmt.Errorf("%w: public_key is not one PEM public key", ErrBadCSR)
+		return nil, nil, fmt.Errorf("%w: public_key is not one PEM public key", ErrBadCSR)
 	}
 	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("%w: public_key: %v", ErrBadCSR, err)
+		return nil, nil, fmt.Errorf("%w: public_key: %v", ErrBadCSR, err)
 	}
 	if !pki.SamePublicKey(csr.PublicKey, pub) {
-		return nil, fmt.Errorf("%w: public_key does not match the CSR", ErrBadCSR)
+		return nil, nil, fmt.Errorf("%w: public_key does not match the CSR", ErrBadCSR)
 	}
-	return pub, nil
+	return csr, pub, nil
 }
 
 // runHelper runs the helper under the helper semaphore with HelperTimeout.
@@ -251,22 +256,17 @@ func (p *Provisioner) runHelper(ctx context.Context, a *attempt, req *helper.Req
 }
 
 // validateReply applies the helper contract's rules (helper.ValidateReply)
-// and, for a certificate, checks it against the node's own public key.
-func (p *Provisioner) validateReply(req *helper.Request, rep *helper.Reply, pub crypto.PublicKey) error {
+// and, for a certificate, the provisioner's certificate checks
+// (checkCertificate).
+func (p *Provisioner) validateReply(a *attempt, req *helper.Request, rep *helper.Reply, pub crypto.PublicKey) error {
 	now := time.Now()
 	if err := helper.ValidateReply(req, rep, now); err != nil {
-		return fmt.Errorf("%w: %w", ErrHelperRejected, err)
+		return p.helperRejected(err)
 	}
 	if rep.Defer || rep.Shutdown || rep.Certificate == "" {
 		return nil
 	}
-	if pub == nil {
-		return nil
-	}
-	if _, err := pki.VerifyLeaf([]byte(rep.Certificate), []byte(rep.CA), pub, req.Identity, now); err != nil {
-		return fmt.Errorf("%w: certificate: %w", ErrHelperRejected, err)
-	}
-	return nil
+	return p.checkCertificate(a, req, rep, pub, now)
 }
 
 // finish records an attempt's result on the node, the metrics and the
@@ -288,6 +288,7 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 	n.Stage = stage
 	n.Updated = now
 	n.HelperStderr = ""
+	held := p.applyHold(n, err, now)
 	if se := helper.Stderr(err); se != "" {
 		if len(se) > maxStderrLog {
 			se = se[:maxStderrLog] + "…"
@@ -295,6 +296,8 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 		n.HelperStderr = se
 	}
 	switch {
+	case held:
+		outcome = OutcomeHeld
 	case err != nil && abandoned:
 		n.State = StateAbandoned
 		n.LastError = ErrAbandoned.Error()
@@ -325,6 +328,8 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 	p.mu.Unlock()
 
 	switch {
+	case held:
+		a.log.WithError(err).Warn("node held for an operator")
 	case err != nil && abandoned:
 		a.log.WithField("stage", string(stage)).Warn("node abandoned at shutdown")
 	case err != nil:

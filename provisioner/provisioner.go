@@ -39,6 +39,8 @@ const (
 	OutcomeDeferred    Outcome = "deferred"
 	OutcomeShutdown    Outcome = "shutdown"
 	OutcomeFailed      Outcome = "failed"
+	// OutcomeHeld: the node is held for an operator (or denied).
+	OutcomeHeld Outcome = "held"
 )
 
 // Stage is a step of the pipeline; a failure is recorded with its stage.
@@ -90,6 +92,11 @@ const (
 	StateShutdown State = "shutdown"
 	// StateAbandoned: the provisioner stopped before the node was done.
 	StateAbandoned State = "abandoned"
+	// StateHeld: waiting for an operator to approve or deny it (HoldReason
+	// says why); never taken meanwhile.
+	StateHeld State = "held"
+	// StateDenied: an operator denied it; never provisioned.
+	StateDenied State = "denied"
 )
 
 // Sentinel errors.
@@ -123,6 +130,9 @@ type Options struct {
 	Logger *logrus.Entry
 	// Observer receives node outcomes; optional.
 	Observer Observer
+	// Registry is the identity registry; nil opens a file registry in
+	// Config.StateDir, or keeps it in memory when that is empty.
+	Registry Registry
 	// DrainTimeout bounds how long Run waits at shutdown for nodes in
 	// progress before abandoning them; 0 means RPCTimeout + HelperTimeout.
 	DrainTimeout time.Duration
@@ -145,11 +155,22 @@ type NodeStatus struct {
 	RetryAt time.Time `json:"retry_at,omitzero"`
 	// Source is how the node was last discovered.
 	Source string `json:"source,omitempty"`
+	// KeyFingerprint is the fingerprint of the key the node last presented
+	// in gencsr ("sha256:<hex>").
+	KeyFingerprint string `json:"key_fingerprint,omitempty"`
+	// HoldReason says why a held node is held (key_changed,
+	// duplicate_connection).
+	HoldReason string    `json:"hold_reason,omitempty"`
+	HeldAt     time.Time `json:"held_at,omitzero"`
 }
 
 type node struct {
 	NodeStatus
 	queuedAt time.Time
+	// heldCSR is the gencsr reply of a node held for a changed key.
+	heldCSR *approval
+	// approval is an operator's approval for the next attempt.
+	approval *approval
 }
 
 type queueItem struct {
@@ -165,6 +186,8 @@ type Provisioner struct {
 	observer  Observer
 	log       *logrus.Entry
 	m         *metrics
+	guard     *guard
+	reg       Registry
 	queue     chan queueItem
 	helperSem chan struct{}
 	drain     time.Duration
@@ -221,6 +244,21 @@ func New(opts Options) (*Provisioner, error) {
 			return nil, fmt.Errorf("%w: token_issuers: %w", ErrConfig, err)
 		}
 	}
+	g, err := newGuard(cfg.Policy)
+	if err != nil {
+		return nil, err
+	}
+	reg := opts.Registry
+	if reg == nil && cfg.StateDir != "" {
+		fr, err := OpenFileRegistry(cfg.StateDir)
+		if err != nil {
+			return nil, fmt.Errorf("provisioner state_dir: %w", err)
+		}
+		reg = fr
+	}
+	if reg == nil {
+		reg = NewMemoryRegistry()
+	}
 	log := opts.Logger
 	if log == nil {
 		l, _, err := logging.New(cfg.LogLevel, "")
@@ -235,6 +273,8 @@ func New(opts Options) (*Provisioner, error) {
 		helper:       opts.Helper,
 		observer:     opts.Observer,
 		log:          log,
+		guard:        g,
+		reg:          reg,
 		queue:        make(chan queueItem, cfg.QueueSize),
 		helperSem:    make(chan struct{}, cfg.helperConcurrency()),
 		drain:        opts.DrainTimeout,
@@ -253,11 +293,14 @@ func New(opts Options) (*Provisioner, error) {
 	if p.drain == 0 {
 		p.drain = cfg.RPCTimeout.D() + cfg.HelperTimeout.D()
 	}
-	m, err := newMetrics(func() float64 { return float64(len(p.queue)) }, cfg.QueueSize, cfg.Workers)
+	m, err := newMetrics(func() float64 { return float64(len(p.queue)) }, p.heldCount, cfg.QueueSize, cfg.Workers)
 	if err != nil {
 		return nil, fmt.Errorf("provisioner metrics: %w", err)
 	}
 	p.m = m
+	if err := p.loadDenied(); err != nil {
+		return nil, fmt.Errorf("identity registry: %w", err)
+	}
 	return p, nil
 }
 

@@ -91,6 +91,10 @@ type simNode struct {
 	// silent nodes do not answer broadcast discovery (they announce
 	// themselves instead).
 	silent bool
+	// makeCSR, when set, makes the node's key and CSR in gencsr (a hostile
+	// or unusual node); default: a key of the requested type and a CSR
+	// from pki.CreateCSR.
+	makeCSR func(id string) (crypto.Signer, []byte, error)
 }
 
 func (n *simNode) count(action string) int {
@@ -210,12 +214,13 @@ func (n *simNode) handle(m *nats.Msg) {
 			n.respond(m, req, protocol.CodeBadRequest, "body", nil)
 			return
 		}
-		key, err := pki.GenerateKey(g.KeyType, 0)
-		if err != nil {
-			n.respond(m, req, protocol.CodeBadRequest, "key type", nil)
-			return
+		var key crypto.Signer
+		var csr []byte
+		if n.makeCSR != nil {
+			key, csr, err = n.makeCSR(n.id)
+		} else if key, err = pki.GenerateKey(g.KeyType, 0); err == nil {
+			csr, err = pki.CreateCSR(key, n.id, pki.CSRSubject{})
 		}
-		csr, err := pki.CreateCSR(key, n.id, pki.CSRSubject{})
 		if err != nil {
 			n.respond(m, req, protocol.CodeInternal, "csr", nil)
 			return

@@ -29,6 +29,7 @@ func newRootCmd() *cobra.Command {
 	root.AddCommand(
 		newBrokerCmd(),
 		newProvisionerCmd(),
+		newNodesCmd(),
 		newCACmd(),
 		newHelperCmd(),
 		newDemoCmd(),

@@ -39,7 +39,13 @@ func newProvisionerCmd() *cobra.Command {
 startup events and a periodic broadcast discovery), queues each node once, and provisions it in a
 worker pool: inventory, gencsr, helper, reply validation, then configure and restart (or defer, or
 shutdown). An HTTP monitor (monitor_port) serves /metrics, /healthz, /status, /nodes and POST
-/pause, /resume; the pause, resume, status and nodes subcommands call it.
+/pause, /resume; the pause, resume, status and nodes subcommands call it, and "muster nodes"
+approves or denies held nodes through it.
+
+Whatever the helper does, the provisioner checks every CSR and certificate against its policy
+(policy: san_allow, key_types, rsa_min_bits, ca_file; with the built-in helper ca_file defaults to
+its CA), and holds an identity that comes back with a different key than the one recorded in
+state_dir.
 
 With "helper" set the command line is run per node (the Choria helper contract); without it the
 built-in cfssl helper is configured from "helper_config". See docs/provisioner.md.`,
@@ -79,6 +85,9 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 	if err != nil {
 		return err
 	}
+	if err := builtinPolicyCA(&cfg); err != nil {
+		return err
+	}
 	if checkConfig {
 		h, err := buildHelper(cfg, nil)
 		if err != nil {
@@ -113,6 +122,28 @@ func runProvisioner(cmd *cobra.Command, configFile string, checkConfig bool) err
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return p.Run(ctx)
+}
+
+// builtinPolicyCA makes the built-in helper's CA certificate the trust
+// anchor of policy.ca_file when that is not set: the provisioner then
+// refuses any certificate that does not chain to the CA the helper signs
+// with.
+func builtinPolicyCA(cfg *provisioner.Config) error {
+	if cfg.Helper != "" || cfg.HelperConfig == "" || cfg.Policy.CAFile != "" {
+		return nil
+	}
+	hc, err := cfsslhelper.LoadConfig(cfg.HelperConfig)
+	if err != nil {
+		return fmt.Errorf("helper_config: %w", err)
+	}
+	if hc.CA.Cert == "" {
+		return nil
+	}
+	cfg.Policy.CAFile = hc.CA.Cert
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("policy.ca_file from helper_config ca.cert: %w", err)
+	}
+	return nil
 }
 
 // buildHelper makes the exec'd helper when cfg.Helper is set (one
@@ -197,6 +228,7 @@ func callMonitor(ctx context.Context, method, url string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	req.Header.Set(provisioner.OperatorHeader, "cli")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		return nil, err
@@ -239,6 +271,10 @@ func printNodes(w io.Writer, body []byte) error {
 	if err := json.Unmarshal(body, &nodes); err != nil {
 		return fmt.Errorf("nodes: %w", err)
 	}
+	return printNodeTable(w, nodes)
+}
+
+func printNodeTable(w io.Writer, nodes []provisioner.NodeStatus) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "IDENTITY\tSTATE\tSTAGE\tATTEMPTS\tUPDATED\tLAST ERROR")
 	for _, n := range nodes {

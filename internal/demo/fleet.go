@@ -331,6 +331,9 @@ func (f *Fleet) Start(ctx context.Context) error {
 	pcfg.Workers = f.opts.Workers
 	pcfg.Brokers = []string{url}
 	pcfg.TLSCA = filepath.Join(f.dir, "pki", "ca.pem")
+	// Every helper the demo runs signs with the fleet's CA: make it the
+	// trust anchor of the provisioner's certificate check.
+	pcfg.Policy.CAFile = filepath.Join(f.dir, "pki", "ca.pem")
 	pcfg.NkeySeedFile = filepath.Join(f.dir, "pki", "provisioner.nk")
 	pcfg.TokenIssuers = []string{issuer.PublicKey()}
 	pcfg.Site = "demo"
