@@ -34,6 +34,17 @@ func (p *Provisioner) messageLoop(ctx context.Context, msgs <-chan *nats.Msg) {
 
 func (p *Provisioner) handleMessage(m *nats.Msg) {
 	switch {
+	case m.Subject == protocol.AdvisoryDuplicateIdentity:
+		d, err := protocol.DecodeDuplicateIdentity(m.Data)
+		if err != nil {
+			p.invalid(sourceAdvisory, err)
+			return
+		}
+		// Two machines claim one identity: hold it for an operator rather
+		// than provision whichever answers first.
+		if err := p.Hold(d.Identity, HoldDuplicateConnection); err != nil {
+			p.log.WithError(err).WithField("identity", d.Identity).Warn("could not hold a duplicate identity")
+		}
 	case m.Subject == protocol.MetadataSubject:
 		md, err := protocol.DecodeMetadata(m.Data)
 		if err != nil {

@@ -16,6 +16,7 @@ const (
 	// sources that only appear in invalid_messages_total
 	sourceProduction = "production"
 	sourceReply      = "reply"
+	sourceAdvisory   = "advisory"
 )
 
 // Helper outcomes (label values of helper_duration_seconds).
@@ -94,7 +95,7 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 	for _, s := range []string{sourceMetadata, sourceStartup, sourceDiscovery} {
 		m.discovered.WithLabelValues(s)
 	}
-	for _, s := range []string{sourceMetadata, sourceStartup, sourceDiscovery, sourceProduction, sourceReply} {
+	for _, s := range []string{sourceMetadata, sourceStartup, sourceDiscovery, sourceProduction, sourceReply, sourceAdvisory} {
 		m.invalid.WithLabelValues(s)
 	}
 	for _, s := range allStages {

@@ -436,6 +436,7 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		{protocol.MetadataSubject, sourceMetadata},
 		{protocol.LifecycleSubject(protocol.EventStartup, "*"), sourceStartup},
 		{"production." + protocol.LifecyclePrefix + "." + protocol.EventProvisioned + ".>", sourceProduction},
+		{protocol.AdvisoryDuplicateIdentity, sourceAdvisory},
 	}
 	msgs := make(chan *nats.Msg, subBuffer)
 	var subs []*nats.Subscription

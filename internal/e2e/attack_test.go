@@ -6,12 +6,17 @@ package e2e
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -447,64 +452,119 @@ func TestAttackBadToken(t *testing.T) {
 }
 
 // TestAttackNodeLiesInCSR runs a fake node (a valid token for its own
-// identity) that answers gencsr with a CSR naming another identity.
+// identity) that answers gencsr with a CSR the provisioner must refuse.
 func TestAttackNodeLiesInCSR(t *testing.T) {
+	cases := []struct {
+		name    string
+		cn      string
+		sans    []string
+		wantErr string
+	}{
+		{"names another identity", "node00000.demo.muster", nil, "CN"},
+		{"forbidden SAN", "mallory.demo.muster", []string{"mallory.demo.muster", "login.bank.example"}, "SAN"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newArena(t, 1, nil)
+			const mallory = "mallory.demo.muster"
+			nc, _ := a.nodeConn(mallory, token.Scope{Identity: mallory})
+			tok, _, _ := a.issuer.Create(token.Scope{Identity: mallory}, time.Now(), time.Hour)
+			csr, pub := csrWith(t, tc.cn, tc.sans)
+			if _, err := nc.Subscribe(protocol.NodeSubject(protocol.ProvisioningCollective, mallory), func(m *nats.Msg) {
+				req, err := protocol.DecodeRequest(m.Data)
+				if err != nil {
+					return
+				}
+				var body any
+				switch req.Action {
+				case protocol.ActionInventory:
+					body = protocol.Inventory{Facts: map[string]string{}, ProvisioningToken: tok}
+				case protocol.ActionGenCSR:
+					body = protocol.GenCSRReply{CSR: csr, PublicKey: pub, SSLDir: "/tmp"}
+				}
+				rep, _ := protocol.NewReply(req, mallory, protocol.CodeOK, "", body)
+				data, _ := json.Marshal(rep)
+				_ = m.Respond(data)
+			}); err != nil {
+				t.Fatal(err)
+			}
+			md, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: mallory, Time: time.Now().UTC(), Version: "x", Facts: map[string]string{}})
+			if err := nc.Publish(protocol.MetadataSubject, md); err != nil {
+				t.Fatal(err)
+			}
+			a.f.Provisioner().Resume()
+			deadline := time.Now().Add(time.Minute)
+			for {
+				lastErr := ""
+				for _, ns := range a.f.Provisioner().Nodes() {
+					if ns.Identity == mallory {
+						lastErr = ns.LastError
+						if ns.State == "provisioned" || ns.State == "production" {
+							t.Fatalf("the lying node was provisioned")
+						}
+					}
+				}
+				if lastErr != "" {
+					if !strings.Contains(lastErr, tc.wantErr) {
+						t.Fatalf("refused for %q, want %q", lastErr, tc.wantErr)
+					}
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("the lying node was never refused")
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			// The real node is provisioned normally.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			if got := a.f.WaitProduction(ctx, 1); got != 1 {
+				t.Fatalf("victim not provisioned: %v", a.f.Errors())
+			}
+		})
+	}
+}
+
+// TestAttackDuplicateIdentity: a second machine (another address) connects
+// with a stolen token for a waiting node's identity. The broker refuses it
+// and the provisioner holds the identity instead of provisioning whichever
+// connection answers first.
+func TestAttackDuplicateIdentity(t *testing.T) {
 	a := newArena(t, 1, nil)
-	const mallory = "mallory.demo.muster"
-	nc, _ := a.nodeConn(mallory, token.Scope{Identity: mallory})
-	tok, _, _ := a.issuer.Create(token.Scope{Identity: mallory}, time.Now(), time.Hour)
-	if _, err := nc.Subscribe(protocol.NodeSubject(protocol.ProvisioningCollective, mallory), func(m *nats.Msg) {
-		req, err := protocol.DecodeRequest(m.Data)
-		if err != nil {
-			return
-		}
-		var body any
-		switch req.Action {
-		case protocol.ActionInventory:
-			body = protocol.Inventory{Facts: map[string]string{}, ProvisioningToken: tok}
-		case protocol.ActionGenCSR:
-			csr, pub := csrFor(t, a.victims[0])
-			body = protocol.GenCSRReply{CSR: csr, PublicKey: pub, SSLDir: "/tmp"}
-		default:
-			body = nil
-		}
-		rep, _ := protocol.NewReply(req, mallory, protocol.CodeOK, "", body)
-		data, _ := json.Marshal(rep)
-		_ = m.Respond(data)
-	}); err != nil {
-		t.Fatal(err)
+	before := a.snapshot()
+	v := a.victims[0]
+	tok, _, _ := a.issuer.Create(token.Scope{Identity: v}, time.Now(), time.Hour)
+	other := nats.SetCustomDialer(&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}, Timeout: 5 * time.Second})
+	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile), nats.Name(v), nats.Token(tok), nats.NoReconnect(), other)
+	if err == nil {
+		nc.Close()
+		t.Fatal("the broker admitted a second connection for a live identity")
 	}
-	md, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: mallory, Time: time.Now().UTC(), Version: "x", Facts: map[string]string{}})
-	if err := nc.Publish(protocol.MetadataSubject, md); err != nil {
-		t.Fatal(err)
-	}
-	a.f.Provisioner().Resume()
-	deadline := time.Now().Add(time.Minute)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
-		var st *string
+		held := false
 		for _, ns := range a.f.Provisioner().Nodes() {
-			if ns.Identity == mallory && ns.LastError != "" {
-				s := ns.LastError
-				st = &s
+			if ns.Identity == v && ns.State == "held" && ns.HoldReason == "duplicate_connection" {
+				held = true
 			}
 		}
-		if st != nil {
-			if !strings.Contains(*st, "CN") {
-				t.Fatalf("refused for %q, want the CN mismatch", *st)
-			}
+		if held {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("the lying node was never refused")
+			t.Fatalf("identity not held: %+v", a.f.Provisioner().Nodes())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	// The real victim is provisioned normally; mallory never got a cert.
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
-	if got := a.f.WaitProduction(ctx, 1); got != 1 {
-		t.Fatalf("victim not provisioned: %v", a.f.Errors())
+	a.f.Provisioner().Resume()
+	// Held means not provisioned, even once the provisioner runs and the
+	// node keeps announcing itself: watch it for a while.
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		if a.f.ProductionCount() != 0 {
+			t.Fatal("a held identity was provisioned")
+		}
 	}
+	a.unchanged(before)
 }
 
 func TestAttackHostileConfigure(t *testing.T) {
@@ -580,22 +640,21 @@ func TestAttackHelperCertificateForAnotherKey(t *testing.T) {
 	}
 }
 
-// csrFor makes a key and a CSR naming identity (PEM CSR, PEM public key).
-func csrFor(t *testing.T, identity string) (string, string) {
+// csrWith makes a key and a CSR with the given CN and DNS SANs (PEM CSR,
+// PEM public key).
+func csrWith(t *testing.T, cn string, sans []string) (string, string) {
 	key, err := pki.GenerateKey(protocol.KeyECDSAP256, 0)
 	if err != nil {
-		t.Error(err)
-		return "", ""
+		t.Fatal(err)
 	}
-	csr, err := pki.CreateCSR(key, identity, pki.CSRSubject{})
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: cn}, DNSNames: sans}, key)
 	if err != nil {
-		t.Error(err)
-		return "", ""
+		t.Fatal(err)
 	}
+	csr := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
 	pub, err := pki.MarshalPublicKey(key.Public())
 	if err != nil {
-		t.Error(err)
-		return "", ""
+		t.Fatal(err)
 	}
 	return string(csr), string(pub)
 }
