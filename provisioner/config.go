@@ -114,8 +114,11 @@ type Config struct {
 	LogFile string `yaml:"logfile"`
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `yaml:"loglevel"`
-	// Name is the sender name in requests.
+	// Name is the sender name in requests; in ha modes also the owner
+	// name of claims, so it must differ between provisioners.
 	Name string `yaml:"name"`
+	// HA configures several provisioners sharing the work (docs/ha.md).
+	HA HAConfig `yaml:"ha"`
 	// Policy holds the checks the provisioner applies to every CSR and
 	// certificate, whatever the helper does.
 	Policy Policy `yaml:"policy"`
@@ -334,6 +337,7 @@ func (c *Config) validate(needBrokers bool) error {
 	if err := logging.ValidLevel(c.LogLevel); err != nil {
 		bad("loglevel", fmt.Sprintf("%q", c.LogLevel), "must be debug, info, warn or error")
 	}
+	c.HA.validate(bad)
 	if c.Name == "" || len(c.Name) > 128 {
 		bad("name", fmt.Sprintf("%q", c.Name), "must be 1..128 bytes")
 	}

@@ -47,6 +47,7 @@ type metrics struct {
 	nodeDuration prometheus.Histogram
 
 	tokenRefusals    *prometheus.CounterVec
+	standby          prometheus.Gauge
 	policyRejections *prometheus.CounterVec
 }
 
@@ -83,6 +84,7 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 	for _, r := range tokenReasons {
 		m.tokenRefusals.WithLabelValues(r)
 	}
+	m.standby = prometheus.NewGauge(prometheus.GaugeOpts(opts("standby", "1 while a provisioner in leader mode is not the leader.")))
 	m.policyRejections = prometheus.NewCounterVec(prometheus.CounterOpts(opts("policy_rejections_total", "CSRs and certificates refused by the provisioner's policy, by reason.")), []string{"reason"})
 	heldG := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("held_nodes", "Nodes held for an operator's approval.")), held)
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
@@ -119,7 +121,7 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
-		m.queueWait, m.nodeDuration, m.tokenRefusals, m.policyRejections, heldG,
+		m.queueWait, m.nodeDuration, m.tokenRefusals, m.policyRejections, heldG, m.standby,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err

@@ -73,6 +73,21 @@ func (p *Provisioner) process(ctx context.Context, it queueItem) {
 	p.m.busy.Inc()
 	defer p.m.busy.Dec()
 
+	if p.shared != nil {
+		// Several provisioners: work on the node only under its claim.
+		cctx, release, err := p.claimNode(ctx, it.identity)
+		if err != nil {
+			if !errors.Is(err, errElsewhere) {
+				p.log.WithError(err).WithField("identity", it.identity).Warn("could not claim node")
+			}
+			p.markElsewhere(it.identity)
+			return
+		}
+		defer release()
+		defer p.recordShared(it.identity)
+		ctx = cctx
+	}
+
 	a := &attempt{p: p, id: it.identity, started: now, stage: StageInventory,
 		log: p.log.WithField("identity", it.identity)}
 	err := a.run(ctx)

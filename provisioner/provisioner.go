@@ -207,6 +207,10 @@ type Provisioner struct {
 	signer nkeys.KeyPair
 	// tokens verifies provisioning tokens; nil with insecure_tokenless.
 	tokens *token.Verifier
+	// shared is the JetStream state shared with other provisioners (nil
+	// in single mode); standby is set while not the leader (leader mode).
+	shared  *shared
+	standby bool
 	// tokenUses maps a token's jti to the identities it provisioned.
 	tokenUses map[string]map[string]struct{}
 	// ready is closed once Run has subscribed and started its workers.
@@ -373,7 +377,7 @@ func (p *Provisioner) setPaused(v bool) {
 func (p *Provisioner) gate() (bool, <-chan struct{}) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.paused, p.gateCh
+	return p.paused || p.standby, p.gateCh
 }
 
 // Nodes returns every known node's status, sorted by identity.
@@ -427,6 +431,12 @@ func (p *Provisioner) Run(ctx context.Context) error {
 			nc.Close()
 		}
 	}()
+	if err := p.openShared(ctx, nc); err != nil {
+		return err
+	}
+	if p.shared != nil && p.shared.mode == HALeader {
+		p.setStandby(true)
+	}
 
 	const subBuffer = 4096
 	type subSpec struct {
@@ -505,6 +515,13 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		defer wg.Done()
 		p.discoveryLoop(ctx)
 	}()
+	if p.shared != nil && p.shared.mode == HALeader {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.leaderLoop(ctx)
+		}()
+	}
 	for i := 0; i < p.cfg.Workers; i++ {
 		workers.Add(1)
 		go func() {

@@ -1,0 +1,199 @@
+package provisioner
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats-server/v2/server"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/nodestate"
+)
+
+// startJSServer runs an embedded nats-server with JetStream.
+func startJSServer(t *testing.T) string {
+	t.Helper()
+	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	if !s.ReadyForConnections(10 * time.Second) {
+		t.Fatal("nats-server not ready")
+	}
+	t.Cleanup(s.Shutdown)
+	return s.ClientURL()
+}
+
+// haProvisioner is a provisioner in an ha mode on its own connection, so a
+// test can cut the connection to simulate a crash.
+type haProvisioner struct {
+	*running
+	nc *nats.Conn
+}
+
+func startHA(t *testing.T, url, name, mode string, h helper.Helper) *haProvisioner {
+	t.Helper()
+	cfg := testConfig()
+	cfg.Name = name
+	cfg.HA = HAConfig{Mode: mode, Lease: Duration(2 * time.Second)}
+	cfg.Workers = 4
+	cfg.Grace = Duration(time.Minute)
+	nc, err := nats.Connect(url, nats.NoReconnect())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	log, buf := debugLogger()
+	p, err := New(Options{Config: cfg, Helper: h, Conn: nc, Logger: log, DrainTimeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{p: p, cancel: cancel, done: make(chan struct{}), logs: buf}
+	go func() {
+		r.err = p.Run(ctx)
+		close(r.done)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		<-r.done
+	})
+	select {
+	case <-p.ready:
+	case <-r.done:
+		t.Fatalf("Run returned early: %v", r.err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("provisioner not ready")
+	}
+	return &haProvisioner{running: r, nc: nc}
+}
+
+// exactlyOnce waits until every node restarted, then checks each was
+// configured and restarted exactly once.
+func exactlyOnce(t *testing.T, fleet *simFleet, ids []string, timeout time.Duration) {
+	t.Helper()
+	waitFor(t, timeout, "every node provisioned", func() bool {
+		for _, id := range ids {
+			if _, restarted, _ := fleet.nodes[id].stats(); restarted == 0 {
+				return false
+			}
+		}
+		return true
+	})
+	for _, id := range ids {
+		if configured, restarted, _ := fleet.nodes[id].stats(); configured != 1 || restarted != 1 {
+			t.Errorf("%s configured %d and restarted %d times, want once", id, configured, restarted)
+		}
+	}
+}
+
+func simNodes(t *testing.T, fleet *simFleet, n int) []string {
+	t.Helper()
+	var ids []string
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("ha%03d.example.net", i)
+		ids = append(ids, id)
+		fleet.add(id, nil)
+	}
+	return ids
+}
+
+func TestClaimsModeProvisionsEachNodeOnce(t *testing.T) {
+	url := startJSServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	ids := simNodes(t, fleet, 60)
+	var ps []*haProvisioner
+	for i := 0; i < 3; i++ {
+		ps = append(ps, startHA(t, url, fmt.Sprintf("prov-%d", i), HAClaims, newTestHelper(c, nil)))
+	}
+	for _, id := range ids {
+		fleet.publishMetadata(id)
+	}
+	exactlyOnce(t, fleet, ids, 60*time.Second)
+
+	// The shared node state says who provisioned each node.
+	js, _ := jetstream.New(connect(t, url))
+	ns, err := nodestate.Open(context.Background(), js, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "node state recorded", func() bool {
+		recs, _, err := ns.List(context.Background())
+		if err != nil || len(recs) != len(ids) {
+			return false
+		}
+		for _, r := range recs {
+			if r.State != string(StateProvisioned) && r.State != string(StateProduction) || r.ProvisionedBy == "" || r.Serial == "" {
+				return false
+			}
+		}
+		return true
+	})
+	by := map[string]int{}
+	recs, _, _ := ns.List(context.Background())
+	for _, r := range recs {
+		by[r.ProvisionedBy]++
+	}
+	t.Logf("nodes provisioned per provisioner: %v", by)
+}
+
+func TestClaimsModeCrashedProvisionerIsReplaced(t *testing.T) {
+	url := startJSServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	ids := simNodes(t, fleet, 12)
+	// A's helper never answers: A claims nodes and sits on them.
+	stuck := make(chan struct{})
+	defer close(stuck)
+	hung := newTestHelper(c, func(req *helper.Request, call int) (*helper.Reply, error, bool) {
+		<-stuck
+		return nil, context.Canceled, true
+	})
+	a := startHA(t, url, "prov-a", HAClaims, hung)
+	for _, id := range ids {
+		fleet.publishMetadata(id)
+	}
+	waitFor(t, 30*time.Second, "A working", func() bool { return hung.callCount(ids[0])+hung.callCount(ids[1])+hung.callCount(ids[2])+hung.callCount(ids[3]) > 0 })
+	b := startHA(t, url, "prov-b", HAClaims, newTestHelper(c, nil))
+	// Crash A: its connection goes away without releasing anything.
+	crashed := time.Now()
+	a.nc.Close()
+	exactlyOnce(t, fleet, ids, 90*time.Second)
+	t.Logf("all %d nodes provisioned by B %.1fs after A crashed (lease 2s)", len(ids), time.Since(crashed).Seconds())
+	_ = b
+}
+
+func TestLeaderModeOneActiveAndFailover(t *testing.T) {
+	url := startJSServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	ids := simNodes(t, fleet, 10)
+	a := startHA(t, url, "prov-a", HALeader, newTestHelper(c, nil))
+	waitFor(t, 20*time.Second, "A leads", func() bool { return a.p.Active() })
+	b := startHA(t, url, "prov-b", HALeader, newTestHelper(c, nil))
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		if b.p.Active() {
+			t.Fatal("two active provisioners")
+		}
+	}
+	for _, id := range ids[:5] {
+		fleet.publishMetadata(id)
+	}
+	exactlyOnce(t, fleet, ids[:5], 60*time.Second)
+
+	// Crash the leader: B takes over within about a lease.
+	crashed := time.Now()
+	a.nc.Close()
+	waitFor(t, 30*time.Second, "B leads", func() bool { return b.p.Active() })
+	t.Logf("failover to the standby took %.1fs (lease 2s)", time.Since(crashed).Seconds())
+	for _, id := range ids[5:] {
+		fleet.publishMetadata(id)
+	}
+	exactlyOnce(t, fleet, ids, 60*time.Second)
+}
