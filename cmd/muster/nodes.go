@@ -38,6 +38,8 @@ provisioned until an operator approves it, or denies it for good. See docs/provi
 	}
 	cmd.PersistentFlags().StringVar(&monitorURL, "url", "http://127.0.0.1:8081", "the provisioner's monitor URL")
 	base := func() string { return strings.TrimRight(monitorURL, "/") }
+	var kv kvFlags
+	kv.register(cmd)
 
 	var state string
 	var lsJSON bool
@@ -48,6 +50,9 @@ provisioned until an operator approves it, or denies it for good. See docs/provi
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if state != "" && !knownState(state) {
 				return fmt.Errorf("--state %q: must be one of %s", state, stateList())
+			}
+			if kv.use {
+				return kvList(cmd, &kv, state, lsJSON)
 			}
 			body, err := callMonitor(cmd.Context(), http.MethodGet, base()+"/nodes")
 			if err != nil {
@@ -81,6 +86,9 @@ provisioned until an operator approves it, or denies it for good. See docs/provi
 		Short: "Show one node: its state, hold reason, key fingerprint and registry record",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if kv.use {
+				return kvShow(cmd, &kv, args[0])
+			}
 			body, err := callNode(cmd, base(), http.MethodGet, args[0], "")
 			if err != nil {
 				return err
