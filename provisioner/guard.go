@@ -648,7 +648,7 @@ func (p *Provisioner) recordProvisioned(a *attempt) {
 		n.heldCSR = nil
 	}
 	p.mu.Unlock()
-	rec := Record{Identity: a.id, KeyFingerprint: a.keyFP, Serial: a.serial, ProvisionedAt: now}
+	rec := Record{Identity: a.id, KeyFingerprint: a.keyFP, Serial: a.serial, ProvisionedAt: now, TokenID: a.tokenID}
 	if err := p.reg.Put(rec); err != nil {
 		a.log.WithError(err).Error("could not record the provisioned key in the identity registry")
 	}
@@ -853,6 +853,9 @@ func (p *Provisioner) loadDenied() error {
 		return err
 	}
 	for _, r := range recs {
+		if r.TokenID != "" {
+			p.recordTokenUse(r.TokenID, r.Identity)
+		}
 		if !r.Denied {
 			continue
 		}

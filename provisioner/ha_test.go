@@ -159,7 +159,9 @@ func TestClaimsModeCrashedProvisionerIsReplaced(t *testing.T) {
 	for _, id := range ids {
 		fleet.publishMetadata(id)
 	}
-	waitFor(t, 30*time.Second, "A working", func() bool { return hung.callCount(ids[0])+hung.callCount(ids[1])+hung.callCount(ids[2])+hung.callCount(ids[3]) > 0 })
+	waitFor(t, 30*time.Second, "A working", func() bool {
+		return hung.callCount(ids[0])+hung.callCount(ids[1])+hung.callCount(ids[2])+hung.callCount(ids[3]) > 0
+	})
 	b := startHA(t, url, "prov-b", HAClaims, newTestHelper(c, nil))
 	// Crash A: its connection goes away without releasing anything.
 	crashed := time.Now()

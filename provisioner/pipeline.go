@@ -51,6 +51,7 @@ type attempt struct {
 	approval *approval
 	keyFP    string // fingerprint of the node's key
 	serial   string // serial of the certificate sent
+	tokenID  string // jti of the node's provisioning token
 }
 
 // process runs one node through the pipeline and records the result.
@@ -115,10 +116,11 @@ func (a *attempt) run(ctx context.Context) error {
 	if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &inv); err != nil {
 		return failAt(StageInventory, fmt.Errorf("inventory body: %w: %v", ErrBadReply, err))
 	}
-	claims, err := p.checkToken(a.id, inv.ProvisioningToken)
+	claims, tokenID, err := p.checkToken(a.id, inv.ProvisioningToken)
 	if err != nil {
 		return failAt(StageInventory, err)
 	}
+	a.tokenID = tokenID
 	// The token is a bearer secret: the helper gets its verified claims,
 	// never the token itself.
 	inv.ProvisioningToken = ""
@@ -202,7 +204,7 @@ func (a *attempt) run(ctx context.Context) error {
 	}
 	p.recordProvisioned(a)
 	a.outcome = OutcomeProvisioned
-	p.recordTokenUse(claims, a.id)
+	p.recordTokenUse(a.tokenID, a.id)
 	return nil
 }
 

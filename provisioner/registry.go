@@ -53,7 +53,10 @@ type Record struct {
 	ProvisionedAt time.Time `json:"provisioned_at,omitzero"`
 	// Denied is set when an operator denied the identity: it is never
 	// provisioned again.
-	Denied    bool      `json:"denied,omitempty"`
+	Denied bool `json:"denied,omitempty"`
+	// TokenID is the jti of the provisioning token the identity was last
+	// provisioned with (max_uses is counted from these).
+	TokenID   string    `json:"token_id,omitempty"`
 	DeniedKey string    `json:"denied_key,omitempty"`
 	DeniedAt  time.Time `json:"denied_at,omitzero"`
 }
@@ -76,6 +79,9 @@ func (r *Record) validate() error {
 		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
 			return fmt.Errorf("serial of %s is not lowercase hex", r.Identity)
 		}
+	}
+	if len(r.TokenID) > 64 || strings.ContainsAny(r.TokenID, "\r\n\x00") {
+		return fmt.Errorf("token_id of %s: at most 64 bytes, no control characters", r.Identity)
 	}
 	if !r.Denied && (r.DeniedKey != "" || !r.DeniedAt.IsZero()) {
 		return fmt.Errorf("%s has denial fields but is not denied", r.Identity)

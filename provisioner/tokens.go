@@ -16,17 +16,19 @@ var ErrToken = errors.New("provisioning token refused")
 const maxTrackedTokens = 100_000
 
 // checkToken verifies a node's provisioning token for identity and returns
-// its claims as the helper's jwt input ("null" when tokens are off). A token
-// with max_uses is refused once that many other identities were provisioned
-// with it (a node provisioned again with its own token does not count twice).
-func (p *Provisioner) checkToken(identity, tok string) (json.RawMessage, error) {
+// its claims as the helper's jwt input ("null" when tokens are off) and its
+// id. A token with max_uses is refused once that many other identities were
+// provisioned with it (a node provisioned again with its own token does not
+// count twice). Uses are counted from the identity registry, so they
+// survive a restart with state_dir.
+func (p *Provisioner) checkToken(identity, tok string) (json.RawMessage, string, error) {
 	if p.tokens == nil {
-		return json.RawMessage("null"), nil
+		return json.RawMessage("null"), "", nil
 	}
 	c, err := p.tokens.Verify(tok, identity, time.Now())
 	if err != nil {
 		p.m.tokenRefusals.WithLabelValues(tokenReason(err)).Inc()
-		return nil, fmt.Errorf("%w: %w", ErrToken, err)
+		return nil, "", fmt.Errorf("%w: %w", ErrToken, err)
 	}
 	if c.Muster.MaxUses > 0 {
 		p.mu.Lock()
@@ -36,35 +38,30 @@ func (p *Provisioner) checkToken(identity, tok string) (json.RawMessage, error) 
 		p.mu.Unlock()
 		if full {
 			p.m.tokenRefusals.WithLabelValues("used_up").Inc()
-			return nil, fmt.Errorf("%w: %w (max_uses %d)", ErrToken, token.ErrTooManyUses, c.Muster.MaxUses)
+			return nil, "", fmt.Errorf("%w: %w (max_uses %d)", ErrToken, token.ErrTooManyUses, c.Muster.MaxUses)
 		}
 	}
 	b, err := json.Marshal(c)
 	if err != nil {
-		return nil, fmt.Errorf("%w: claims: %w", ErrToken, err)
+		return nil, "", fmt.Errorf("%w: claims: %w", ErrToken, err)
 	}
-	return b, nil
+	return b, c.ID, nil
 }
 
-// recordTokenUse notes that identity was provisioned with the token whose
-// claims are raw.
-func (p *Provisioner) recordTokenUse(raw json.RawMessage, identity string) {
-	if p.tokens == nil || len(raw) == 0 {
-		return
-	}
-	var c token.Claims
-	if err := json.Unmarshal(raw, &c); err != nil || c.Muster.MaxUses == 0 {
+// recordTokenUse notes that identity was provisioned with token id.
+func (p *Provisioner) recordTokenUse(id, identity string) {
+	if id == "" {
 		return
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	used := p.tokenUses[c.ID]
+	used := p.tokenUses[id]
 	if used == nil {
 		if len(p.tokenUses) >= maxTrackedTokens {
 			return
 		}
 		used = map[string]struct{}{}
-		p.tokenUses[c.ID] = used
+		p.tokenUses[id] = used
 	}
 	used[identity] = struct{}{}
 }
