@@ -56,6 +56,9 @@ type Broker struct {
 	caPin  string
 	host   string // listen host as configured
 
+	devCluster    *DevCluster
+	clusterCAFile string
+
 	mu      sync.Mutex
 	srv     *server.Server
 	started bool
@@ -88,7 +91,7 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 		b.cfg.Provisioners = appendMissing(b.cfg.Provisioners, dev.ProvisionerPublicKey)
 		b.cfg.Admins = appendMissing(b.cfg.Admins, DevAdminCN)
 	}
-	tlsConfig, err := b.loadTLS(tlsFiles)
+	tlsConfig, clientCAs, err := b.loadTLS(tlsFiles)
 	if err != nil {
 		return nil, err
 	}
@@ -116,23 +119,28 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 	if cfg.MonitorListen != "" {
 		opts.HTTPHost, opts.HTTPPort = splitHostPort(cfg.MonitorListen)
 	}
+	if cfg.Cluster.Enabled() {
+		if err := b.setupCluster(opts, clientCAs); err != nil {
+			return nil, err
+		}
+	}
 	b.opts = opts
 	return b, nil
 }
 
 // loadTLS loads the server certificate and the client CA.
-func (b *Broker) loadTLS(f TLSFiles) (*tls.Config, error) {
+func (b *Broker) loadTLS(f TLSFiles) (*tls.Config, []*x509.Certificate, error) {
 	cert, err := tls.LoadX509KeyPair(f.Cert, f.Key)
 	if err != nil {
-		return nil, fmt.Errorf("%w: tls.cert %q / tls.key %q: %w", ErrInvalidConfig, f.Cert, f.Key, err)
+		return nil, nil, fmt.Errorf("%w: tls.cert %q / tls.key %q: %w", ErrInvalidConfig, f.Cert, f.Key, err)
 	}
 	caPEM, err := os.ReadFile(f.CA)
 	if err != nil {
-		return nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
+		return nil, nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
 	}
 	cas, err := pki.ParseCertificates(caPEM)
 	if err != nil {
-		return nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
+		return nil, nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
 	}
 	pool := x509.NewCertPool()
 	for _, c := range cas {
@@ -144,7 +152,7 @@ func (b *Broker) loadTLS(f TLSFiles) (*tls.Config, error) {
 		Certificates: []tls.Certificate{cert},
 		ClientAuth:   tls.VerifyClientCertIfGiven,
 		ClientCAs:    pool,
-	}, nil
+	}, cas, nil
 }
 
 // Start starts the server, waits until it accepts connections and enables
@@ -169,6 +177,9 @@ func (b *Broker) Start() (err error) {
 		return fmt.Errorf("new nats server: %w", err)
 	}
 	srv.SetLoggerV2(b.nlog, b.opts.Debug, b.opts.Trace, false)
+	if b.cfg.Cluster.InsecurePlaintextRoutes {
+		b.log.Warn("INSECURE: cluster routes use neither TLS nor authentication (cluster.insecure_plaintext_routes); anyone reaching the route port joins the cluster and sees every message")
+	}
 	if err := b.wireAccounts(srv); err != nil {
 		srv.Shutdown()
 		return err
@@ -189,6 +200,14 @@ func (b *Broker) Start() (err error) {
 	if b.dev != nil {
 		fields["provisioner_seed_file"] = b.dev.ProvisionerSeed
 		fields["admin_cert"] = b.dev.AdminCert
+	}
+	if b.cfg.Cluster.Enabled() {
+		fields["cluster"] = b.cfg.Cluster.Name
+		fields["server_name"] = b.cfg.Cluster.ServerName
+		fields["route_url"] = b.RouteURL()
+		fields["routes"] = routeURLs(b.opts.Routes)
+		fields["cluster_ca_file"] = b.clusterCAFile
+		fields["jetstream_replicas"] = b.cfg.Replicas()
 	}
 	b.log.WithFields(fields).Info("broker ready")
 	return nil
@@ -326,6 +345,47 @@ func (b *Broker) DevPKI() *DevPKI {
 		return nil
 	}
 	d := *b.dev
+	return &d
+}
+
+// JetStreamReplicas is the replica count for the streams and KV buckets
+// Muster creates: jetstream.replicas, or min(3, cluster size).
+func (b *Broker) JetStreamReplicas() int { return b.cfg.Replicas() }
+
+// RouteURL returns this broker's route URL, nats-route://host:port with the
+// real port once started, or "" when clustering is off.
+func (b *Broker) RouteURL() string {
+	if !b.cfg.Cluster.Enabled() {
+		return ""
+	}
+	host, _ := splitHostPort(b.cfg.Cluster.Listen)
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	port := b.opts.Cluster.Port
+	if srv := b.Server(); srv != nil {
+		if addr := srv.ClusterAddr(); addr != nil {
+			port = addr.Port
+		}
+	}
+	if port < 0 {
+		port = 0
+	}
+	u := url.URL{Scheme: "nats-route", Host: net.JoinHostPort(host, strconv.Itoa(port))}
+	return u.String()
+}
+
+// ClusterCAFile returns the CA route certificates must chain to, or "" when
+// clustering is off or routes are plaintext.
+func (b *Broker) ClusterCAFile() string { return b.clusterCAFile }
+
+// DevCluster returns the development cluster PKI, or nil when cluster.tls
+// was configured or clustering is off.
+func (b *Broker) DevCluster() *DevCluster {
+	if b.devCluster == nil {
+		return nil
+	}
+	d := *b.devCluster
 	return &d
 }
 
