@@ -204,7 +204,7 @@ func (b *Broker) Start() (err error) {
 	if b.cfg.Cluster.Enabled() {
 		fields["cluster"] = b.cfg.Cluster.Name
 		fields["server_name"] = b.cfg.Cluster.ServerName
-		fields["route_url"] = b.RouteURL()
+		fields["route_url"] = b.routeURL(srv)
 		fields["routes"] = routeURLs(b.opts.Routes)
 		fields["cluster_ca_file"] = b.clusterCAFile
 		fields["jetstream_replicas"] = b.cfg.Replicas()
@@ -354,7 +354,9 @@ func (b *Broker) JetStreamReplicas() int { return b.cfg.Replicas() }
 
 // RouteURL returns this broker's route URL, nats-route://host:port with the
 // real port once started, or "" when clustering is off.
-func (b *Broker) RouteURL() string {
+func (b *Broker) RouteURL() string { return b.routeURL(b.Server()) }
+
+func (b *Broker) routeURL(srv *server.Server) string {
 	if !b.cfg.Cluster.Enabled() {
 		return ""
 	}
@@ -363,7 +365,7 @@ func (b *Broker) RouteURL() string {
 		host = "127.0.0.1"
 	}
 	port := b.opts.Cluster.Port
-	if srv := b.Server(); srv != nil {
+	if srv != nil {
 		if addr := srv.ClusterAddr(); addr != nil {
 			port = addr.Port
 		}

@@ -102,7 +102,7 @@ func (b *Broker) setupCluster(opts *server.Options, clientCAs []*x509.Certificat
 	for _, r := range cl.Routes {
 		u, err := parseRoute(r)
 		if err != nil {
-			return fmt.Errorf("%w: cluster.routes %q: %w", ErrInvalidConfig, r, err)
+			return fmt.Errorf("%w: cluster.routes %q: %w", ErrInvalidConfig, redactURL(r), err)
 		}
 		opts.Routes = append(opts.Routes, u)
 	}

@@ -259,7 +259,7 @@ func (c *Config) validateCluster(bad func(key string, value any, format string, 
 	} else {
 		for i, r := range cl.Routes {
 			if _, err := parseRoute(r); err != nil {
-				bad(fmt.Sprintf("cluster.routes[%d]", i), r, "%v", err)
+				bad(fmt.Sprintf("cluster.routes[%d]", i), redactURL(r), "%v", err)
 			}
 		}
 	}
@@ -354,6 +354,15 @@ func parseRoute(s string) (*url.URL, error) {
 		return nil, errors.New("port must be a number 1-65535")
 	}
 	return &url.URL{Scheme: "nats-route", Host: u.Host}, nil
+}
+
+// redactURL hides the password of a URL that has one, for error messages.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.User == nil {
+		return s
+	}
+	return u.Redacted()
 }
 
 // checkName checks a cluster or server name: 1-64 letters, digits, '-',
