@@ -19,7 +19,7 @@ const secretToken = "S3CRET-build-token"
 func buildAgent(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "muster-agent")
-	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.version=9.9.9"
+	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.version=9.9.9 -X main.aliveInterval=7s -X main.provisionShuffle=false"
 	cmd := exec.Command("go", "build", "-ldflags", ld, "-o", bin, ".")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
@@ -66,6 +66,9 @@ func TestBinary(t *testing.T) {
 		if bi.ProvisionToken != "set" || !bi.ProvisionByDefault || len(bi.ProvisionBrokers) != 2 || strings.Contains(string(out), secretToken) {
 			t.Fatalf("json buildinfo %s", out)
 		}
+		if bi.AliveInterval != "7s" || bi.ProvisionShuffle || bi.ReconnectWait != "2s" || bi.ReconnectMaxWait != "30s" {
+			t.Fatalf("compiled-in failover settings in buildinfo %s", out)
+		}
 	})
 
 	cases := []struct {
@@ -80,6 +83,7 @@ func TestBinary(t *testing.T) {
 			os.WriteFile(filepath.Join(dir, "shutdown"), []byte("x"), 0o600)
 		}, exitStayDown},
 		{"no mode", []string{"--provision=false"}, nil, exitError},
+		{"alive interval too short", []string{"--alive-interval", "1ms"}, nil, exitError},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
