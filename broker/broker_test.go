@@ -781,6 +781,7 @@ func TestCollector(t *testing.T) {
 		"muster_broker_authentications_total{rejected}":      func(v float64) bool { return v >= 1 },
 		"muster_broker_authentications_total{unprovisioned}": func(v float64) bool { return v == 1 },
 		"muster_broker_jetstream_enabled":                    func(v float64) bool { return v == 1 },
+		"muster_broker_cluster_peers":                        func(v float64) bool { return v == 0 },
 	}
 	for name, ok := range want {
 		v, found := got[name]

@@ -15,6 +15,7 @@ import (
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/muster-io/muster/internal/ca"
 )
@@ -328,6 +329,10 @@ func TestClusterJetStreamR3SurvivesBrokerLoss(t *testing.T) {
 		t.Errorf("RouteURL = %q", a.RouteURL())
 	}
 
+	if got := clusterPeers(t, c); got != 2 {
+		t.Errorf("muster_broker_cluster_peers = %v, want 2", got)
+	}
+
 	prov := connect(t, c, provisionerOpt(t, c), nats.MaxReconnects(-1), nats.ReconnectWait(50*time.Millisecond))
 	js, err := jetstream.New(prov)
 	if err != nil {
@@ -361,6 +366,7 @@ func TestClusterJetStreamR3SurvivesBrokerLoss(t *testing.T) {
 		}
 	}
 	victim.Shutdown()
+	waitUntil(t, 20*time.Second, "muster_broker_cluster_peers to drop to 1", func() bool { return clusterPeers(t, c) == 1 })
 	waitUntil(t, 30*time.Second, "a write after losing a broker", func() bool {
 		_, err := kv.Put(ctx, "node2", []byte("claimed"))
 		return err == nil
@@ -444,4 +450,22 @@ func testAccountsAcross(t *testing.T, x, y *Broker) {
 		m, err := events.NextMsg(200 * time.Millisecond)
 		return err == nil && m.Subject == "production.choria.lifecycle.event.provisioned.muster-agent"
 	})
+}
+
+// clusterPeers reads muster_broker_cluster_peers from b's collector.
+func clusterPeers(t *testing.T, b *Broker) float64 {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(NewCollector(b))
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "muster_broker_cluster_peers" {
+			return mf.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	t.Fatal("no muster_broker_cluster_peers")
+	return 0
 }

@@ -12,7 +12,7 @@ type collector struct {
 	up, conns, connsTotal, subs         *prometheus.Desc
 	inMsgs, outMsgs, inBytes, outBytes  *prometheus.Desc
 	slow, accountConns, authentications *prometheus.Desc
-	jetstreamEnabled                    *prometheus.Desc
+	jetstreamEnabled, clusterPeers      *prometheus.Desc
 }
 
 // NewCollector returns a Prometheus collector of the broker's statistics,
@@ -36,6 +36,7 @@ func NewCollector(b *Broker) prometheus.Collector {
 		accountConns:     d("account_connections", "Client connections open now per account.", "account"),
 		authentications:  d("authentications_total", "Connection authentications by result.", "result"),
 		jetstreamEnabled: d("jetstream_enabled", "1 when JetStream is enabled on the PROVISIONING account."),
+		clusterPeers:     d("cluster_peers", "Other brokers of the cluster this broker has routes to now (0 without clustering)."),
 	}
 }
 
@@ -43,7 +44,7 @@ func NewCollector(b *Broker) prometheus.Collector {
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.up, c.conns, c.connsTotal, c.subs, c.inMsgs, c.outMsgs, c.inBytes, c.outBytes,
-		c.slow, c.accountConns, c.authentications, c.jetstreamEnabled,
+		c.slow, c.accountConns, c.authentications, c.jetstreamEnabled, c.clusterPeers,
 	} {
 		ch <- d
 	}
@@ -82,4 +83,5 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		js = 1
 	}
 	ch <- prometheus.MustNewConstMetric(c.jetstreamEnabled, prometheus.GaugeValue, js)
+	ch <- prometheus.MustNewConstMetric(c.clusterPeers, prometheus.GaugeValue, float64(srv.NumRemotes()))
 }
