@@ -201,6 +201,7 @@ func TestClusterConfigValidate(t *testing.T) {
 		{name: "explicit replicas", cfg: cluster(func(c *Config) { c.JetStream.Replicas = 2 }), size: 3, replica: 2},
 		{name: "replicas over cluster size", cfg: cluster(func(c *Config) { c.JetStream.Replicas = 4 }), keys: []string{"jetstream.replicas"}},
 		{name: "replicas without cluster", cfg: func() Config { c := DefaultConfig(); c.JetStream.Replicas = 3; return c }(), keys: []string{"jetstream.replicas"}},
+		{name: "cluster without routes", cfg: cluster(func(c *Config) { c.Cluster.Routes = nil }), keys: []string{"cluster.routes"}},
 		{name: "cluster key without listen", cfg: func() Config { c := DefaultConfig(); c.Cluster.Routes = []string{"nats-route://h:1"}; return c }(), keys: []string{"cluster.listen"}},
 		{name: "bad everything", cfg: cluster(func(c *Config) {
 			c.Cluster.Name = "has space"
@@ -468,4 +469,41 @@ func clusterPeers(t *testing.T, b *Broker) float64 {
 	}
 	t.Fatal("no muster_broker_cluster_peers")
 	return 0
+}
+
+// TestExampleClusterConfigs checks examples/cluster/broker-*.yaml: every key
+// parses, the three brokers differ where they must and agree where they
+// must, and the cluster they describe has three brokers and R3.
+func TestExampleClusterConfigs(t *testing.T) {
+	b := startBroker(t)
+	dev := b.DevPKI()
+	names, listens, clients := map[string]bool{}, map[string]bool{}, map[string]bool{}
+	for _, n := range []string{"a", "b", "c"} {
+		data, err := os.ReadFile(filepath.Join("..", "examples", "cluster", "broker-"+n+".yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The TLS files exist only after the README's setup steps: point
+		// them at real files and check everything else.
+		cfg, err := ParseConfig(data)
+		if err != nil {
+			for _, e := range strings.Split(err.Error(), "\n") {
+				if !strings.Contains(e, "tls.") {
+					t.Fatalf("broker-%s.yaml: %v", n, e)
+				}
+			}
+		}
+		real := TLSFiles{Cert: dev.ServerCert, Key: dev.ServerKey, CA: dev.CACert}
+		cfg.TLS, cfg.Cluster.TLS = real, real
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("broker-%s.yaml: %v", n, err)
+		}
+		if cfg.ClusterSize() != 3 || cfg.Replicas() != 3 || len(cfg.Cluster.PeerNames) != 3 || cfg.Cluster.Name != "muster-example" {
+			t.Errorf("broker-%s.yaml: size %d, replicas %d, cluster %+v", n, cfg.ClusterSize(), cfg.Replicas(), cfg.Cluster)
+		}
+		names[cfg.Cluster.ServerName], listens[cfg.Cluster.Listen], clients[cfg.Listen] = true, true, true
+	}
+	if len(names) != 3 || len(listens) != 3 || len(clients) != 3 {
+		t.Errorf("brokers share names or ports: %v %v %v", names, listens, clients)
+	}
 }

@@ -254,7 +254,9 @@ func (c *Config) validateCluster(bad func(key string, value any, format string, 
 	if err := checkName(cl.ServerName); err != nil {
 		bad("cluster.server_name", cl.ServerName, "%v", err)
 	}
-	if len(cl.Routes) > MaxRoutes {
+	if len(cl.Routes) == 0 {
+		bad("cluster.routes", "", "at least one route is required (JetStream in a cluster needs routes; list every broker, this one included)")
+	} else if len(cl.Routes) > MaxRoutes {
 		bad("cluster.routes", len(cl.Routes), "at most %d routes", MaxRoutes)
 	} else {
 		for i, r := range cl.Routes {
