@@ -366,12 +366,15 @@ func TestClusterJetStreamR3SurvivesBrokerLoss(t *testing.T) {
 			victim = br
 		}
 	}
+	killedAt := time.Now()
 	victim.Shutdown()
-	waitUntil(t, 20*time.Second, "muster_broker_cluster_peers to drop to 1", func() bool { return clusterPeers(t, c) == 1 })
 	waitUntil(t, 30*time.Second, "a write after losing a broker", func() bool {
 		_, err := kv.Put(ctx, "node2", []byte("claimed"))
 		return err == nil
 	})
+	t.Logf("R3 bucket writable again %s after a broker began shutting down (it led the stream: %t)",
+		time.Since(killedAt).Round(time.Millisecond), victim.cfg.Cluster.ServerName == info.Cluster.Leader)
+	waitUntil(t, 20*time.Second, "muster_broker_cluster_peers to drop to 1", func() bool { return clusterPeers(t, c) == 1 })
 	for _, k := range []string{"node1", "node2"} {
 		e, err := kv.Get(ctx, k)
 		if err != nil || string(e.Value()) != "claimed" {

@@ -288,8 +288,10 @@ func TestAgentFailoverProduction(t *testing.T) {
 		return ping(admin, protocol.DefaultMainCollective, id)
 	})
 
+	killedAt := time.Now()
 	a.Shutdown()
 	waitUntil(t, 20*time.Second, "the agent failed over to broker B", func() bool { return connectedTo(t, b, id) })
+	t.Logf("production agent on B %s after A began shutting down", time.Since(killedAt).Round(time.Millisecond))
 	if account, user := connUser(t, b, id); account != PRODUCTION || user != id {
 		t.Fatalf("connection after failover in %s as %q", account, user)
 	}
@@ -404,9 +406,15 @@ func TestAgentDetectsHungBroker(t *testing.T) {
 		},
 		Logger: testLog(),
 	}
+	obs := &modes{}
+	opts.Observer = obs
 	fastFailover(&opts)
 	runAgent(t, opts)
-	waitUntil(t, 20*time.Second, "the agent on broker A through the proxy", func() bool { return connectedTo(t, a, id) })
+	// The observer is told once the connection handshake has completed,
+	// so what follows measures the alive interval, not the connect timeout.
+	waitUntil(t, 20*time.Second, "the agent on broker A through the proxy", func() bool {
+		return obs.reached(agent.ModeProvisioning) && connectedTo(t, a, id)
+	})
 	if connectedTo(t, b, id) {
 		t.Fatal("the agent is on B before the freeze")
 	}
@@ -427,6 +435,19 @@ func TestProvisionerReconnects(t *testing.T) {
 	out := &outcomes{}
 	h := &signingHelper{ca: devCA(t, brokers[0]), hosts: strings.Join(urls, ",")}
 	name := runProvisioner(t, brokers[0], urls, h, out)
+	// A first node proves the provisioner is fully up (its Run fails when
+	// its broker dies while it is still subscribing; see docs/ha.md).
+	early := agent.Options{
+		Identity: "early1.example.net",
+		StateDir: t.TempDir(),
+		Provisioning: agent.ProvisioningSettings{
+			Brokers: urls, CAFile: brokers[0].CAFile(), Token: failoverToken, Enabled: true,
+		},
+		Logger: testLog(),
+	}
+	fastFailover(&early)
+	runAgent(t, early)
+	waitUntil(t, 60*time.Second, "the first node provisioned", func() bool { return out.provisioned(early.Identity) })
 	var on *Broker
 	waitUntil(t, 20*time.Second, "the provisioner connected", func() bool {
 		for _, br := range brokers {
@@ -437,6 +458,7 @@ func TestProvisionerReconnects(t *testing.T) {
 		}
 		return false
 	})
+	killedAt := time.Now()
 	on.Shutdown()
 	var rest []*Broker
 	for _, br := range brokers {
@@ -447,6 +469,7 @@ func TestProvisionerReconnects(t *testing.T) {
 	waitUntil(t, 20*time.Second, "the provisioner on another broker", func() bool {
 		return connectedTo(t, rest[0], name) || connectedTo(t, rest[1], name)
 	})
+	t.Logf("provisioner on another broker %s after its broker began shutting down", time.Since(killedAt).Round(time.Millisecond))
 
 	// A node arriving on each surviving broker is provisioned.
 	for i, br := range rest {
