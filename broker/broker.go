@@ -4,7 +4,9 @@
 // listed nkey) and unprovisioned nodes (neither) land in PROVISIONING, which
 // also sees PRODUCTION's lifecycle events under the prefix "production."
 // and has JetStream. Without configured TLS the broker makes a development
-// PKI in its store directory.
+// PKI in its store directory. With a cluster section it is one server of a
+// NATS cluster: routes over mutual TLS with a separate cluster CA, checked
+// by a route authenticator, and JetStream replicated by Raft.
 package broker
 
 import (

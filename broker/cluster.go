@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -171,6 +172,10 @@ func loadRouteTLS(f TLSFiles) (*tls.Config, []*x509.Certificate, error) {
 type routeAuth struct {
 	log   *logrus.Entry
 	names map[string]struct{}
+
+	mu         sync.Mutex
+	last       time.Time
+	suppressed int
 }
 
 func newRouteAuth(log *logrus.Entry, names []string) *routeAuth {
@@ -184,14 +189,26 @@ func newRouteAuth(log *logrus.Entry, names []string) *routeAuth {
 // Check implements server.Authentication for routes.
 func (r *routeAuth) Check(c server.ClientAuthentication) bool {
 	ok, reason := r.allowed(c)
-	if !ok {
-		remote := ""
-		if addr := c.RemoteAddress(); addr != nil {
-			remote = addr.String()
-		}
-		r.log.WithFields(logrus.Fields{"remote": remote, "reason": reason}).Warn("route refused")
+	if ok {
+		return true
 	}
-	return ok
+	// Logged at most once a second; the line says how many were not.
+	r.mu.Lock()
+	now := time.Now()
+	if now.Sub(r.last) < time.Second {
+		r.suppressed++
+		r.mu.Unlock()
+		return false
+	}
+	suppressed := r.suppressed
+	r.last, r.suppressed = now, 0
+	r.mu.Unlock()
+	remote := ""
+	if addr := c.RemoteAddress(); addr != nil {
+		remote = addr.String()
+	}
+	r.log.WithFields(logrus.Fields{"remote": remote, "reason": reason, "suppressed": suppressed}).Warn("route refused")
+	return false
 }
 
 func (r *routeAuth) allowed(c server.ClientAuthentication) (bool, string) {

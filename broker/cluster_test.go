@@ -198,6 +198,11 @@ func TestClusterConfigValidate(t *testing.T) {
 		{name: "five brokers capped at three", cfg: cluster(func(c *Config) {
 			c.Cluster.Routes = append(c.Cluster.Routes, "nats-route://h4:6222", "nats-route://h5:6222")
 		}), size: 5, replica: 3},
+		{name: "own host name with a wildcard listen", cfg: cluster(func(c *Config) {
+			hn, _ := os.Hostname()
+			c.Cluster.Listen = "0.0.0.0:6222"
+			c.Cluster.Routes = []string{"nats-route://" + net.JoinHostPort(hn, "6222"), "nats-route://other:6222"}
+		}), size: 2, replica: 2},
 		{name: "explicit replicas", cfg: cluster(func(c *Config) { c.JetStream.Replicas = 2 }), size: 3, replica: 2},
 		{name: "replicas over cluster size", cfg: cluster(func(c *Config) { c.JetStream.Replicas = 4 }), keys: []string{"jetstream.replicas"}},
 		{name: "replicas without cluster", cfg: func() Config { c := DefaultConfig(); c.JetStream.Replicas = 3; return c }(), keys: []string{"jetstream.replicas"}},
@@ -508,5 +513,54 @@ func TestExampleClusterConfigs(t *testing.T) {
 	}
 	if len(names) != 3 || len(listens) != 3 || len(clients) != 3 {
 		t.Errorf("brokers share names or ports: %v %v %v", names, listens, clients)
+	}
+}
+
+// TestRoutePeerNames: with a shared cluster CA, routes form only between
+// brokers whose route certificates name a listed peer.
+func TestRoutePeerNames(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		peers []string
+		forms bool
+	}{
+		{"listed peers", []string{"broker-a", "broker-b"}, true},
+		{"unlisted peers", []string{"broker-z"}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfgs := clusterConfigs(t, 2)
+			var brokers []*Broker
+			for i := range cfgs {
+				cfgs[i].Cluster.PeerNames = tc.peers
+				if i > 0 {
+					copyTree(t, filepath.Join(cfgs[0].StoreDir, DevPKIDir), filepath.Join(cfgs[i].StoreDir, DevPKIDir))
+				}
+				b, err := New(cfgs[i], testLog())
+				if err != nil {
+					t.Fatal(err)
+				}
+				brokers = append(brokers, b)
+			}
+			for _, b := range brokers {
+				if err := b.Start(); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(b.Shutdown)
+			}
+			if tc.forms {
+				waitClusterFormed(t, brokers)
+				return
+			}
+			nc := connect(t, brokers[0], provisionerOpt(t, brokers[0]))
+			for range 40 {
+				if err := nc.FlushTimeout(5 * time.Second); err != nil {
+					t.Fatal(err)
+				}
+				if brokers[0].Server().NumRemotes() != 0 || brokers[1].Server().NumRemotes() != 0 {
+					t.Fatal("a route formed with a peer name that is not listed")
+				}
+				time.Sleep(25 * time.Millisecond)
+			}
+		})
 	}
 }

@@ -289,7 +289,9 @@ func (c *Config) validateCluster(bad func(key string, value any, format string, 
 }
 
 // ClusterSize is the number of brokers the configuration names: this one
-// plus every distinct route that is not this broker's own route address.
+// plus every distinct route that is not this broker's own route address
+// (recognised by the listen and advertise host:port, loopback names for a
+// loopback or wildcard listen host, and the host name for a wildcard one).
 func (c *Config) ClusterSize() int {
 	if !c.Cluster.Enabled() {
 		return 1
@@ -304,6 +306,11 @@ func (c *Config) ClusterSize() int {
 		if ip := net.ParseIP(host); host == "" || host == "localhost" || (ip != nil && (ip.IsLoopback() || ip.IsUnspecified())) {
 			for _, h := range []string{"localhost", "127.0.0.1", "::1"} {
 				self[net.JoinHostPort(h, port)] = true
+			}
+		}
+		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+			if hn, err := os.Hostname(); err == nil && hn != "" {
+				self[net.JoinHostPort(hn, port)] = true
 			}
 		}
 	}
