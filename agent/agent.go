@@ -124,6 +124,9 @@ type ProvisioningSettings struct {
 	// Enabled says whether provisioning is on when the configuration does
 	// not say.
 	Enabled bool
+	// NoShuffle keeps the order of Brokers; by default the agent shuffles
+	// them (like Salt's master_shuffle) so a fleet spreads over the brokers.
+	NoShuffle bool
 }
 
 // Options configure an Agent.
@@ -155,8 +158,19 @@ type Options struct {
 	// ProductionFallbackAfter is the number of consecutive refused
 	// production connects before falling back to provisioning, default 3.
 	ProductionFallbackAfter int
-	// ReconnectWait is the mean wait between connection attempts, default 2s.
+	// ReconnectWait is the first wait after every broker of the list failed
+	// once, default 2s; it doubles per round up to ReconnectMaxWait, and
+	// each wait is jittered (between half and all of it).
 	ReconnectWait time.Duration
+	// ReconnectMaxWait caps the wait between rounds, default 30s (and
+	// never below ReconnectWait).
+	ReconnectMaxWait time.Duration
+	// AliveInterval bounds how long a broker that stopped answering stays
+	// undetected (the client pings every third of it and gives up after two
+	// unanswered pings), like Salt's master_alive_interval; default 10s. The
+	// production configuration's plugin.muster.alive_interval overrides it
+	// in production mode.
+	AliveInterval time.Duration
 	// Observer is optional.
 	Observer Observer
 }
@@ -178,6 +192,8 @@ type Agent struct {
 	mdInterval  time.Duration
 	fallbackN   int
 	reconnWait  time.Duration
+	reconnMax   time.Duration
+	alive       time.Duration
 	observer    Observer
 
 	mode       atomic.Int32
@@ -287,6 +303,12 @@ func New(opts Options) (*Agent, error) {
 	if opts.ReconnectWait < 0 {
 		bad("reconnect wait %s: must not be negative", opts.ReconnectWait)
 	}
+	if opts.ReconnectMaxWait < 0 {
+		bad("reconnect max wait %s: must not be negative", opts.ReconnectMaxWait)
+	}
+	if opts.AliveInterval < 0 || (opts.AliveInterval > 0 && opts.AliveInterval < MinAliveInterval) || opts.AliveInterval > MaxAliveInterval {
+		bad("alive interval %s: must be between %s and %s (0 is the default %s)", opts.AliveInterval, MinAliveInterval, MaxAliveInterval, DefaultAliveInterval)
+	}
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
@@ -307,6 +329,8 @@ func New(opts Options) (*Agent, error) {
 		mdInterval:  opts.MetadataInterval,
 		fallbackN:   opts.ProductionFallbackAfter,
 		reconnWait:  opts.ReconnectWait,
+		reconnMax:   opts.ReconnectMaxWait,
+		alive:       opts.AliveInterval,
 		observer:    opts.Observer,
 		trusted:     trusted,
 		seen:        map[string]time.Time{},
@@ -325,7 +349,14 @@ func New(opts Options) (*Agent, error) {
 		a.fallbackN = DefaultProductionFallbackAfter
 	}
 	if a.reconnWait == 0 {
-		a.reconnWait = 2 * time.Second
+		a.reconnWait = DefaultReconnectWait
+	}
+	if a.reconnMax == 0 {
+		a.reconnMax = DefaultReconnectMaxWait
+	}
+	a.reconnMax = max(a.reconnMax, a.reconnWait)
+	if a.alive == 0 {
+		a.alive = DefaultAliveInterval
 	}
 	if a.version == "" {
 		a.version = "development"

@@ -12,7 +12,9 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"github.com/sirupsen/logrus"
 
+	"github.com/muster-io/muster/agent/config"
 	"github.com/muster-io/muster/internal/pki"
 )
 
@@ -115,15 +117,105 @@ func productionTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
 	return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{pair}, RootCAs: roots}, nil
 }
 
+// Broker failover defaults and limits.
+const (
+	// DefaultAliveInterval is how long a silent broker stays undetected.
+	DefaultAliveInterval = 10 * time.Second
+	// MinAliveInterval and MaxAliveInterval bound the alive interval.
+	MinAliveInterval = 30 * time.Millisecond
+	MaxAliveInterval = 10 * time.Minute
+	// DefaultReconnectWait is the first wait between rounds of attempts.
+	DefaultReconnectWait = 2 * time.Second
+	// DefaultReconnectMaxWait caps the wait between rounds.
+	DefaultReconnectMaxWait = 30 * time.Second
+	// maxReconnectWait bounds reconnect waits read from the configuration.
+	maxReconnectWait = 10 * time.Minute
+	// alivePingsOut is how many pings may go unanswered: with a ping every
+	// third of the alive interval, the third tick without an answer closes
+	// the connection, at most one alive interval after the last answer.
+	alivePingsOut = 2
+)
+
+// link are the failover settings of one connection: the order of the
+// broker list, dead broker detection and the wait between rounds.
+type link struct {
+	shuffle bool
+	alive   time.Duration
+	wait    time.Duration
+	maxWait time.Duration
+}
+
+// provisioningLink is the link of the provisioning connection, from the
+// options.
+func (a *Agent) provisioningLink() link {
+	return link{shuffle: !a.prov.NoShuffle, alive: a.alive, wait: a.reconnWait, maxWait: a.reconnMax}
+}
+
+// productionLink is the link of the production connection: the options,
+// overridden by the production configuration's keys. An invalid value is
+// logged and ignored, so a bad key cannot keep a configured node off its
+// brokers.
+func (a *Agent) productionLink(cfg *config.Config) link {
+	l := link{shuffle: true, alive: a.alive, wait: a.reconnWait, maxWait: a.reconnMax}
+	warn := func(key, value, why string) {
+		a.log.WithFields(logrus.Fields{"key": key, "value": value}).Warnf("ignoring configuration value: %s", why)
+	}
+	if v, ok := cfg.Get(config.KeyRandomizeHosts); ok {
+		b, err := config.ParseBool(v)
+		if err != nil {
+			warn(config.KeyRandomizeHosts, v, "not a boolean")
+		} else {
+			l.shuffle = b
+		}
+	}
+	dur := func(key string, lo, hi time.Duration, dst *time.Duration) {
+		v, ok := cfg.Get(key)
+		if !ok || v == "" {
+			return
+		}
+		d, err := config.ParseDuration(v)
+		if err != nil || d < lo || d > hi {
+			warn(key, v, fmt.Sprintf("must be a duration between %s and %s", lo, hi))
+			return
+		}
+		*dst = d
+	}
+	dur(config.KeyAliveInterval, MinAliveInterval, MaxAliveInterval, &l.alive)
+	dur(config.KeyReconnectWait, time.Millisecond, maxReconnectWait, &l.wait)
+	dur(config.KeyReconnectMaxWait, time.Millisecond, maxReconnectWait, &l.maxWait)
+	l.maxWait = max(l.maxWait, l.wait)
+	return l
+}
+
+// backoff is the wait before round n (1, 2, ...) of connection attempts:
+// wait doubled per round up to maxWait, then jittered to between half and
+// all of it, so a fleet that lost its broker does not come back in step.
+func (l link) backoff(n int) time.Duration {
+	d := l.wait
+	for i := 1; i < n && d < l.maxWait; i++ {
+		d *= 2
+	}
+	d = min(d, l.maxWait)
+	if d <= 0 {
+		return 0
+	}
+	return d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+}
+
 // baseOptions are the NATS options every connection of the agent uses.
-// connected receives a signal when the connection is established.
-func (a *Agent) baseOptions(connected chan<- struct{}, closed chan<- struct{}) []nats.Option {
+// connected receives a signal when the connection is established. The
+// client tries every broker of the list in turn (shuffled unless turned
+// off, plus the brokers the cluster advertises) and waits l.backoff between
+// rounds; it pings so that a broker that stops answering is given up within
+// l.alive.
+func (a *Agent) baseOptions(l link, connected chan<- struct{}, closed chan<- struct{}) []nats.Option {
 	log := a.log
-	return []nats.Option{
+	opts := []nats.Option{
 		nats.Name(a.id),
 		nats.MaxReconnects(-1),
-		nats.ReconnectWait(a.reconnWait),
-		nats.ReconnectJitter(a.reconnWait/2, a.reconnWait),
+		nats.CustomReconnectDelay(l.backoff),
+		nats.PingInterval(l.alive / (alivePingsOut + 1)),
+		nats.MaxPingsOutstanding(alivePingsOut),
 		nats.NoCallbacksAfterClientClose(),
 		nats.ConnectHandler(func(*nats.Conn) { signal(connected) }),
 		nats.ClosedHandler(func(*nats.Conn) { signal(closed) }),
@@ -142,6 +234,10 @@ func (a *Agent) baseOptions(connected chan<- struct{}, closed chan<- struct{}) [
 			log.WithError(err).Warn("broker connection error")
 		}),
 	}
+	if !l.shuffle {
+		opts = append(opts, nats.DontRandomize())
+	}
+	return opts
 }
 
 func signal(ch chan<- struct{}) {

@@ -35,7 +35,7 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 		agents:         []string{protocol.AgentDiscovery, protocol.AgentRPCUtil, protocol.AgentProvision},
 	}
 	connected := make(chan struct{}, 1)
-	opts := append(a.baseOptions(connected, nil), nats.RetryOnFailedConnect(true))
+	opts := append(a.baseOptions(a.provisioningLink(), connected, nil), nats.RetryOnFailedConnect(true))
 	if a.prov.Token != "" {
 		// The broker admits unprovisioned nodes only with a valid token.
 		opts = append(opts, nats.Token(a.prov.Token))
@@ -105,7 +105,8 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 		defer t.Stop()
 		expiry = t.C
 	}
-	refused := 0
+	link := a.productionLink(cfg)
+	refused, rounds := 0, 0
 	for {
 		if ctx.Err() != nil {
 			return outDone, nil
@@ -116,7 +117,7 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 		}
 		connected := make(chan struct{}, 1)
 		closed := make(chan struct{}, 1)
-		opts := append(a.baseOptions(connected, closed), nats.MaxReconnects(10))
+		opts := append(a.baseOptions(link, connected, closed), nats.MaxReconnects(10))
 		if a.inProcess != nil {
 			opts = append(opts, nats.InProcessServer(a.inProcess))
 		}
@@ -146,7 +147,8 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 				refused = 0
 				a.log.WithError(err).Warn("could not connect to the production brokers")
 			}
-			t := time.NewTimer(jitter(a.reconnWait, 0.5))
+			rounds++
+			t := time.NewTimer(link.backoff(rounds))
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -159,7 +161,7 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 			}
 			continue
 		}
-		refused = 0
+		refused, rounds = 0, 0
 		out, err := s.serveProduction(ctx, nc, connected, closed, expiry)
 		nc.Close()
 		if err != nil {

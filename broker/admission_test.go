@@ -12,6 +12,10 @@ import (
 	"github.com/muster-io/muster/internal/token"
 )
 
+// exampleIssuer is a valid token issuer public key (the one in the
+// example configurations).
+const exampleIssuer = "ADOXYGJFGADGY6TI2VIK4GVKX4X7NP754A77FT2EYB4XPL62XCX7ZFTR"
+
 // TestTokenAdmission checks that an unprovisioned node is admitted only
 // with a valid token from a trusted issuer whose scope covers the identity
 // it connects as.

@@ -4,7 +4,9 @@
 // listed nkey) and unprovisioned nodes (neither) land in PROVISIONING, which
 // also sees PRODUCTION's lifecycle events under the prefix "production."
 // and has JetStream. Without configured TLS the broker makes a development
-// PKI in its store directory.
+// PKI in its store directory. With a cluster section it is one server of a
+// NATS cluster: routes over mutual TLS with a separate cluster CA, checked
+// by a route authenticator, and JetStream replicated by Raft.
 package broker
 
 import (
@@ -62,6 +64,9 @@ type Broker struct {
 	// in-process connection that publishes advisories.
 	internalKey nkeys.KeyPair
 
+	devCluster    *DevCluster
+	clusterCAFile string
+
 	mu       sync.Mutex
 	srv      *server.Server
 	advisory *nats.Conn
@@ -97,7 +102,7 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 		b.cfg.Admins = appendMissing(b.cfg.Admins, DevAdminCN)
 		b.cfg.TokenIssuers = appendMissing(b.cfg.TokenIssuers, dev.TokenIssuerPublicKey)
 	}
-	tlsConfig, err := b.loadTLS(tlsFiles)
+	tlsConfig, clientCAs, err := b.loadTLS(tlsFiles)
 	if err != nil {
 		return nil, err
 	}
@@ -135,23 +140,28 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 	if cfg.MonitorListen != "" {
 		opts.HTTPHost, opts.HTTPPort = splitHostPort(cfg.MonitorListen)
 	}
+	if cfg.Cluster.Enabled() {
+		if err := b.setupCluster(opts, clientCAs); err != nil {
+			return nil, err
+		}
+	}
 	b.opts = opts
 	return b, nil
 }
 
 // loadTLS loads the server certificate and the client CA.
-func (b *Broker) loadTLS(f TLSFiles) (*tls.Config, error) {
+func (b *Broker) loadTLS(f TLSFiles) (*tls.Config, []*x509.Certificate, error) {
 	cert, err := tls.LoadX509KeyPair(f.Cert, f.Key)
 	if err != nil {
-		return nil, fmt.Errorf("%w: tls.cert %q / tls.key %q: %w", ErrInvalidConfig, f.Cert, f.Key, err)
+		return nil, nil, fmt.Errorf("%w: tls.cert %q / tls.key %q: %w", ErrInvalidConfig, f.Cert, f.Key, err)
 	}
 	caPEM, err := os.ReadFile(f.CA)
 	if err != nil {
-		return nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
+		return nil, nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
 	}
 	cas, err := pki.ParseCertificates(caPEM)
 	if err != nil {
-		return nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
+		return nil, nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
 	}
 	pool := x509.NewCertPool()
 	for _, c := range cas {
@@ -163,7 +173,7 @@ func (b *Broker) loadTLS(f TLSFiles) (*tls.Config, error) {
 		Certificates: []tls.Certificate{cert},
 		ClientAuth:   tls.VerifyClientCertIfGiven,
 		ClientCAs:    pool,
-	}, nil
+	}, cas, nil
 }
 
 // Start starts the server, waits until it accepts connections and enables
@@ -188,6 +198,9 @@ func (b *Broker) Start() (err error) {
 		return fmt.Errorf("new nats server: %w", err)
 	}
 	srv.SetLoggerV2(b.nlog, b.opts.Debug, b.opts.Trace, false)
+	if b.cfg.Cluster.InsecurePlaintextRoutes {
+		b.log.Warn("INSECURE: cluster routes use neither TLS nor authentication (cluster.insecure_plaintext_routes); anyone reaching the route port joins the cluster and sees every message")
+	}
 	if err := b.wireAccounts(srv); err != nil {
 		srv.Shutdown()
 		return err
@@ -221,6 +234,14 @@ func (b *Broker) Start() (err error) {
 		fields["provisioner_seed_file"] = b.dev.ProvisionerSeed
 		fields["token_issuer_seed_file"] = b.dev.TokenIssuerSeed
 		fields["admin_cert"] = b.dev.AdminCert
+	}
+	if b.cfg.Cluster.Enabled() {
+		fields["cluster"] = b.cfg.Cluster.Name
+		fields["server_name"] = b.cfg.Cluster.ServerName
+		fields["route_url"] = b.routeURL(srv)
+		fields["routes"] = routeURLs(b.opts.Routes)
+		fields["cluster_ca_file"] = b.clusterCAFile
+		fields["jetstream_replicas"] = b.cfg.Replicas()
 	}
 	b.log.WithFields(fields).Info("broker ready")
 	return nil
@@ -391,6 +412,49 @@ func (b *Broker) DevPKI() *DevPKI {
 		return nil
 	}
 	d := *b.dev
+	return &d
+}
+
+// JetStreamReplicas is the replica count for the streams and KV buckets
+// Muster creates: jetstream.replicas, or min(3, cluster size).
+func (b *Broker) JetStreamReplicas() int { return b.cfg.Replicas() }
+
+// RouteURL returns this broker's route URL, nats-route://host:port with the
+// real port once started, or "" when clustering is off.
+func (b *Broker) RouteURL() string { return b.routeURL(b.Server()) }
+
+func (b *Broker) routeURL(srv *server.Server) string {
+	if !b.cfg.Cluster.Enabled() {
+		return ""
+	}
+	host, _ := splitHostPort(b.cfg.Cluster.Listen)
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	port := b.opts.Cluster.Port
+	if srv != nil {
+		if addr := srv.ClusterAddr(); addr != nil {
+			port = addr.Port
+		}
+	}
+	if port < 0 {
+		port = 0
+	}
+	u := url.URL{Scheme: "nats-route", Host: net.JoinHostPort(host, strconv.Itoa(port))}
+	return u.String()
+}
+
+// ClusterCAFile returns the CA route certificates must chain to, or "" when
+// clustering is off or routes are plaintext.
+func (b *Broker) ClusterCAFile() string { return b.clusterCAFile }
+
+// DevCluster returns the development cluster PKI, or nil when cluster.tls
+// was configured or clustering is off.
+func (b *Broker) DevCluster() *DevCluster {
+	if b.devCluster == nil {
+		return nil
+	}
+	d := *b.devCluster
 	return &d
 }
 

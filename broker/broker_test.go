@@ -812,6 +812,7 @@ func TestCollector(t *testing.T) {
 		"muster_broker_authentications_total{rejected}":      func(v float64) bool { return v >= 1 },
 		"muster_broker_authentications_total{unprovisioned}": func(v float64) bool { return v == 1 },
 		"muster_broker_jetstream_enabled":                    func(v float64) bool { return v == 1 },
+		"muster_broker_cluster_peers":                        func(v float64) bool { return v == 0 },
 	}
 	for name, ok := range want {
 		v, found := got[name]
@@ -936,7 +937,7 @@ func TestExampleConfig(t *testing.T) {
 	}
 	b := startBroker(t)
 	cfg.TLS = TLSFiles{Cert: b.DevPKI().ServerCert, Key: b.DevPKI().ServerKey, CA: b.DevPKI().CACert}
-	if !slices.Equal(cfg.TokenIssuers, []string{"ISSUER_PUBLIC_KEY"}) {
+	if !slices.Equal(cfg.TokenIssuers, []string{exampleIssuer}) {
 		t.Errorf("example token_issuers %v", cfg.TokenIssuers)
 	}
 	cfg.TokenIssuers = []string{b.DevPKI().TokenIssuerPublicKey}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"strconv"
 
@@ -25,6 +26,12 @@ const (
 	// MaxMaxPayload is the largest max_payload accepted (the nats-server
 	// default for max_pending, which must not be smaller).
 	MaxMaxPayload = 64 * 1024 * 1024
+	// MaxReplicas is the largest JetStream replica count (a NATS limit).
+	MaxReplicas = 5
+	// MaxRoutes bounds cluster.routes.
+	MaxRoutes = 64
+	// maxNameLength bounds cluster.name and cluster.server_name.
+	maxNameLength = 64
 )
 
 // ErrInvalidConfig is wrapped by every configuration error.
@@ -79,6 +86,56 @@ type Config struct {
 	LogFile string `yaml:"logfile"`
 	// MaxPayload is the largest message a client may publish, in bytes.
 	MaxPayload int `yaml:"max_payload"`
+	// Cluster joins this broker to a NATS cluster; off unless
+	// cluster.listen is set.
+	Cluster ClusterConfig `yaml:"cluster"`
+	// JetStream tunes the streams and buckets Muster creates.
+	JetStream JetStreamConfig `yaml:"jetstream"`
+}
+
+// ClusterConfig makes the broker one server of a NATS cluster: routes to the
+// other brokers, mutual TLS between them and JetStream replicated by Raft.
+type ClusterConfig struct {
+	// Name is the cluster's name, the same on every broker (required with
+	// listen).
+	Name string `yaml:"name"`
+	// ServerName names this broker in the cluster and in JetStream's Raft
+	// groups; unique per broker and stable across restarts (required with
+	// listen).
+	ServerName string `yaml:"server_name"`
+	// Listen is the route listener, host:port; "" leaves clustering off.
+	Listen string `yaml:"listen"`
+	// Advertise is the host:port other brokers are told to route to; ""
+	// advertises the listen address.
+	Advertise string `yaml:"advertise"`
+	// Routes are the other brokers' route URLs
+	// (nats-route://host:port); listing this broker too is harmless.
+	Routes []string `yaml:"routes"`
+	// TLS is the route certificate, its key and the CA peer route
+	// certificates must chain to. Empty: the development cluster PKI in
+	// <store_dir>/pki/cluster is used.
+	TLS TLSFiles `yaml:"tls"`
+	// PeerNames, when set, are the only route certificate names (CN or DNS
+	// SAN) accepted from peers. Required when the cluster CA is also the
+	// client CA, or any production node could join as a route.
+	PeerNames []string `yaml:"peer_names"`
+	// NoAdvertise stops telling clients about the other brokers' client
+	// URLs (they then only use the brokers they were given).
+	NoAdvertise bool `yaml:"no_advertise"`
+	// InsecurePlaintextRoutes turns route TLS and authentication off: anyone
+	// reaching the route port joins the cluster. Logged as a warning at
+	// every start.
+	InsecurePlaintextRoutes bool `yaml:"insecure_plaintext_routes"`
+}
+
+// Enabled reports whether clustering is configured.
+func (c ClusterConfig) Enabled() bool { return c.Listen != "" }
+
+// JetStreamConfig tunes JetStream.
+type JetStreamConfig struct {
+	// Replicas is the replica count of the streams and KV buckets Muster
+	// creates; 0 means min(3, cluster size).
+	Replicas int `yaml:"replicas"`
 }
 
 // DefaultConfig returns the configuration with every default applied.
@@ -181,7 +238,173 @@ func (c *Config) Validate() error {
 	if c.MaxPayload <= 0 || c.MaxPayload > MaxMaxPayload {
 		bad("max_payload", c.MaxPayload, "must be between 1 and %d bytes", MaxMaxPayload)
 	}
+	c.validateCluster(bad)
 	return errors.Join(errs...)
+}
+
+// validateCluster checks the cluster and jetstream sections.
+func (c *Config) validateCluster(bad func(key string, value any, format string, args ...any)) {
+	cl := c.Cluster
+	if c.JetStream.Replicas < 0 || c.JetStream.Replicas > MaxReplicas {
+		bad("jetstream.replicas", c.JetStream.Replicas, "must be between 0 (automatic) and %d", MaxReplicas)
+	} else if c.JetStream.Replicas > c.ClusterSize() {
+		bad("jetstream.replicas", c.JetStream.Replicas, "more than the %d broker(s) of the cluster (cluster.routes + this one)", c.ClusterSize())
+	}
+	if !cl.Enabled() {
+		if cl.Name != "" || cl.ServerName != "" || cl.Advertise != "" || len(cl.Routes) > 0 || !cl.TLS.empty() || len(cl.PeerNames) > 0 || cl.NoAdvertise || cl.InsecurePlaintextRoutes {
+			bad("cluster.listen", cl.Listen, "required when any other cluster key is set")
+		}
+		return
+	}
+	if err := checkHostPort(cl.Listen); err != nil {
+		bad("cluster.listen", cl.Listen, "%v", err)
+	}
+	if cl.Advertise != "" {
+		if err := checkHostPort(cl.Advertise); err != nil {
+			bad("cluster.advertise", cl.Advertise, "%v", err)
+		}
+	}
+	if err := checkName(cl.Name); err != nil {
+		bad("cluster.name", cl.Name, "%v", err)
+	}
+	if err := checkName(cl.ServerName); err != nil {
+		bad("cluster.server_name", cl.ServerName, "%v", err)
+	}
+	if len(cl.Routes) == 0 {
+		bad("cluster.routes", "", "at least one route is required (JetStream in a cluster needs routes; list every broker, this one included)")
+	} else if len(cl.Routes) > MaxRoutes {
+		bad("cluster.routes", len(cl.Routes), "at most %d routes", MaxRoutes)
+	} else {
+		for i, r := range cl.Routes {
+			if _, err := parseRoute(r); err != nil {
+				bad(fmt.Sprintf("cluster.routes[%d]", i), redactURL(r), "%v", err)
+			}
+		}
+	}
+	if cl.InsecurePlaintextRoutes && !cl.TLS.empty() {
+		bad("cluster.insecure_plaintext_routes", true, "contradicts cluster.tls: set one or the other")
+	}
+	if !cl.TLS.empty() {
+		for _, f := range []struct{ key, path string }{
+			{"cluster.tls.cert", cl.TLS.Cert}, {"cluster.tls.key", cl.TLS.Key}, {"cluster.tls.ca", cl.TLS.CA},
+		} {
+			if f.path == "" {
+				bad(f.key, f.path, "cluster.tls.cert, cluster.tls.key and cluster.tls.ca must be set together")
+				continue
+			}
+			if _, err := os.Stat(f.path); err != nil {
+				bad(f.key, f.path, "%v", errors.Unwrap(err))
+			}
+		}
+	}
+	for i, n := range cl.PeerNames {
+		if err := protocol.ValidateIdentity(n); err != nil {
+			bad(fmt.Sprintf("cluster.peer_names[%d]", i), n, "%v", err)
+		}
+	}
+}
+
+// ClusterSize is the number of brokers the configuration names: this one
+// plus every distinct route that is not this broker's own route address
+// (recognised by the listen and advertise host:port, loopback names for a
+// loopback or wildcard listen host, and the host name for a wildcard one).
+func (c *Config) ClusterSize() int {
+	if !c.Cluster.Enabled() {
+		return 1
+	}
+	self := map[string]bool{}
+	for _, hp := range []string{c.Cluster.Listen, c.Cluster.Advertise} {
+		host, port, err := net.SplitHostPort(hp)
+		if err != nil {
+			continue
+		}
+		self[net.JoinHostPort(host, port)] = true
+		if ip := net.ParseIP(host); host == "" || host == "localhost" || (ip != nil && (ip.IsLoopback() || ip.IsUnspecified())) {
+			for _, h := range []string{"localhost", "127.0.0.1", "::1"} {
+				self[net.JoinHostPort(h, port)] = true
+			}
+		}
+		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+			if hn, err := os.Hostname(); err == nil && hn != "" {
+				self[net.JoinHostPort(hn, port)] = true
+			}
+		}
+	}
+	seen := map[string]bool{}
+	for _, r := range c.Cluster.Routes {
+		u, err := parseRoute(r)
+		if err != nil || self[u.Host] || seen[u.Host] {
+			continue
+		}
+		seen[u.Host] = true
+	}
+	return 1 + len(seen)
+}
+
+// Replicas is the effective jetstream.replicas: the configured value, or
+// min(3, ClusterSize()).
+func (c *Config) Replicas() int {
+	if c.JetStream.Replicas > 0 {
+		return c.JetStream.Replicas
+	}
+	return min(3, c.ClusterSize())
+}
+
+// parseRoute parses a route URL: scheme nats-route, nats or tls (all mean
+// the same: route TLS is decided by cluster.tls), host and numeric port,
+// nothing else (no credentials, path or query).
+func parseRoute(s string) (*url.URL, error) {
+	if len(s) > 512 {
+		return nil, errors.New("longer than 512 bytes")
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, errors.New("not a URL")
+	}
+	switch u.Scheme {
+	case "nats-route", "nats", "tls":
+	default:
+		return nil, errors.New("scheme must be nats-route://")
+	}
+	if u.User != nil {
+		return nil, errors.New("credentials in route URLs are not supported")
+	}
+	if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" || u.Opaque != "" {
+		return nil, errors.New("must be nats-route://host:port only")
+	}
+	if u.Hostname() == "" {
+		return nil, errors.New("no host")
+	}
+	if err := checkHostPort(u.Host); err != nil || u.Port() == "0" {
+		return nil, errors.New("port must be a number 1-65535")
+	}
+	return &url.URL{Scheme: "nats-route", Host: u.Host}, nil
+}
+
+// redactURL hides the password of a URL that has one, for error messages.
+func redactURL(s string) string {
+	u, err := url.Parse(s)
+	if err != nil || u.User == nil {
+		return s
+	}
+	return u.Redacted()
+}
+
+// checkName checks a cluster or server name: 1-64 letters, digits, '-',
+// '_' or '.'.
+func checkName(n string) error {
+	if n == "" {
+		return errors.New("required when cluster.listen is set")
+	}
+	if len(n) > maxNameLength {
+		return fmt.Errorf("longer than %d bytes", maxNameLength)
+	}
+	for _, r := range n {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return errors.New("only letters, digits, '-', '_' and '.' are allowed")
+		}
+	}
+	return nil
 }
 
 // checkHostPort checks a host:port with a numeric port 0-65535.

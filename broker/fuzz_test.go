@@ -3,6 +3,8 @@ package broker
 import (
 	"encoding/base64"
 	"errors"
+	"net/url"
+	"strings"
 	"testing"
 
 	"github.com/nats-io/nkeys"
@@ -13,6 +15,8 @@ func FuzzParseConfig(f *testing.F) {
 	f.Add([]byte("tls: {cert: a, key: b, ca: c}\nadmins: [x]\n"))
 	f.Add([]byte("max_payload: -1\nunknown: 1\n"))
 	f.Add([]byte(""))
+	f.Add([]byte("cluster: {name: c, server_name: a, listen: 127.0.0.1:6222, routes: [nats-route://127.0.0.1:6222, nats-route://h:6223]}\njetstream: {replicas: 2}\n"))
+	f.Add([]byte("cluster: {listen: ':0', routes: ['nats-route://u:p@h:1'], insecure_plaintext_routes: true, peer_names: [x]}\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		cfg, err := ParseConfig(data)
 		if err != nil {
@@ -46,6 +50,25 @@ func FuzzVerifyNonce(f *testing.F) {
 		ok := verifyNonce(key, s, n)
 		if ok && (key != pub || string(n) != string(nonce)) {
 			t.Fatalf("forged signature accepted: key %q nonce %q", key, n)
+		}
+	})
+}
+
+func FuzzParseRoute(f *testing.F) {
+	for _, s := range []string{"nats-route://127.0.0.1:6222", "tls://[::1]:1", "nats://u:secretpw@h:1", "nats-route://h", "h:1", "nats-route://h:99999"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		u, err := parseRoute(s)
+		if err == nil {
+			if u.Scheme != "nats-route" || u.User != nil || u.Hostname() == "" || u.Port() == "" || u.Port() == "0" {
+				t.Fatalf("parseRoute(%q) accepted %q", s, u)
+			}
+		}
+		if pu, perr := url.Parse(s); perr == nil && pu.User != nil {
+			if pw, ok := pu.User.Password(); ok && len(pw) > 3 && strings.Contains(redactURL(s), pw) && !strings.Contains(pu.Redacted(), pw) {
+				t.Fatalf("redactURL(%q) shows the password", s)
+			}
 		}
 	})
 }

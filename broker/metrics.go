@@ -12,7 +12,7 @@ type collector struct {
 	up, conns, connsTotal, subs         *prometheus.Desc
 	inMsgs, outMsgs, inBytes, outBytes  *prometheus.Desc
 	slow, accountConns, authentications *prometheus.Desc
-	jetstreamEnabled                    *prometheus.Desc
+	jetstreamEnabled, clusterPeers      *prometheus.Desc
 	tokenRefusals, duplicates           *prometheus.Desc
 }
 
@@ -39,6 +39,7 @@ func NewCollector(b *Broker) prometheus.Collector {
 		jetstreamEnabled: d("jetstream_enabled", "1 when JetStream is enabled on the PROVISIONING account."),
 		tokenRefusals:    d("token_refusals_total", "Unprovisioned connections refused for a missing, invalid, expired or out-of-scope provisioning token."),
 		duplicates:       d("duplicate_identity_total", "Connections refused because another live connection holds the identity."),
+		clusterPeers:     d("cluster_peers", "Other brokers of the cluster this broker has routes to now (0 without clustering)."),
 	}
 }
 
@@ -46,7 +47,7 @@ func NewCollector(b *Broker) prometheus.Collector {
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{
 		c.up, c.conns, c.connsTotal, c.subs, c.inMsgs, c.outMsgs, c.inBytes, c.outBytes,
-		c.slow, c.accountConns, c.authentications, c.jetstreamEnabled, c.tokenRefusals, c.duplicates,
+		c.slow, c.accountConns, c.authentications, c.jetstreamEnabled, c.clusterPeers, c.tokenRefusals, c.duplicates,
 	} {
 		ch <- d
 	}
@@ -87,4 +88,5 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		js = 1
 	}
 	ch <- prometheus.MustNewConstMetric(c.jetstreamEnabled, prometheus.GaugeValue, js)
+	ch <- prometheus.MustNewConstMetric(c.clusterPeers, prometheus.GaugeValue, float64(srv.NumRemotes()))
 }

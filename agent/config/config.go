@@ -9,7 +9,9 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
+	"time"
 	"unicode"
 	"unicode/utf8"
 
@@ -29,6 +31,17 @@ const (
 	KeyLogFile         = "logfile"
 	KeyCollectives     = "collectives"
 	KeyMainCollective  = "main_collective"
+	// KeyRandomizeHosts shuffles plugin.choria.middleware_hosts before
+	// connecting (Choria's key; default true).
+	KeyRandomizeHosts = "plugin.choria.randomize_middleware_hosts"
+	// KeyAliveInterval bounds how long a silent production broker stays
+	// undetected (a duration such as 10s; Muster's key).
+	KeyAliveInterval = "plugin.muster.alive_interval"
+	// KeyReconnectWait is the first wait between rounds of connection
+	// attempts to the production brokers (Muster's key).
+	KeyReconnectWait = "plugin.muster.reconnect_wait"
+	// KeyReconnectMaxWait caps that wait (Muster's key).
+	KeyReconnectMaxWait = "plugin.muster.reconnect_max_wait"
 )
 
 // Limits on what a configuration may hold.
@@ -162,6 +175,36 @@ func (c *Config) Bool(key string) (value, set bool) {
 		return true, true
 	}
 	return false, true
+}
+
+// ParseBool parses a configuration boolean: true, yes, 1, on, y, t or
+// false, no, 0, off, n, f (case-insensitive).
+func ParseBool(v string) (bool, error) {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "true", "yes", "1", "on", "y", "t":
+		return true, nil
+	case "false", "no", "0", "off", "n", "f":
+		return false, nil
+	}
+	return false, fmt.Errorf("%w: %q is not a boolean", ErrInvalidVal, v)
+}
+
+// ParseDuration parses a configuration duration: a Go duration ("10s",
+// "1m30s") or a whole number of seconds ("10"). Negative values are
+// refused.
+func ParseDuration(v string) (time.Duration, error) {
+	v = strings.TrimSpace(v)
+	if len(v) > 32 {
+		return 0, fmt.Errorf("%w: duration longer than 32 bytes", ErrInvalidVal)
+	}
+	if n, err := strconv.ParseUint(v, 10, 32); err == nil {
+		return time.Duration(n) * time.Second, nil
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 0 {
+		return 0, fmt.Errorf("%w: %q is not a duration", ErrInvalidVal, v)
+	}
+	return d, nil
 }
 
 // Len returns the number of keys.

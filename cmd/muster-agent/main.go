@@ -38,6 +38,10 @@ var (
 	provisionCAPin   = ""      // sha256:<hex> pin of the provisioning CA
 	factsFile        = ""      // facts file path
 	provisionDefault = "false" // "true" enables provisioning without a config file
+	provisionShuffle = "true"  // "false" keeps the provisioning broker order
+	aliveInterval    = "10s"   // dead broker detection interval
+	reconnectWait    = "2s"    // first wait between rounds of connection attempts
+	reconnectMaxWait = "30s"   // cap of that wait
 	version          = "dev"
 )
 
@@ -57,7 +61,39 @@ type runFlags struct {
 	provision, insecure        bool
 	insecureUnsigned           bool
 	metricsListen              string
+	shuffle                    bool
+	alive, wait, maxWait       time.Duration
 	logLevel, logFile          string
+}
+
+// compiled are the parsed compiled-in failover defaults.
+type compiled struct {
+	shuffle              bool
+	alive, wait, maxWait time.Duration
+}
+
+// parseCompiled parses the compiled-in failover defaults; a bad -X value is
+// reported instead of being silently replaced.
+func parseCompiled() (compiled, error) {
+	var c compiled
+	var errs []error
+	var err error
+	if c.shuffle, err = strconv.ParseBool(provisionShuffle); err != nil {
+		errs = append(errs, fmt.Errorf("compiled-in main.provisionShuffle %q: not a boolean", provisionShuffle))
+	}
+	for _, d := range []struct {
+		name, value string
+		dst         *time.Duration
+	}{
+		{"aliveInterval", aliveInterval, &c.alive},
+		{"reconnectWait", reconnectWait, &c.wait},
+		{"reconnectMaxWait", reconnectMaxWait, &c.maxWait},
+	} {
+		if *d.dst, err = time.ParseDuration(d.value); err != nil || *d.dst < 0 {
+			errs = append(errs, fmt.Errorf("compiled-in main.%s %q: not a duration", d.name, d.value))
+		}
+	}
+	return c, errors.Join(errs...)
 }
 
 func defaultIdentity() string {
@@ -86,6 +122,11 @@ func main() {
 func run(args []string, stdout, stderr io.Writer) int {
 	code := exitOK
 	provDefault, _ := strconv.ParseBool(provisionDefault)
+	comp, compErr := parseCompiled()
+	if compErr != nil {
+		fmt.Fprintln(stderr, "muster-agent: bad build:", compErr)
+		return exitError
+	}
 	f := &runFlags{}
 	root := &cobra.Command{
 		Use:           "muster-agent",
@@ -133,6 +174,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	pf.BoolVar(&f.provision, "provision", provDefault, "provision when there is no configuration file")
 	pf.BoolVar(&f.insecure, "insecure-skip-tls-verify", false, "INSECURE: do not verify the provisioning broker's certificate")
 	pf.StringVar(&f.metricsListen, "metrics-listen", "", "serve Prometheus /metrics on host:port (off by default)")
+	pf.BoolVar(&f.shuffle, "shuffle-provisioning-brokers", comp.shuffle, "try the provisioning brokers in random order (false keeps the given order)")
+	pf.DurationVar(&f.alive, "alive-interval", comp.alive, "give up a broker that has not answered for this long and fail over to the next")
+	pf.DurationVar(&f.wait, "reconnect-wait", comp.wait, "first wait after every broker failed once; doubles per round, jittered")
+	pf.DurationVar(&f.maxWait, "reconnect-max-wait", comp.maxWait, "cap of the wait between rounds of connection attempts")
 	pf.StringVar(&f.logLevel, "loglevel", "info", "log level: debug, info, warn, error")
 	pf.StringVar(&f.logFile, "logfile", "", "log file (default stderr)")
 
@@ -170,10 +215,18 @@ type buildInfo struct {
 	ProvisionCAPin     string   `json:"provisioning_ca_pin"`
 	FactsFile          string   `json:"facts_file"`
 	ProvisionByDefault bool     `json:"provisioning_by_default"`
+	ProvisionShuffle   bool     `json:"provisioning_shuffle"`
+	AliveInterval      string   `json:"alive_interval"`
+	ReconnectWait      string   `json:"reconnect_wait"`
+	ReconnectMaxWait   string   `json:"reconnect_max_wait"`
 }
 
 func printBuildInfo(w io.Writer, asJSON bool) error {
 	provDefault, _ := strconv.ParseBool(provisionDefault)
+	comp, err := parseCompiled()
+	if err != nil {
+		return err
+	}
 	tok := "not set"
 	if provisionToken != "" {
 		tok = "set"
@@ -187,6 +240,10 @@ func printBuildInfo(w io.Writer, asJSON bool) error {
 		ProvisionCAPin:     provisionCAPin,
 		FactsFile:          factsFile,
 		ProvisionByDefault: provDefault,
+		ProvisionShuffle:   comp.shuffle,
+		AliveInterval:      comp.alive.String(),
+		ReconnectWait:      comp.wait.String(),
+		ReconnectMaxWait:   comp.maxWait.String(),
 	}
 	if bi.ProvisionBrokers == nil {
 		bi.ProvisionBrokers = []string{}
@@ -214,6 +271,9 @@ func printBuildInfo(w io.Writer, asJSON bool) error {
 	fmt.Fprintf(w, "   Provisioning CA pin: %s\n", orNot(bi.ProvisionCAPin))
 	fmt.Fprintf(w, "            Facts file: %s\n", orNot(bi.FactsFile))
 	fmt.Fprintf(w, "  Provisioning default: %t\n", bi.ProvisionByDefault)
+	fmt.Fprintf(w, "  Shuffle prov brokers: %t\n", bi.ProvisionShuffle)
+	fmt.Fprintf(w, "        Alive interval: %s\n", bi.AliveInterval)
+	fmt.Fprintf(w, "        Reconnect wait: %s (max %s)\n", bi.ReconnectWait, bi.ReconnectMaxWait)
 	return nil
 }
 
@@ -244,10 +304,14 @@ func runAgent(ctx context.Context, f *runFlags, stderr io.Writer) int {
 			InsecureSkipVerify:       f.insecure,
 			FactsFile:                f.facts,
 			Enabled:                  f.provision,
+			NoShuffle:                !f.shuffle,
 		},
-		Version:       version,
-		Logger:        log,
-		ExitOnRestart: true,
+		AliveInterval:    f.alive,
+		ReconnectWait:    f.wait,
+		ReconnectMaxWait: f.maxWait,
+		Version:          version,
+		Logger:           log,
+		ExitOnRestart:    true,
 	})
 	if err != nil {
 		log.WithError(err).Error("invalid settings")

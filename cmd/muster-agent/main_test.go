@@ -47,7 +47,7 @@ func makeToken() (string, string) {
 func buildAgent(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "muster-agent")
-	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.version=9.9.9"
+	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.version=9.9.9 -X main.aliveInterval=7s -X main.provisionShuffle=false"
 	cmd := exec.Command("go", "build", "-ldflags", ld, "-o", bin, ".")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
@@ -94,6 +94,9 @@ func TestBinary(t *testing.T) {
 		if bi.ProvisionToken != "set" || !bi.ProvisionByDefault || len(bi.ProvisionBrokers) != 2 || strings.Contains(string(out), secretSig) {
 			t.Fatalf("json buildinfo %s", out)
 		}
+		if bi.AliveInterval != "7s" || bi.ProvisionShuffle || bi.ReconnectWait != "2s" || bi.ReconnectMaxWait != "30s" {
+			t.Fatalf("compiled-in failover settings in buildinfo %s", out)
+		}
 	})
 
 	cases := []struct {
@@ -108,6 +111,7 @@ func TestBinary(t *testing.T) {
 			os.WriteFile(filepath.Join(dir, "shutdown"), []byte("x"), 0o600)
 		}, exitStayDown},
 		{"no mode", []string{"--provision=false"}, nil, exitError},
+		{"alive interval too short", []string{"--alive-interval", "1ms"}, nil, exitError},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

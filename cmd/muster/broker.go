@@ -42,12 +42,19 @@ makes a development PKI in <store_dir>/pki on first start and reuses it later: c
 server.pem (localhost, 127.0.0.1, ::1 and the listen host), admin.pem (CN muster-admin, an admin)
 and provisioner.nk (an nkey seed, 0600, allowed as provisioner).
 
-On start it prints the client URL, the CA file and its pin (sha256:...) and the development PKI
-paths. With metrics_listen set it serves Prometheus metrics (muster_broker_*) on /metrics and
-/healthz there. It runs until SIGINT or SIGTERM. See docs/broker.md for the configuration keys.`,
+With a "cluster" section the broker joins a NATS cluster: routes to the other brokers over mutual
+TLS with route certificates from a cluster CA (cluster.tls; without it a development cluster CA is
+made in <store_dir>/pki/cluster), JetStream replicated by Raft (jetstream.replicas, default
+min(3, cluster size)). Both accounts span the cluster. See docs/ha.md and examples/cluster/.
+
+On start it prints the client URL, the CA file and its pin (sha256:...), the development PKI
+paths and, when clustered, the route URL and cluster CA. With metrics_listen set it serves
+Prometheus metrics (muster_broker_*) on /metrics and /healthz there. It runs until SIGINT or
+SIGTERM. See docs/broker.md for the configuration keys.`,
 		Example: `  muster broker                                   # defaults: 127.0.0.1:4222, dev PKI in ./muster-broker-data/pki
   muster broker --config examples/broker.yaml
   muster broker --config broker.yaml --check-config
+  muster broker --config examples/cluster/broker-a.yaml   # one of three clustered brokers
   nats --tlsca muster-broker-data/pki/ca.pem -s tls://127.0.0.1:4222 sub 'choria.>'`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -105,6 +112,15 @@ func runBroker(ctx context.Context, out io.Writer, cfg broker.Config) error {
 	if d := b.DevPKI(); d != nil {
 		fmt.Fprintf(out, "dev PKI           %s\n  provisioner seed %s\n  admin cert       %s\n  admin key        %s\n",
 			d.Dir, d.ProvisionerSeed, d.AdminCert, d.AdminKey)
+	}
+	if cfg.Cluster.Enabled() {
+		fmt.Fprintf(out, "cluster           %s as %s, route URL %s\nJetStream replicas %d\n",
+			cfg.Cluster.Name, cfg.Cluster.ServerName, b.RouteURL(), b.JetStreamReplicas())
+		if f := b.ClusterCAFile(); f != "" {
+			fmt.Fprintf(out, "cluster CA file   %s\n", f)
+		} else {
+			fmt.Fprintf(out, "cluster routes    INSECURE: no TLS, no authentication\n")
+		}
 	}
 
 	ctx, cancel := context.WithCancelCause(ctx)

@@ -43,6 +43,8 @@ func TestNodesCommands(t *testing.T) {
 	cfg := provisioner.DefaultConfig()
 	cfg.MonitorPort = -1
 	cfg.StateDir = t.TempDir()
+	cfg.NkeySeedFile = testSeedFile(t)
+	cfg.InsecureTokenless = true
 	cfg.RPCTimeout = provisioner.Duration(200 * time.Millisecond)
 	cfg.RPCRetries = 0
 	p, err := provisioner.New(provisioner.Options{Config: cfg, Helper: deferHelper{}, Conn: nc, Logger: logging.Discard().WithField("component", "test")})
@@ -133,6 +135,8 @@ func TestBuiltinHelperSetsPolicyCA(t *testing.T) {
 	}
 	cfg := provisioner.DefaultConfig()
 	cfg.Brokers = []string{"nats://127.0.0.1:4222"}
+	cfg.NkeySeedFile = testSeedFile(t)
+	cfg.InsecureTokenless = true
 	cfg.HelperConfig = hc
 	if err := builtinPolicyCA(&cfg); err != nil {
 		t.Fatal(err)
@@ -148,4 +152,14 @@ func TestBuiltinHelperSetsPolicyCA(t *testing.T) {
 	if err := builtinPolicyCA(&cfg); err != nil || cfg.Policy.CAFile != other {
 		t.Fatalf("an explicit policy.ca_file was replaced: %q %v", cfg.Policy.CAFile, err)
 	}
+}
+
+// testSeedFile writes a provisioner nkey seed file.
+func testSeedFile(t *testing.T) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "p.nk")
+	if out, err := runCLI(t, "provisioner", "nkey", "--out", p); err != nil {
+		t.Fatalf("nkey: %v %s", err, out)
+	}
+	return p
 }

@@ -1,0 +1,82 @@
+package agent
+
+import (
+	"testing"
+	"time"
+
+	"github.com/muster-io/muster/agent/config"
+)
+
+func TestBackoff(t *testing.T) {
+	l := link{wait: 100 * time.Millisecond, maxWait: time.Second}
+	for round, full := range map[int]time.Duration{
+		1: 100 * time.Millisecond, 2: 200 * time.Millisecond, 3: 400 * time.Millisecond,
+		4: 800 * time.Millisecond, 5: time.Second, 50: time.Second,
+	} {
+		seen := map[time.Duration]bool{}
+		for range 200 {
+			d := l.backoff(round)
+			if d < full/2 || d > full {
+				t.Fatalf("round %d: backoff %s outside [%s, %s]", round, d, full/2, full)
+			}
+			seen[d] = true
+		}
+		if len(seen) < 2 {
+			t.Errorf("round %d: no jitter, always %v", round, seen)
+		}
+	}
+	if d := (link{}).backoff(3); d != 0 {
+		t.Errorf("zero link backoff = %s", d)
+	}
+}
+
+func TestProductionLink(t *testing.T) {
+	a, err := New(Options{Identity: "n1.example.net", StateDir: t.TempDir(), AliveInterval: 20 * time.Second,
+		ReconnectWait: time.Second, ReconnectMaxWait: 8 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defaults := link{shuffle: true, alive: 20 * time.Second, wait: time.Second, maxWait: 8 * time.Second}
+	for _, tc := range []struct {
+		name string
+		cfg  map[string]string
+		want link
+	}{
+		{"no keys: options, shuffled", nil, defaults},
+		{"keys override", map[string]string{
+			config.KeyRandomizeHosts: "false", config.KeyAliveInterval: "3s",
+			config.KeyReconnectWait: "250ms", config.KeyReconnectMaxWait: "5",
+		}, link{shuffle: false, alive: 3 * time.Second, wait: 250 * time.Millisecond, maxWait: 5 * time.Second}},
+		{"max below wait is raised", map[string]string{config.KeyReconnectWait: "20s", config.KeyReconnectMaxWait: "1s"},
+			link{shuffle: true, alive: 20 * time.Second, wait: 20 * time.Second, maxWait: 20 * time.Second}},
+		{"bad values ignored", map[string]string{
+			config.KeyRandomizeHosts: "sometimes", config.KeyAliveInterval: "1ns",
+			config.KeyReconnectWait: "-1s", config.KeyReconnectMaxWait: "forever",
+		}, defaults},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg, err := config.FromMap(tc.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := a.productionLink(cfg); got != tc.want {
+				t.Errorf("productionLink = %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+	if got := a.provisioningLink(); got != defaults {
+		t.Errorf("provisioningLink = %+v, want %+v", got, defaults)
+	}
+}
+
+func TestNewRejectsBadFailoverOptions(t *testing.T) {
+	for _, o := range []Options{
+		{AliveInterval: -time.Second}, {AliveInterval: time.Millisecond}, {AliveInterval: time.Hour},
+		{ReconnectMaxWait: -time.Second},
+	} {
+		o.Identity, o.StateDir = "n1.example.net", t.TempDir()
+		if _, err := New(o); err == nil {
+			t.Errorf("New(%+v) accepted", o)
+		}
+	}
+}
