@@ -22,7 +22,6 @@ import (
 	"github.com/muster-io/muster/provisioner"
 )
 
-
 // modes records the modes an agent reached.
 type modes struct {
 	mu   sync.Mutex
