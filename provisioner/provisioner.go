@@ -465,9 +465,24 @@ func (p *Provisioner) Run(ctx context.Context) error {
 	}
 	// Make sure the server holds the subscriptions before Run reports ready,
 	// so an announcement made after that is never missed.
-	if err := nc.FlushTimeout(p.cfg.RPCTimeout.D()); err != nil {
-		unsubscribe()
-		return fmt.Errorf("subscribe: flush: %w", err)
+	// A broker that dies right now is not fatal: the client reconnects to
+	// another and re-subscribes, so retry until the flush goes through.
+	for {
+		err := nc.FlushTimeout(p.cfg.RPCTimeout.D())
+		if err == nil {
+			break
+		}
+		if ctx.Err() != nil || nc.IsClosed() {
+			unsubscribe()
+			return fmt.Errorf("subscribe: flush: %w", err)
+		}
+		p.log.WithError(err).Warn("subscribe: broker not reachable yet; retrying")
+		t := time.NewTimer(time.Second)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+		case <-t.C:
+		}
 	}
 
 	var srv *http.Server
