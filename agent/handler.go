@@ -23,6 +23,7 @@ const (
 	actNone action = iota
 	actRestart
 	actShutdown
+	actQuiet // stop announcing for splay
 )
 
 // result is the outcome of one request.
@@ -144,7 +145,7 @@ func (s *session) serves(agent, act string) bool {
 			return act == protocol.ActionReprovision
 		}
 		switch act {
-		case protocol.ActionGenCSR, protocol.ActionConfigure, protocol.ActionRestart, protocol.ActionReprovision, protocol.ActionShutdown:
+		case protocol.ActionGenCSR, protocol.ActionConfigure, protocol.ActionRestart, protocol.ActionReprovision, protocol.ActionShutdown, protocol.ActionDefer:
 			return true
 		}
 	}
@@ -269,6 +270,16 @@ func (s *session) dispatch(req *protocol.Request, now time.Time, log *logrus.Ent
 			return *a
 		}
 		return s.reprovision(body, log)
+	case protocol.AgentProvision + "." + protocol.ActionDefer:
+		var body protocol.DeferRequest
+		if a := decodeBody(req, &body); a != nil {
+			return *a
+		}
+		if body.RetryAfter < 1 || body.RetryAfter > protocol.MaxRetryAfter {
+			return fail(protocol.CodeBadRequest, "retry_after %d: must be 1..%d seconds", body.RetryAfter, protocol.MaxRetryAfter)
+		}
+		log.WithField("retry_after", body.RetryAfter).Info("provisioner deferred this node; announcing again after the delay")
+		return answer{code: protocol.CodeOK, act: actQuiet, splay: time.Duration(body.RetryAfter) * time.Second}
 	case protocol.AgentProvision + "." + protocol.ActionShutdown:
 		var body protocol.ShutdownRequest
 		if a := decodeBody(req, &body); a != nil {

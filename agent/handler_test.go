@@ -183,3 +183,29 @@ func TestRefusalsCounted(t *testing.T) {
 		}
 	}
 }
+
+func TestDeferQuietsAnnouncements(t *testing.T) {
+	s := fuzzSession(t, ModeProvisioning)
+	now := time.Now()
+	res := s.handle(s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentProvision, protocol.ActionDefer, testKey, now,
+		protocol.DeferRequest{RetryAfter: 90, Reason: "rack not ready"}), now)
+	if rep, err := protocol.DecodeReply(res.reply); err != nil || rep.Code != protocol.CodeOK {
+		t.Fatalf("defer: %+v %v", rep, err)
+	}
+	if res.act != actQuiet || res.splay != 90*time.Second {
+		t.Fatalf("result %+v, want quiet for 90s", res)
+	}
+	for _, bad := range []int{0, -1, protocol.MaxRetryAfter + 1} {
+		res := s.handle(s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentProvision, protocol.ActionDefer, testKey, now,
+			protocol.DeferRequest{RetryAfter: bad}), now)
+		if rep, _ := protocol.DecodeReply(res.reply); rep == nil || rep.Code != protocol.CodeBadRequest || res.act != actNone {
+			t.Errorf("retry_after %d accepted: %+v", bad, rep)
+		}
+	}
+	// Unsigned defers are refused like everything else.
+	res = s.handle(s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentProvision, protocol.ActionDefer, nil, now,
+		protocol.DeferRequest{RetryAfter: 90}), now)
+	if rep, _ := protocol.DecodeReply(res.reply); rep == nil || rep.Code != protocol.CodeUnauthorized || res.act != actNone {
+		t.Errorf("unsigned defer: %+v", rep)
+	}
+}

@@ -250,6 +250,13 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 					restartTimer = time.NewTimer(res.splay)
 					restartC = restartTimer.C
 				}
+			case actQuiet:
+				// Deferred by the provisioner: the next announcement comes
+				// after the delay (jittered, so a deferred batch does not
+				// come back at once).
+				if mdTimer != nil {
+					mdTimer.Reset(jitter(res.splay, 0.1))
+				}
 			case actShutdown:
 				a.publishEvent(nc, protocol.EventShutdown, time.Now())
 				_ = nc.FlushTimeout(flushTimeout)

@@ -171,6 +171,7 @@ func (a *attempt) run(ctx context.Context) error {
 			a.retryAt = time.Duration(hrep.RetryAfter) * time.Second
 		}
 		a.log.WithFields(logrus.Fields{"msg": hrep.Msg, "retry_after": a.retryAt.String()}).Info("helper deferred node")
+		p.tellDefer(ctx, a, hrep.Msg)
 		return nil
 	case hrep.Shutdown:
 		a.setStage(StageShutdown)
@@ -460,4 +461,27 @@ func (p *Provisioner) rpcOnce(ctx context.Context, nc *nats.Conn, subject, targe
 		return nil, rep.Code == protocol.CodeInternal, fmt.Errorf("%s %s: %w", agent, action, err)
 	}
 	return rep, false, nil
+}
+
+// tellDefer tells a deferred node when the provisioner will take it again,
+// so it stops announcing itself until then (backpressure for storms). Best
+// effort: one attempt, a failure is only logged.
+func (p *Provisioner) tellDefer(ctx context.Context, a *attempt, reason string) {
+	nc := p.conn()
+	secs := int((a.retryAt + time.Second - 1) / time.Second)
+	if nc == nil || secs < 1 {
+		return
+	}
+	secs = min(secs, protocol.MaxRetryAfter)
+	if len(reason) > 256 {
+		reason = reason[:256]
+	}
+	body, err := json.Marshal(protocol.DeferRequest{RetryAfter: secs, Reason: reason})
+	if err != nil {
+		return
+	}
+	subject := protocol.NodeSubject(protocol.ProvisioningCollective, a.id)
+	if _, _, err := p.rpcOnce(ctx, nc, subject, a.id, protocol.AgentProvision, protocol.ActionDefer, body); err != nil {
+		a.log.WithError(err).Debug("could not tell the node it was deferred")
+	}
 }

@@ -65,7 +65,7 @@ var allStages = []Stage{StageDiscovery, StageQueue, StageInventory, StageGenCSR,
 var rpcStages = []Stage{StageInventory, StageGenCSR, StageConfigure, StageRestart, StageShutdown}
 
 // rpcActions are the label values of rpc_duration_seconds.
-var rpcActions = []string{protocol.ActionInventory, protocol.ActionGenCSR, protocol.ActionConfigure, protocol.ActionRestart, protocol.ActionShutdown}
+var rpcActions = []string{protocol.ActionInventory, protocol.ActionGenCSR, protocol.ActionConfigure, protocol.ActionRestart, protocol.ActionShutdown, protocol.ActionDefer}
 
 // State is where a node stands in the provisioner.
 type State string

@@ -104,6 +104,7 @@ const (
 	ActionRestart     = "restart"     // choria_provision
 	ActionReprovision = "reprovision" // choria_provision
 	ActionShutdown    = "shutdown"    // choria_provision
+	ActionDefer       = "defer"       // choria_provision: come back later
 )
 
 // Lifecycle event types.
@@ -300,6 +301,17 @@ type ConfigureRequest struct {
 type RestartRequest struct {
 	// SplayMillis is the longest random delay before restarting.
 	SplayMillis int `json:"splay_ms,omitempty"`
+}
+
+// MaxRetryAfter bounds a defer's retry_after.
+const MaxRetryAfter = 24 * 60 * 60
+
+// DeferRequest is the body of choria_provision defer: the provisioner will
+// not take the node before RetryAfter seconds, so the node stays quiet
+// (no metadata announcements) until then.
+type DeferRequest struct {
+	RetryAfter int    `json:"retry_after"`
+	Reason     string `json:"reason,omitempty"`
 }
 
 // ShutdownRequest is the body of choria_provision shutdown.
