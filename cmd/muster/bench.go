@@ -112,6 +112,7 @@ whether every node was provisioned exactly once (exit code 2 if not).`,
 	f.DurationVar(&o.RestartSplay, "restart-splay", time.Millisecond, "provisioner restart_splay (the longest random wait before a node restarts)")
 	f.DurationVar(&o.DeferBackoff, "defer-backoff", 2*time.Second, "how long a failed node waits before it is taken again")
 	f.DurationVar(&o.Timeout, "timeout", 10*time.Minute, "give up on the provisioning phase after this long")
+	f.StringVar(&o.StateDir, "state-dir", "", "directory for the fleet's CA and agent state directories (default: the system temp dir; a tmpfs such as /dev/shm leaves the disk out)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (no progress)")
 	f.StringVar(&cpuProf, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
 	f.StringVar(&logLevel, "loglevel", "", "show component logs at this level (default: none)")

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"runtime"
 	"slices"
 	"sort"
@@ -90,6 +91,13 @@ type Options struct {
 	// MusterBin is the muster binary exec'd helpers get as MUSTER_BIN
 	// (default: this program).
 	MusterBin string
+	// StateDir is the directory under which each phase's fleet (CA, agent
+	// state directories) gets a fresh temporary directory, removed after
+	// the phase; default: the system temporary directory. Agents write
+	// their key, certificate and configuration durably (fsync), so the
+	// filesystem here is part of what is measured: a tmpfs (/dev/shm)
+	// takes the shared disk out and leaves the orchestration.
+	StateDir string
 	// Progress receives progress lines; nil shows none.
 	Progress io.Writer
 	// Logger receives the components' logs (default: discarded).
@@ -194,6 +202,13 @@ func (o *Options) Validate() error {
 	if o.DeferBackoff < 0 {
 		bad("defer-backoff", o.DeferBackoff, "must be positive")
 	}
+	if o.StateDir != "" {
+		if st, err := os.Stat(o.StateDir); err != nil {
+			bad("state-dir", o.StateDir, err.Error())
+		} else if !st.IsDir() {
+			bad("state-dir", o.StateDir, "not a directory")
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -245,6 +260,8 @@ type Result struct {
 	Rate      float64 `json:"rate_per_second,omitempty"`
 	KeyType   string  `json:"key_type"`
 	Transport string  `json:"transport"`
+	// StateDir is where the agents' state directories were.
+	StateDir string `json:"state_dir"`
 	// ProductionConnections says what a production connection is in this
 	// run: "TCP + mutual TLS" or "in-process (no mTLS)".
 	ProductionConnections string `json:"production_connections"`
@@ -272,14 +289,22 @@ type Result struct {
 
 	// CPUSeconds is this process's user+sys CPU during the provisioning
 	// phase; ChildCPUSeconds that of exec'd helpers reaped in it.
-	CPUSeconds             float64 `json:"cpu_seconds"`
-	ChildCPUSeconds        float64 `json:"child_cpu_seconds"`
-	CPUMillisPerNode       float64 `json:"cpu_ms_per_node"`
-	ChildCPUMillisPerNode  float64 `json:"child_cpu_ms_per_node"`
-	PeakRSSMB              float64 `json:"peak_rss_mb"`
-	IdleAgents             int     `json:"idle_agents"`
-	IdleAgentHeapBytes     float64 `json:"idle_agent_heap_bytes"`
-	IdleAgentGoroutines    float64 `json:"idle_agent_goroutines"`
+	CPUSeconds            float64 `json:"cpu_seconds"`
+	ChildCPUSeconds       float64 `json:"child_cpu_seconds"`
+	CPUMillisPerNode      float64 `json:"cpu_ms_per_node"`
+	ChildCPUMillisPerNode float64 `json:"child_cpu_ms_per_node"`
+	PeakRSSMB             float64 `json:"peak_rss_mb"`
+	IdleAgents            int     `json:"idle_agents"`
+	IdleAgentHeapBytes    float64 `json:"idle_agent_heap_bytes"`
+	IdleAgentGoroutines   float64 `json:"idle_agent_goroutines"`
+	// Memory and goroutines before the provisioning phase's fleet is built
+	// (the baseline), once every node is in production (fleet still up),
+	// and after the fleet was torn down: after a storm the heap and the
+	// goroutine count come back to the baseline when nothing leaks.
+	HeapInuseBeforeMB      float64 `json:"heap_inuse_before_mb"`
+	GoroutinesBefore       int     `json:"goroutines_before"`
+	HeapInuseAtEndMB       float64 `json:"heap_inuse_at_end_mb"`
+	GoroutinesAtEnd        int     `json:"goroutines_at_end"`
 	HeapInuseAfterMB       float64 `json:"heap_inuse_after_mb"`
 	GoroutinesAfterCleanup int     `json:"goroutines_after_cleanup"`
 
@@ -411,6 +436,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		Nodes: o.Nodes, Workers: o.Workers, Helper: o.Helper, HelperCmd: o.HelperCmd,
 		Arrival: o.Arrival, Rate: o.Rate, KeyType: o.KeyType, Transport: o.Transport,
 		ProductionConnections: "TCP + mutual TLS",
+		StateDir:              o.StateDir,
+	}
+	if res.StateDir == "" {
+		res.StateDir = os.TempDir()
 	}
 	if o.Transport == TransportInProcess {
 		res.ProductionConnections = "in-process (no mTLS)"
@@ -432,16 +461,15 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		res.PeakRSSMB = maxRSSBytes(ru.Maxrss) / (1 << 20)
 	}
 	fullGC()
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	res.HeapInuseAfterMB = float64(ms.HeapInuse) / (1 << 20)
-	res.GoroutinesAfterCleanup = runtime.NumGoroutine()
+	res.HeapInuseAfterMB, res.GoroutinesAfterCleanup = heapAndGoroutines()
 	return res, nil
 }
 
-// fleetOptions are the fleet settings both phases share.
-func fleetOptions(o Options, nodes int) demo.Options {
+// fleetOptions are the fleet settings both phases share. dir is the
+// phase's fresh directory.
+func fleetOptions(o Options, nodes int, dir string) demo.Options {
 	fo := demo.Options{
+		Dir:              dir,
 		Nodes:            nodes,
 		Workers:          o.Workers,
 		KeyType:          o.KeyType,
@@ -467,7 +495,12 @@ func idlePhase(ctx context.Context, o Options, n int, res *Result) error {
 	var mu sync.Mutex
 	connected := make(map[string]bool, n)
 	ready := make(chan struct{})
-	fo := fleetOptions(o, n)
+	dir, err := os.MkdirTemp(o.StateDir, "muster-bench-idle-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	fo := fleetOptions(o, n, dir)
 	fo.HelperCommand, fo.HelperPersistent = "", false // the paused provisioner never calls it
 	fo.StartPaused = true
 	fo.OnModeChanged = func(id string, m agent.Mode, _ time.Time) {
@@ -527,7 +560,12 @@ func idlePhase(ctx context.Context, o Options, n int, res *Result) error {
 // provisionPhase provisions o.Nodes agents and fills in the result.
 func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	rec := newRecorder(o.Nodes)
-	fo := fleetOptions(o, o.Nodes)
+	dir, err := os.MkdirTemp(o.StateDir, "muster-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	fo := fleetOptions(o, o.Nodes, dir)
 	fo.OnAgentStart = rec.agentStarted
 	fo.OnModeChanged = rec.modeChanged
 	fo.OnNodeDone = rec.nodeDone
@@ -542,6 +580,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		fo.AgentDelay = func(i int) time.Duration { return time.Duration(float64(i) * step) }
 	}
 	fullGC()
+	res.HeapInuseBeforeMB, res.GoroutinesBefore = heapAndGoroutines()
 	f, err := demo.New(fo)
 	if err != nil {
 		return err
@@ -602,6 +641,8 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		t.Stop()
 	}
 	metrics, gatherErr := gatherMetrics(f.Provisioner())
+	fullGC()
+	res.HeapInuseAtEndMB, res.GoroutinesAtEnd = heapAndGoroutines()
 	if err := f.Close(); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
@@ -748,6 +789,13 @@ func maxRSSBytes(v int64) float64 {
 		return float64(v)
 	}
 	return float64(v) * 1024
+}
+
+// heapAndGoroutines returns the heap in use in MiB and the goroutine count.
+func heapAndGoroutines() (float64, int) {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return float64(ms.HeapInuse) / (1 << 20), runtime.NumGoroutine()
 }
 
 // fullGC collects twice, so objects parked in sync.Pool victim caches are

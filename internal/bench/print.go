@@ -23,6 +23,7 @@ func (r *Result) Print(w io.Writer) {
 	}
 	p("run", "%d nodes, %d workers, helper %s, arrival %s, key %s, transport %s", r.Nodes, r.Workers, helper, arrival, r.KeyType, r.Transport)
 	p("production connections", "%s", r.ProductionConnections)
+	p("agent state", "%s", r.StateDir)
 	p("provisioned", "%d of %d (%d not provisioned)", r.Provisioned, r.Nodes, r.NotProvisioned)
 	p("provisioned twice or more", "%d %s", r.Duplicates, strings.Join(r.DuplicateIdentities, " "))
 	p("production reconnects", "%d", r.ProductionReconnects)
@@ -45,7 +46,8 @@ func (r *Result) Print(w io.Writer) {
 	} else {
 		p("memory per idle agent", "not measured")
 	}
-	p("after cleanup", "%.1f MB heap in use, %d goroutines", r.HeapInuseAfterMB, r.GoroutinesAfterCleanup)
+	p("heap / goroutines", "before %.1f MB / %d, all in production %.1f MB / %d, after cleanup %.1f MB / %d",
+		r.HeapInuseBeforeMB, r.GoroutinesBefore, r.HeapInuseAtEndMB, r.GoroutinesAtEnd, r.HeapInuseAfterMB, r.GoroutinesAfterCleanup)
 	p("outcomes", "%s", kv(r.Outcomes))
 	if len(r.FailedByStage) > 0 {
 		p("failed attempts by stage", "%s", kv(r.FailedByStage))

@@ -152,3 +152,31 @@ func selfSigned(tb testing.TB, key crypto.Signer, cn string) []byte {
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
+
+// TestDecodeCSR checks that DecodeCSR keeps ParseCSR's form checks and leaves
+// out only the signature check.
+func TestDecodeCSR(t *testing.T) {
+	key, _ := GenerateKey("", 0)
+	csrPEM, _ := CreateCSR(key, "n1", CSRSubject{})
+	block, _ := pem.Decode(csrPEM)
+	der := append([]byte{}, block.Bytes...)
+	der[len(der)-3] ^= 0xff // inside the signature
+	badSig := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
+	if _, err := ParseCSR(badSig); !errors.Is(err, ErrBadCSR) {
+		t.Fatalf("ParseCSR of a bad signature: %v, want ErrBadCSR", err)
+	}
+	csr, err := DecodeCSR(badSig)
+	if err != nil || csr.Subject.CommonName != "n1" {
+		t.Fatalf("DecodeCSR of a bad signature: %v", err)
+	}
+	for name, in := range map[string][]byte{
+		"two blocks":  append(append([]byte{}, csrPEM...), csrPEM...),
+		"certificate": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: block.Bytes}),
+		"oversized":   append(append([]byte{}, csrPEM...), make([]byte, MaxPEMSize)...),
+		"garbage":     []byte("csr"),
+	} {
+		if _, err := DecodeCSR(in); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
