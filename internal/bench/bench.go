@@ -91,6 +91,13 @@ type Options struct {
 	// MusterBin is the muster binary exec'd helpers get as MUSTER_BIN
 	// (default: this program).
 	MusterBin string
+	// Processes runs every agent as its own muster-agent process over TCP +
+	// TLS (restarted by re-exec, as in production) instead of in this
+	// process. It implies transport tcp and skips the idle phase.
+	Processes bool
+	// AgentBin is the muster-agent binary for Processes; empty: built with
+	// `go build` into a temporary directory.
+	AgentBin string
 	// StateDir is the directory under which each phase's fleet (CA, agent
 	// state directories) gets a fresh temporary directory, removed after
 	// the phase; default: the system temporary directory. Agents write
@@ -121,6 +128,9 @@ func (o *Options) Validate() error {
 	}
 	if o.Transport == "" {
 		o.Transport = TransportInProcess
+		if o.Processes {
+			o.Transport = TransportTCP
+		}
 	}
 	if o.KeyType == "" {
 		o.KeyType = "ecdsa-p256"
@@ -202,6 +212,12 @@ func (o *Options) Validate() error {
 	if o.DeferBackoff < 0 {
 		bad("defer-backoff", o.DeferBackoff, "must be positive")
 	}
+	if o.Processes && o.Transport != TransportTCP {
+		bad("transport", o.Transport, "agent processes connect over tcp")
+	}
+	if o.AgentBin != "" && !o.Processes {
+		bad("agent-bin", o.AgentBin, "only used with --processes")
+	}
 	if o.StateDir != "" {
 		if st, err := os.Stat(o.StateDir); err != nil {
 			bad("state-dir", o.StateDir, err.Error())
@@ -262,6 +278,8 @@ type Result struct {
 	Transport string  `json:"transport"`
 	// StateDir is where the agents' state directories were.
 	StateDir string `json:"state_dir"`
+	// Processes says every agent was its own muster-agent process.
+	Processes bool `json:"processes"`
 	// ProductionConnections says what a production connection is in this
 	// run: "TCP + mutual TLS" or "in-process (no mTLS)".
 	ProductionConnections string `json:"production_connections"`
@@ -294,6 +312,14 @@ type Result struct {
 	CPUMillisPerNode      float64 `json:"cpu_ms_per_node"`
 	ChildCPUMillisPerNode float64 `json:"child_cpu_ms_per_node"`
 	PeakRSSMB             float64 `json:"peak_rss_mb"`
+	// AgentProcesses counts the agent processes alive when the last node
+	// reached production; AgentCPUMillisPerNode is their CPU (read from
+	// /proc, re-executions included) per provisioned node, and
+	// AgentProcessRSSMB their mean resident memory, idle in production.
+	AgentProcesses        int     `json:"agent_processes,omitempty"`
+	AgentCPUSeconds       float64 `json:"agent_cpu_seconds,omitempty"`
+	AgentCPUMillisPerNode float64 `json:"agent_cpu_ms_per_node,omitempty"`
+	AgentProcessRSSMB     float64 `json:"agent_process_rss_mb,omitempty"`
 	IdleAgents            int     `json:"idle_agents"`
 	IdleAgentHeapBytes    float64 `json:"idle_agent_heap_bytes"`
 	IdleAgentGoroutines   float64 `json:"idle_agent_goroutines"`
@@ -448,6 +474,16 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if idle == 0 {
 		idle = o.Nodes
 	}
+	if o.Processes {
+		idle = 0 // the idle phase measures in-process agents
+		res.Processes = true
+		bin, cleanup, err := AgentBinary(ctx, o.AgentBin, o.StateDir)
+		if err != nil {
+			return nil, err
+		}
+		defer cleanup()
+		o.AgentBin = bin
+	}
 	if idle > 0 {
 		if err := idlePhase(ctx, o, idle, res); err != nil {
 			return nil, fmt.Errorf("idle-memory phase: %w", err)
@@ -479,6 +515,7 @@ func fleetOptions(o Options, nodes int, dir string) demo.Options {
 		MusterBin:        o.MusterBin,
 		Logger:           o.Logger,
 		InProcess:        o.Transport == TransportInProcess,
+		AgentBin:         o.AgentBin,
 		QueueSize:        max(nodes, provisioner.DefaultQueueSize),
 		MetadataInterval: o.MetadataInterval,
 	}
@@ -626,6 +663,17 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	var ruAfter, chAfter syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruAfter)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chAfter)
+	if o.Processes {
+		ps, err := f.ProcessStats()
+		if err != nil {
+			return fmt.Errorf("agent processes: %w", err)
+		}
+		res.AgentProcesses = ps.Processes
+		res.AgentCPUSeconds = ps.CPUSeconds
+		if ps.Processes > 0 {
+			res.AgentProcessRSSMB = ps.RSSBytes / float64(ps.Processes) / (1 << 20)
+		}
+	}
 	if o.Progress != nil && rec.productionCount() < o.Nodes {
 		rec.mu.Lock()
 		_ = rec.bar.Exit()
@@ -704,6 +752,7 @@ func fill(res *Result, rec *recorder, m *provMetrics) {
 	if res.Provisioned > 0 {
 		res.CPUMillisPerNode = res.CPUSeconds * 1000 / float64(res.Provisioned)
 		res.ChildCPUMillisPerNode = res.ChildCPUSeconds * 1000 / float64(res.Provisioned)
+		res.AgentCPUMillisPerNode = res.AgentCPUSeconds * 1000 / float64(res.Provisioned)
 	}
 	res.Outcomes = maps(rec.outcomes)
 	if len(rec.failedStage) > 0 {

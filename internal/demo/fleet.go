@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -99,7 +100,12 @@ type Options struct {
 	// OnAgentStart, when set, is called just before each agent runs.
 	OnAgentStart func(identity string, at time.Time)
 	// OnModeChanged, when set, receives every mode an agent connects in.
+	// With AgentBin it receives production connections only.
 	OnModeChanged func(identity string, m agent.Mode, at time.Time)
+	// AgentBin, when set, runs every agent as its own muster-agent process
+	// (this binary) over TCP + TLS instead of in this process; they
+	// restart by re-executing themselves. Not with InProcess.
+	AgentBin string
 }
 
 // Fleet is a running demo deployment.
@@ -125,6 +131,9 @@ type Fleet struct {
 
 	cancel      context.CancelFunc
 	provConn    *nats.Conn
+	watchConn   *nats.Conn
+	procs       []*agentProc
+	stopping    bool
 	closeHelper func() error
 	wg          sync.WaitGroup
 	runErr      []error
@@ -367,6 +376,9 @@ func (f *Fleet) Start(ctx context.Context) error {
 		inProcess = f.broker.Server()
 	}
 
+	if f.opts.AgentBin != "" {
+		return f.startProcessFleet(ctx, url, token)
+	}
 	for i := 0; i < f.opts.Nodes; i++ {
 		id := Identity(i)
 		a, err := agent.New(agent.Options{
@@ -415,6 +427,73 @@ func (f *Fleet) Start(ctx context.Context) error {
 				}
 			}
 			f.runAgent(ctx, i)
+		}
+	}()
+	return nil
+}
+
+// processStarters is how many agent processes a storm starts at a time.
+const processStarters = 4
+
+// startProcessFleet starts the provisioner and one muster-agent process per
+// node (AgentDelay spaces them out as for in-process agents).
+func (f *Fleet) startProcessFleet(ctx context.Context, brokerURL, token string) error {
+	if f.opts.InProcess {
+		return errProcessesInProcess
+	}
+	if err := f.watchProduction(); err != nil {
+		return err
+	}
+	caFile := filepath.Join(f.dir, "pki", "ca.pem")
+	for i := 0; i < f.opts.Nodes; i++ {
+		f.ids = append(f.ids, Identity(i))
+	}
+	f.started = time.Now()
+	f.goRun("provisioner", func() error { return f.prov.Run(ctx) })
+	if f.opts.AgentDelay == nil {
+		// fork+exec takes a while (tens of ms on a loaded VM): a few
+		// starters in parallel so a storm arrives as one.
+		var (
+			next    atomic.Int64
+			wg      sync.WaitGroup
+			errOnce sync.Once
+			first   error
+		)
+		for w := 0; w < processStarters; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := int(next.Add(1) - 1); i < len(f.ids); i = int(next.Add(1) - 1) {
+					if err := f.startProcess(i, brokerURL, caFile, token); err != nil {
+						errOnce.Do(func() { first = err })
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		return first
+	}
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		t := time.NewTimer(0)
+		defer t.Stop()
+		for i := range f.ids {
+			if wait := time.Until(f.started.Add(f.opts.AgentDelay(i))); wait > 0 {
+				t.Reset(wait)
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+			}
+			if err := f.startProcess(i, brokerURL, caFile, token); err != nil {
+				f.mu.Lock()
+				f.runErr = append(f.runErr, err)
+				f.mu.Unlock()
+				return
+			}
 		}
 	}()
 	return nil
@@ -654,7 +733,11 @@ func (f *Fleet) Close() error {
 	if f.cancel != nil {
 		f.cancel()
 	}
+	f.stopProcesses(10 * time.Second)
 	f.wg.Wait()
+	if f.watchConn != nil {
+		f.watchConn.Close()
+	}
 	if f.provConn != nil {
 		f.provConn.Close()
 	}
