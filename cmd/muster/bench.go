@@ -111,7 +111,7 @@ certificate and configuration, so on one shared disk the disk is part of what is
 	}
 	f := cmd.Flags()
 	f.IntVarP(&o.Nodes, "nodes", "n", 1000, "number of simulated agents")
-	f.IntVar(&o.Workers, "workers", 8, "provisioner workers")
+	f.IntVar(&o.Workers, "workers", 16, "provisioner workers (16: enough to keep 2 cores busy; the pipeline is latency-bound per worker)")
 	f.StringVar(&o.Helper, "helper", bench.HelperBuiltin, "helper mode: builtin (in-process cfssl signer), exec or persistent")
 	f.StringVar(&o.HelperCmd, "helper-cmd", "", "helper command for --helper exec or persistent")
 	f.DurationVar(&o.HelperTimeout, "helper-timeout", 10*time.Second, "helper timeout")

@@ -53,7 +53,7 @@ var ErrOptions = errors.New("invalid bench options")
 type Options struct {
 	// Nodes is the number of agents to provision (at least 1).
 	Nodes int
-	// Workers is the provisioner's worker count (default 8).
+	// Workers is the provisioner's worker count (default 16).
 	Workers int
 	// Helper is builtin, exec or persistent (default builtin).
 	Helper string
@@ -118,7 +118,7 @@ type Options struct {
 // and its value.
 func (o *Options) Validate() error {
 	if o.Workers == 0 {
-		o.Workers = 8
+		o.Workers = 16
 	}
 	if o.Helper == "" {
 		o.Helper = HelperBuiltin
