@@ -29,6 +29,7 @@ func newBenchCmd() *cobra.Command {
 		asJSON   bool
 		logLevel string
 		cpuProf  string
+		memProf  string
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -94,6 +95,20 @@ certificate and configuration, so on one shared disk the disk is part of what is
 			if err != nil {
 				return err
 			}
+			if memProf != "" {
+				// After the run: what is still live once every fleet is gone.
+				pf, err := os.Create(memProf)
+				if err != nil {
+					return err
+				}
+				err = pprof.Lookup("heap").WriteTo(pf, 0)
+				if cerr := pf.Close(); err == nil {
+					err = cerr
+				}
+				if err != nil {
+					return err
+				}
+			}
 			if asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
@@ -128,6 +143,7 @@ certificate and configuration, so on one shared disk the disk is part of what is
 	f.StringVar(&o.StateDir, "state-dir", "", "directory for the fleet's CA and agent state directories (default: the system temp dir; a tmpfs such as /dev/shm leaves the disk out)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (no progress)")
 	f.StringVar(&cpuProf, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
+	f.StringVar(&memProf, "memprofile", "", "write a heap profile taken after the run (what stays live after cleanup) to this file")
 	f.StringVar(&logLevel, "loglevel", "", "show component logs at this level (default: none)")
 	return cmd
 }

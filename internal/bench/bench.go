@@ -323,15 +323,16 @@ type Result struct {
 	IdleAgents            int     `json:"idle_agents"`
 	IdleAgentHeapBytes    float64 `json:"idle_agent_heap_bytes"`
 	IdleAgentGoroutines   float64 `json:"idle_agent_goroutines"`
-	// Memory and goroutines before the provisioning phase's fleet is built
-	// (the baseline), once every node is in production (fleet still up),
-	// and after the fleet was torn down: after a storm the heap and the
-	// goroutine count come back to the baseline when nothing leaks.
-	HeapInuseBeforeMB      float64 `json:"heap_inuse_before_mb"`
+	// Live heap (HeapAlloc after two GCs: bytes of reachable objects, not
+	// the spans holding them) and goroutines before the provisioning
+	// phase's fleet is built (the baseline), once every node is in
+	// production (fleet still up), and after the fleet was torn down: after
+	// a storm both come back to the baseline when nothing leaks.
+	HeapLiveBeforeMB       float64 `json:"heap_live_before_mb"`
 	GoroutinesBefore       int     `json:"goroutines_before"`
-	HeapInuseAtEndMB       float64 `json:"heap_inuse_at_end_mb"`
+	HeapLiveAtEndMB        float64 `json:"heap_live_at_end_mb"`
 	GoroutinesAtEnd        int     `json:"goroutines_at_end"`
-	HeapInuseAfterMB       float64 `json:"heap_inuse_after_mb"`
+	HeapLiveAfterMB        float64 `json:"heap_live_after_mb"`
 	GoroutinesAfterCleanup int     `json:"goroutines_after_cleanup"`
 
 	// Outcomes counts provisioner attempt outcomes (provisioned,
@@ -497,7 +498,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		res.PeakRSSMB = maxRSSBytes(ru.Maxrss) / (1 << 20)
 	}
 	fullGC()
-	res.HeapInuseAfterMB, res.GoroutinesAfterCleanup = heapAndGoroutines()
+	res.HeapLiveAfterMB, res.GoroutinesAfterCleanup = heapAndGoroutines()
 	return res, nil
 }
 
@@ -617,7 +618,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		fo.AgentDelay = func(i int) time.Duration { return time.Duration(float64(i) * step) }
 	}
 	fullGC()
-	res.HeapInuseBeforeMB, res.GoroutinesBefore = heapAndGoroutines()
+	res.HeapLiveBeforeMB, res.GoroutinesBefore = heapAndGoroutines()
 	f, err := demo.New(fo)
 	if err != nil {
 		return err
@@ -690,7 +691,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	}
 	metrics, gatherErr := gatherMetrics(f.Provisioner())
 	fullGC()
-	res.HeapInuseAtEndMB, res.GoroutinesAtEnd = heapAndGoroutines()
+	res.HeapLiveAtEndMB, res.GoroutinesAtEnd = heapAndGoroutines()
 	if err := f.Close(); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
@@ -840,11 +841,11 @@ func maxRSSBytes(v int64) float64 {
 	return float64(v) * 1024
 }
 
-// heapAndGoroutines returns the heap in use in MiB and the goroutine count.
+// heapAndGoroutines returns the live heap in MiB and the goroutine count.
 func heapAndGoroutines() (float64, int) {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
-	return float64(ms.HeapInuse) / (1 << 20), runtime.NumGoroutine()
+	return float64(ms.HeapAlloc) / (1 << 20), runtime.NumGoroutine()
 }
 
 // fullGC collects twice, so objects parked in sync.Pool victim caches are

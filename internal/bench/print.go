@@ -53,8 +53,8 @@ func (r *Result) Print(w io.Writer) {
 	} else {
 		p("memory per idle agent", "not measured")
 	}
-	p("heap / goroutines", "before %.1f MB / %d, all in production %.1f MB / %d, after cleanup %.1f MB / %d",
-		r.HeapInuseBeforeMB, r.GoroutinesBefore, r.HeapInuseAtEndMB, r.GoroutinesAtEnd, r.HeapInuseAfterMB, r.GoroutinesAfterCleanup)
+	p("live heap / goroutines", "before %.1f MB / %d, all in production %.1f MB / %d, after cleanup %.1f MB / %d",
+		r.HeapLiveBeforeMB, r.GoroutinesBefore, r.HeapLiveAtEndMB, r.GoroutinesAtEnd, r.HeapLiveAfterMB, r.GoroutinesAfterCleanup)
 	p("outcomes", "%s", kv(r.Outcomes))
 	if len(r.FailedByStage) > 0 {
 		p("failed attempts by stage", "%s", kv(r.FailedByStage))
