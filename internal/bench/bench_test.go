@@ -201,9 +201,15 @@ func checkResult(t *testing.T, r *Result, nodes, failures int) {
 	if r.IdleAgents != 10 {
 		t.Errorf("idle agents %d, want 10", r.IdleAgents)
 	}
+	if r.GoroutinesAtEnd < nodes || r.GoroutinesAfterCleanup > r.GoroutinesBefore+2 {
+		t.Errorf("goroutines %d before, %d with %d nodes in production, %d after cleanup: want every agent's back", r.GoroutinesBefore, r.GoroutinesAtEnd, nodes, r.GoroutinesAfterCleanup)
+	}
+	if r.HeapLiveAtEndMB <= 0 || r.HeapLiveAfterMB <= 0 {
+		t.Errorf("live heap at end %v MB, after %v MB", r.HeapLiveAtEndMB, r.HeapLiveAfterMB)
+	}
 	var out strings.Builder
 	r.Print(&out)
-	for _, want := range []string{"nodes/min", "time to production", "memory per idle agent", "errors_total by stage"} {
+	for _, want := range []string{"nodes/min", "time to production", "memory per idle agent", "errors_total by stage", "live heap / goroutines", "agent state"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}

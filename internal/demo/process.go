@@ -71,9 +71,7 @@ func (f *Fleet) startProcess(i int, brokerURL, caFile, token string) error {
 	cmd := exec.Command(f.opts.AgentBin, args...)
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), "MUSTER_TOKEN="+token)
-	// Its own process group, so a terminal's Ctrl-C reaches the bench,
-	// which then stops every agent in order.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.SysProcAttr = agentProcAttr()
 	if f.opts.OnAgentStart != nil {
 		f.opts.OnAgentStart(Identity(i), time.Now())
 	}
