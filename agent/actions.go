@@ -48,8 +48,8 @@ func (s *session) genCSR(body protocol.GenCSRRequest, log *logrus.Entry) answer 
 	}
 	// The key stays in memory until configure writes it together with the
 	// certificate that matches it: one durable write per node, and no key
-	// on disk without its certificate. A restart in between loses it; the
-	// provisioner then starts over with a new gencsr.
+	// on disk without its certificate. A process restart in between loses
+	// it; the provisioner then starts over with a new gencsr.
 	s.a.pending = &pendingKey{key: key, pem: keyPEM, csr: csrPEM}
 	log.WithField("key_type", keyTypeName(body)).Info("generated a private key and CSR")
 	return ok(protocol.GenCSRReply{CSR: string(csrPEM), PublicKey: string(pubPEM), SSLDir: s.a.sslDir})
