@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"crypto"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -46,17 +47,11 @@ func (s *session) genCSR(body protocol.GenCSRRequest, log *logrus.Entry) answer 
 		log.WithError(err).Error("gencsr: encode public key")
 		return fail(protocol.CodeInternal, "could not encode the public key")
 	}
-	if err := os.MkdirAll(s.a.sslDir, 0o700); err != nil {
-		log.WithError(err).Error("gencsr: create ssldir")
-		return fail(protocol.CodeInternal, "could not create the ssl directory")
-	}
-	if err := fsutil.WriteFilesAtomic([]fsutil.File{
-		{Path: filepath.Join(s.a.sslDir, KeyFile), Data: keyPEM, Perm: 0o600},
-		{Path: filepath.Join(s.a.sslDir, CSRFile), Data: csrPEM, Perm: 0o644},
-	}); err != nil {
-		log.WithError(err).Error("gencsr: write key and csr")
-		return fail(protocol.CodeInternal, "could not store the key")
-	}
+	// The key stays in memory until configure writes it together with the
+	// certificate that matches it: one durable write per node, and no key
+	// on disk without its certificate. A process restart in between loses
+	// it; the provisioner then starts over with a new gencsr.
+	s.a.pending = &pendingKey{key: key, pem: keyPEM, csr: csrPEM}
 	log.WithField("key_type", keyTypeName(body)).Info("generated a private key and CSR")
 	return ok(protocol.GenCSRReply{CSR: string(csrPEM), PublicKey: string(pubPEM), SSLDir: s.a.sslDir})
 }
@@ -98,31 +93,30 @@ func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *
 	caPath := filepath.Join(a.sslDir, CAFile)
 	keyPath := filepath.Join(a.sslDir, KeyFile)
 	certInstalled := false
+	var verified *verifiedFiles
 	switch {
 	case body.Certificate != "":
-		keyPEM, err := os.ReadFile(keyPath)
-		if errors.Is(err, os.ErrNotExist) {
-			return fail(protocol.CodeConflict, "no private key on this node: gencsr must come before configure with a certificate")
-		}
-		if err != nil {
-			log.WithError(err).Error("configure: read private key")
-			return fail(protocol.CodeInternal, "could not read the private key")
-		}
-		key, err := pki.ParsePrivateKey(keyPEM)
-		if err != nil {
-			log.WithError(err).Error("configure: parse private key")
-			return fail(protocol.CodeConflict, "the private key on this node is unusable: run gencsr again")
+		key, keyPEM, pending, ans := a.configureKey(keyPath, log)
+		if ans != nil {
+			return *ans
 		}
 		if body.CA == "" {
 			return fail(protocol.CodeInvalidCert, "a certificate needs the ca that signed it")
 		}
-		if _, err := pki.VerifyLeaf([]byte(body.Certificate), []byte(body.CA), key.Public(), a.id, now); err != nil {
+		v, err := pki.VerifyChain([]byte(body.Certificate), []byte(body.CA), key.Public(), a.id, now)
+		if err != nil {
 			return fail(protocol.CodeInvalidCert, "%v", err)
+		}
+		if pending != nil {
+			files = append(files,
+				fsutil.File{Path: keyPath, Data: keyPEM, Perm: 0o600},
+				fsutil.File{Path: filepath.Join(a.sslDir, CSRFile), Data: pending.csr, Perm: 0o644})
 		}
 		files = append(files,
 			fsutil.File{Path: certPath, Data: []byte(body.Certificate), Perm: 0o644},
 			fsutil.File{Path: caPath, Data: []byte(body.CA), Perm: 0o644})
 		certInstalled = true
+		verified = newVerifiedFiles(a.id, []byte(body.Certificate), []byte(body.CA), keyPEM, v)
 	case body.CA != "":
 		if _, err := pki.ParseCertificates([]byte(body.CA)); err != nil {
 			return fail(protocol.CodeInvalidCert, "ca: %v", err)
@@ -166,9 +160,14 @@ func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *
 		log.WithError(err).Error("configure: create config dir")
 		return fail(protocol.CodeInternal, "could not create the configuration directory")
 	}
+	a.verified = nil
 	if err := fsutil.WriteFilesAtomic(files); err != nil {
 		log.WithError(err).Error("configure: write files")
 		return fail(protocol.CodeInternal, "could not write the configuration")
+	}
+	if certInstalled {
+		a.pending = nil
+		a.verified = verified
 	}
 	s.cfg = cfg
 	log.WithFields(logrus.Fields{"certificate": certInstalled, "keys": cfg.Len()}).Info("configured; waiting for restart")
@@ -184,6 +183,40 @@ func (a *Agent) inStateDir(p string) bool {
 	}
 	rel, err := filepath.Rel(a.stateDir, filepath.Clean(p))
 	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator))
+}
+
+// pendingKey is a key gencsr made and configure has not written yet.
+type pendingKey struct {
+	key crypto.Signer
+	pem []byte
+	csr []byte
+}
+
+// configureKey returns the key a configure certificate must match: the one
+// the last gencsr made (pending: configure writes it and its CSR), or else
+// the key already on disk (written by an earlier configure or placed by
+// hand).
+func (a *Agent) configureKey(keyPath string, log *logrus.Entry) (key crypto.Signer, keyPEM []byte, pending *pendingKey, ans *answer) {
+	if p := a.pending; p != nil {
+		return p.key, p.pem, p, nil
+	}
+	keyPEM, err := os.ReadFile(keyPath)
+	if errors.Is(err, os.ErrNotExist) {
+		an := fail(protocol.CodeConflict, "no private key on this node: gencsr must come before configure with a certificate")
+		return nil, nil, nil, &an
+	}
+	if err != nil {
+		log.WithError(err).Error("configure: read private key")
+		an := fail(protocol.CodeInternal, "could not read the private key")
+		return nil, nil, nil, &an
+	}
+	key, err = pki.ParsePrivateKey(keyPEM)
+	if err != nil {
+		log.WithError(err).Error("configure: parse private key")
+		an := fail(protocol.CodeConflict, "the private key on this node is unusable: run gencsr again")
+		return nil, nil, nil, &an
+	}
+	return key, keyPEM, nil, nil
 }
 
 // policyFiles validates the policies of a configure request.

@@ -204,6 +204,13 @@ type Agent struct {
 
 	mu   sync.Mutex
 	seen map[string]time.Time // request ID → expiry
+
+	// Owned by the Run goroutine (the session loop handles requests on it).
+	// pending is the key gencsr made, held until configure writes it with
+	// the certificate; verified remembers the files configure checked, so
+	// the restart that follows does not verify them again.
+	pending  *pendingKey
+	verified *verifiedFiles
 }
 
 // New validates opts and returns an Agent. It starts nothing.
@@ -412,7 +419,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		if _, err := os.Stat(filepath.Join(a.stateDir, ShutdownMarker)); err == nil {
 			return fmt.Errorf("%w: remove %s to start it again", ErrStayDown, filepath.Join(a.stateDir, ShutdownMarker))
 		}
-		d := DecideMode(a.id, a.configFile, a.prov.Enabled, time.Now())
+		d := decideMode(a.id, a.configFile, a.prov.Enabled, time.Now(), a.verified)
 		if forceProvisioning && d.Mode != ModeProvisioning {
 			d = Decision{Mode: ModeProvisioning, Reason: "production brokers refused this node or its certificate expired", Config: d.Config}
 		}

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/pki"
 	"github.com/muster-io/muster/internal/protocol"
 )
 
@@ -168,12 +169,9 @@ func TestLifecycle(t *testing.T) {
 		if gen.SSLDir != filepath.Join(stateDir, SSLDirName) || !strings.Contains(gen.CSR, "CERTIFICATE REQUEST") {
 			t.Fatalf("gencsr reply %+v", gen)
 		}
-		st, err := os.Stat(filepath.Join(gen.SSLDir, KeyFile))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if st.Mode().Perm() != 0o600 {
-			t.Fatalf("key mode %v", st.Mode().Perm())
+		// The key is written by configure, with its certificate.
+		if _, err := os.Stat(filepath.Join(gen.SSLDir, KeyFile)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("key on disk before configure: %v", err)
 		}
 	})
 
@@ -211,6 +209,22 @@ func TestLifecycle(t *testing.T) {
 		}
 		if b, _ := os.ReadFile(filepath.Join(gen.SSLDir, CertFile)); !bytes.Equal(b, nodeCert) {
 			t.Error("certificate not written")
+		}
+		keyPEM, err := os.ReadFile(filepath.Join(gen.SSLDir, KeyFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		key, err := pki.ParsePrivateKey(keyPEM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := pki.VerifyLeaf(nodeCert, []byte(caPEM), key.Public(), id, time.Now()); err != nil {
+			t.Errorf("written key does not match the certificate: %v", err)
+		}
+		if st, err := os.Stat(filepath.Join(gen.SSLDir, KeyFile)); err != nil {
+			t.Error(err)
+		} else if st.Mode().Perm() != 0o600 {
+			t.Errorf("key mode %v", st.Mode().Perm())
 		}
 		inv := call(t, nc, protocol.ProvisioningCollective, id, protocol.AgentRPCUtil, protocol.ActionInventory, tok, nil)
 		if !bytes.Contains(inv.Body, []byte(`"custom.thing":"kept"`)) || bytes.Contains(inv.Body, []byte("hush")) {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
@@ -34,6 +35,12 @@ type Decision struct {
 // provisioningEnabled is set (also when there is no configuration file).
 // Otherwise Err explains what is missing.
 func DecideMode(identity, configFile string, provisioningEnabled bool, now time.Time) Decision {
+	return decideMode(identity, configFile, provisioningEnabled, now, nil)
+}
+
+// decideMode is DecideMode with the agent's record of the files its last
+// configure verified (nil: none).
+func decideMode(identity, configFile string, provisioningEnabled bool, now time.Time, known *verifiedFiles) Decision {
 	cfg, err := config.Load(configFile)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -51,7 +58,7 @@ func DecideMode(identity, configFile string, provisioningEnabled bool, now time.
 	if provision {
 		return Decision{Mode: ModeProvisioning, Reason: config.KeyProvision + " = true", Config: cfg}
 	}
-	notAfter, why := completeness(cfg, identity, now)
+	notAfter, why := completeness(cfg, identity, now, known)
 	if why == "" {
 		return Decision{Mode: ModeProduction, Reason: "configuration complete", Config: cfg, NotAfter: notAfter}
 	}
@@ -65,9 +72,36 @@ func DecideMode(identity, configFile string, provisioningEnabled bool, now time.
 	return Decision{Config: cfg, Err: fmt.Errorf("%w: configuration %s incomplete (%s) and %s", ErrNoMode, configFile, why, setting)}
 }
 
+// verifiedFiles records the certificate, CA and key bytes configure
+// verified for an identity, and the window in which that verification holds.
+type verifiedFiles struct {
+	identity            string
+	cert, ca, key       [sha256.Size]byte
+	notBefore, notAfter time.Time // the whole chain's validity
+	leafNotAfter        time.Time
+}
+
+func newVerifiedFiles(identity string, cert, ca, key []byte, v *pki.Verified) *verifiedFiles {
+	return &verifiedFiles{
+		identity: identity,
+		cert:     sha256.Sum256(cert), ca: sha256.Sum256(ca), key: sha256.Sum256(key),
+		notBefore: v.NotBefore, notAfter: v.NotAfter, leafNotAfter: v.Leaf.NotAfter,
+	}
+}
+
+// covers reports whether exactly these bytes were verified for identity and
+// that verification still holds at now.
+func (k *verifiedFiles) covers(identity string, cert, ca, key []byte, now time.Time) bool {
+	return k != nil && k.identity == identity &&
+		!now.Before(k.notBefore) && !now.After(k.notAfter) &&
+		sha256.Sum256(cert) == k.cert && sha256.Sum256(ca) == k.ca && sha256.Sum256(key) == k.key
+}
+
 // completeness returns the certificate expiry, or why the configuration
-// cannot run production mode.
-func completeness(cfg *config.Config, identity string, now time.Time) (time.Time, string) {
+// cannot run production mode. Files byte-for-byte equal to the ones known
+// verified (by this agent's configure, inside their validity window) are
+// not parsed and verified again.
+func completeness(cfg *config.Config, identity string, now time.Time, known *verifiedFiles) (time.Time, string) {
 	if cfg.Value(config.KeyMiddlewareHosts) == "" {
 		return time.Time{}, config.KeyMiddlewareHosts + " is not set"
 	}
@@ -85,6 +119,9 @@ func completeness(cfg *config.Config, identity string, now time.Time) (time.Time
 			return time.Time{}, fmt.Sprintf("%s: %v", k, err)
 		}
 		files[k] = b
+	}
+	if known.covers(identity, files[config.KeyCertificate], files[config.KeyCA], files[config.KeyKey], now) {
+		return known.leafNotAfter, ""
 	}
 	key, err := pki.ParsePrivateKey(files[config.KeyKey])
 	if err != nil {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/pki"
 )
 
 func TestDecideMode(t *testing.T) {
@@ -93,5 +94,78 @@ func TestDecideMode(t *testing.T) {
 				t.Fatal("production decision without certificate expiry")
 			}
 		})
+	}
+}
+
+// TestDecideModeKnownFiles checks the record of verified files configure
+// leaves: the same bytes skip verification inside the window only; any
+// change, another identity or a time outside the window verifies again.
+func TestDecideModeKnownFiles(t *testing.T) {
+	const id = "node1.example.net"
+	c, _ := newCA(t)
+	certPEM, keyPEM := signedFor(t, c, id)
+	_, otherKeyPEM := signedFor(t, c, id)
+	now := time.Now()
+	key, err := pki.ParsePrivateKey(keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := pki.VerifyChain(certPEM, c.CertificatePEM(), key.Public(), id, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.NotAfter.After(v.Leaf.NotAfter) || v.NotBefore.Before(v.Leaf.NotBefore) {
+		t.Fatalf("window %s..%s outside the leaf's %s..%s", v.NotBefore, v.NotAfter, v.Leaf.NotBefore, v.Leaf.NotAfter)
+	}
+	known := newVerifiedFiles(id, certPEM, c.CertificatePEM(), keyPEM, v)
+
+	dir := t.TempDir()
+	write := func(name string, data []byte) string {
+		t.Helper()
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	cfgFile := filepath.Join(dir, "agent.cfg")
+	cfg, err := config.FromMap(map[string]string{
+		config.KeyMiddlewareHosts: "127.0.0.1:4222",
+		config.KeyCertificate:     write("cert.pem", certPEM),
+		config.KeyKey:             write("key.pem", keyPEM),
+		config.KeyCA:              write("ca.pem", c.CertificatePEM()),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Save(cfgFile); err != nil {
+		t.Fatal(err)
+	}
+	if !known.covers(id, certPEM, c.CertificatePEM(), keyPEM, now) {
+		t.Fatal("record does not cover the files it was made from")
+	}
+	for name, ok := range map[string]bool{
+		"other identity": known.covers("node2.example.net", certPEM, c.CertificatePEM(), keyPEM, now),
+		"other key":      known.covers(id, certPEM, c.CertificatePEM(), otherKeyPEM, now),
+		"before window":  known.covers(id, certPEM, c.CertificatePEM(), keyPEM, v.NotBefore.Add(-time.Second)),
+		"after window":   known.covers(id, certPEM, c.CertificatePEM(), keyPEM, v.NotAfter.Add(time.Second)),
+		"nil record":     (*verifiedFiles)(nil).covers(id, certPEM, c.CertificatePEM(), keyPEM, now),
+	} {
+		if ok {
+			t.Errorf("%s: covered", name)
+		}
+	}
+	if d := decideMode(id, cfgFile, false, now, known); d.Mode != ModeProduction || d.Err != nil || !d.NotAfter.Equal(v.Leaf.NotAfter) {
+		t.Fatalf("with the record: mode %s, err %v, not after %s", d.Mode, d.Err, d.NotAfter)
+	}
+	// A key swapped on disk after configure: verified again, refused.
+	write("key.pem", otherKeyPEM)
+	if d := decideMode(id, cfgFile, false, now, known); !errors.Is(d.Err, ErrNoMode) {
+		t.Fatalf("key swapped: mode %s (%s), err %v; want ErrNoMode", d.Mode, d.Reason, d.Err)
+	}
+	// Expired: the window is checked even for known files.
+	write("key.pem", keyPEM)
+	if d := decideMode(id, cfgFile, false, v.NotAfter.Add(time.Hour), known); !errors.Is(d.Err, ErrNoMode) {
+		t.Fatalf("expired: mode %s (%s), err %v; want ErrNoMode", d.Mode, d.Reason, d.Err)
 	}
 }

@@ -25,7 +25,7 @@ type musterBuild struct {
 
 var built musterBuild
 
-func musterBin(t *testing.T) string {
+func musterBin(t testing.TB) string {
 	t.Helper()
 	if p := os.Getenv("MUSTER_TEST_BIN"); p != "" {
 		return p

@@ -12,7 +12,7 @@ import (
 
 // newCA makes a real CA in a temporary directory and returns it and the
 // directory.
-func newCA(t *testing.T) (*ca.CA, string) {
+func newCA(t testing.TB) (*ca.CA, string) {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "ca")
 	c, err := ca.Init(dir, "Test CA", 0)
@@ -23,7 +23,7 @@ func newCA(t *testing.T) (*ca.CA, string) {
 }
 
 // newCSR makes a key and a PEM CSR for identity.
-func newCSR(t *testing.T, identity string) (crypto.Signer, string) {
+func newCSR(t testing.TB, identity string) (crypto.Signer, string) {
 	t.Helper()
 	key, err := pki.GenerateKey("", 0)
 	if err != nil {

@@ -29,6 +29,7 @@ func newBenchCmd() *cobra.Command {
 		asJSON   bool
 		logLevel string
 		cpuProf  string
+		memProf  string
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -40,18 +41,30 @@ starts --nodes fresh agents (all at once, or --arrival ramp at --rate agents a s
 until every one reaches production mode.
 
 --transport inprocess connects the agents and the provisioner with nats.InProcessServer: no file
-descriptors and no TLS, so agents in production mode are not verified by certificate (reported as
-"in-process (no mTLS)"). --transport tcp uses TLS over loopback and mutual TLS in production; each
-agent then needs two file descriptors (both ends live in this process).
+descriptors; the provisioning side runs without TLS, production connections use mutual TLS over the
+in-process pipe, so the broker verifies every node's certificate as over TCP. --transport tcp uses
+TLS over loopback and mutual TLS in production; each agent then needs two file descriptors (both
+ends live in this process).
 
 It reports nodes/min, time to production (agent start to production connection), per-stage latency,
 CPU per node (getrusage), peak RSS, memory per idle agent, outcomes, errors and retries by stage, and
-whether every node was provisioned exactly once (exit code 2 if not).`,
+whether every node was provisioned exactly once (exit code 2 if not).
+
+--processes runs every agent as its own muster-agent process instead (TCP + TLS, restarted by
+re-executing itself, as on a real machine), for a like-for-like comparison with tools that run one
+process per node; the agents' CPU and memory are read from /proc. The binary is --agent-bin, or
+built with "go build" from the source tree the command runs in.
+
+--state-dir puts the agents' state directories on another filesystem: agents fsync their key,
+certificate and configuration, so on one shared disk the disk is part of what is measured; a tmpfs
+(/dev/shm) leaves the orchestration.`,
 		Example: `  muster bench --nodes 10000 --helper builtin --transport inprocess
   muster bench --nodes 3000 --transport tcp --json
   muster bench --nodes 2000 --helper exec --helper-cmd "muster helper cfssl"
   muster bench --nodes 5000 --helper persistent --helper-cmd "muster helper cfssl --persistent"
-  muster bench --nodes 5000 --arrival ramp --rate 500`,
+  muster bench --nodes 5000 --arrival ramp --rate 500
+  muster bench --nodes 100 --processes --workers 8 --helper exec --helper-cmd "muster helper cfssl"
+  muster bench --nodes 10000 --state-dir /dev/shm`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -83,6 +96,20 @@ whether every node was provisioned exactly once (exit code 2 if not).`,
 			if err != nil {
 				return err
 			}
+			if memProf != "" {
+				// After the run: what is still live once every fleet is gone.
+				pf, err := os.Create(memProf)
+				if err != nil {
+					return err
+				}
+				err = pprof.Lookup("heap").WriteTo(pf, 0)
+				if cerr := pf.Close(); err == nil {
+					err = cerr
+				}
+				if err != nil {
+					return err
+				}
+			}
 			if asJSON {
 				enc := json.NewEncoder(cmd.OutOrStdout())
 				enc.SetIndent("", "  ")
@@ -100,20 +127,24 @@ whether every node was provisioned exactly once (exit code 2 if not).`,
 	}
 	f := cmd.Flags()
 	f.IntVarP(&o.Nodes, "nodes", "n", 1000, "number of simulated agents")
-	f.IntVar(&o.Workers, "workers", 8, "provisioner workers")
+	f.IntVar(&o.Workers, "workers", 16, "provisioner workers (16: enough to keep 2 cores busy; the pipeline is latency-bound per worker)")
 	f.StringVar(&o.Helper, "helper", bench.HelperBuiltin, "helper mode: builtin (in-process cfssl signer), exec or persistent")
 	f.StringVar(&o.HelperCmd, "helper-cmd", "", "helper command for --helper exec or persistent")
 	f.DurationVar(&o.HelperTimeout, "helper-timeout", 10*time.Second, "helper timeout")
 	f.StringVar(&o.Arrival, "arrival", bench.ArrivalStorm, "arrival: storm (all agents at once) or ramp (--rate agents a second)")
 	f.Float64Var(&o.Rate, "rate", 0, "agents started per second with --arrival ramp")
 	f.StringVar(&o.KeyType, "key-type", "ecdsa-p256", "node key type: ecdsa-p256 or rsa")
-	f.StringVar(&o.Transport, "transport", bench.TransportInProcess, "agent and provisioner connections: inprocess or tcp")
+	f.StringVar(&o.Transport, "transport", "", "agent and provisioner connections: inprocess or tcp (default inprocess; tcp with --processes)")
 	f.IntVar(&o.IdleAgents, "idle-agents", 0, "agents in the idle-memory phase (0: --nodes, negative: skip the phase)")
 	f.DurationVar(&o.RestartSplay, "restart-splay", time.Millisecond, "provisioner restart_splay (the longest random wait before a node restarts)")
 	f.DurationVar(&o.DeferBackoff, "defer-backoff", 2*time.Second, "how long a failed node waits before it is taken again")
 	f.DurationVar(&o.Timeout, "timeout", 10*time.Minute, "give up on the provisioning phase after this long")
+	f.BoolVar(&o.Processes, "processes", false, "run every agent as its own muster-agent process over TCP + TLS (restart by re-exec), like real machines")
+	f.StringVar(&o.AgentBin, "agent-bin", "", "muster-agent binary for --processes (default: build it with go build into a temporary directory)")
+	f.StringVar(&o.StateDir, "state-dir", "", "directory for the fleet's CA and agent state directories (default: the system temp dir; a tmpfs such as /dev/shm leaves the disk out)")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (no progress)")
 	f.StringVar(&cpuProf, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
+	f.StringVar(&memProf, "memprofile", "", "write a heap profile taken after the run (what stays live after cleanup) to this file")
 	f.StringVar(&logLevel, "loglevel", "", "show component logs at this level (default: none)")
 	return cmd
 }

@@ -138,7 +138,8 @@ func (h *Helper) Provision(ctx context.Context, req *helper.Request) (*helper.Re
 	if req.CSR == nil {
 		return rep, nil
 	}
-	csr, err := pki.ParseCSR([]byte(req.CSR.CSR))
+	// The signature is checked once, by the CA's signer (SignCSR).
+	csr, err := pki.DecodeCSR([]byte(req.CSR.CSR))
 	if err != nil {
 		return nil, fmt.Errorf("%w: csr of %s: %w", ErrBadRequest, req.Identity, err)
 	}

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"runtime"
 	"slices"
 	"sort"
@@ -52,7 +53,7 @@ var ErrOptions = errors.New("invalid bench options")
 type Options struct {
 	// Nodes is the number of agents to provision (at least 1).
 	Nodes int
-	// Workers is the provisioner's worker count (default 8).
+	// Workers is the provisioner's worker count (default 16).
 	Workers int
 	// Helper is builtin, exec or persistent (default builtin).
 	Helper string
@@ -67,7 +68,7 @@ type Options struct {
 	// KeyType is the node key type: ecdsa-p256 or rsa (default ecdsa-p256).
 	KeyType string
 	// Transport is tcp (TLS over loopback) or inprocess
-	// (nats.InProcessServer, no TLS).
+	// (nats.InProcessServer; mutual TLS in production).
 	Transport string
 	// Timeout bounds the provisioning phase (default 10 minutes).
 	Timeout time.Duration
@@ -90,6 +91,20 @@ type Options struct {
 	// MusterBin is the muster binary exec'd helpers get as MUSTER_BIN
 	// (default: this program).
 	MusterBin string
+	// Processes runs every agent as its own muster-agent process over TCP +
+	// TLS (restarted by re-exec, as in production) instead of in this
+	// process. It implies transport tcp and skips the idle phase.
+	Processes bool
+	// AgentBin is the muster-agent binary for Processes; empty: built with
+	// `go build` into a temporary directory.
+	AgentBin string
+	// StateDir is the directory under which each phase's fleet (CA, agent
+	// state directories) gets a fresh temporary directory, removed after
+	// the phase; default: the system temporary directory. Agents write
+	// their key, certificate and configuration durably (fsync), so the
+	// filesystem here is part of what is measured: a tmpfs (/dev/shm)
+	// takes the shared disk out and leaves the orchestration.
+	StateDir string
 	// Progress receives progress lines; nil shows none.
 	Progress io.Writer
 	// Logger receives the components' logs (default: discarded).
@@ -103,7 +118,7 @@ type Options struct {
 // and its value.
 func (o *Options) Validate() error {
 	if o.Workers == 0 {
-		o.Workers = 8
+		o.Workers = 16
 	}
 	if o.Helper == "" {
 		o.Helper = HelperBuiltin
@@ -113,6 +128,9 @@ func (o *Options) Validate() error {
 	}
 	if o.Transport == "" {
 		o.Transport = TransportInProcess
+		if o.Processes {
+			o.Transport = TransportTCP
+		}
 	}
 	if o.KeyType == "" {
 		o.KeyType = "ecdsa-p256"
@@ -194,6 +212,19 @@ func (o *Options) Validate() error {
 	if o.DeferBackoff < 0 {
 		bad("defer-backoff", o.DeferBackoff, "must be positive")
 	}
+	if o.Processes && o.Transport != TransportTCP {
+		bad("transport", o.Transport, "agent processes connect over tcp")
+	}
+	if o.AgentBin != "" && !o.Processes {
+		bad("agent-bin", o.AgentBin, "only used with --processes")
+	}
+	if o.StateDir != "" {
+		if st, err := os.Stat(o.StateDir); err != nil {
+			bad("state-dir", o.StateDir, err.Error())
+		} else if !st.IsDir() {
+			bad("state-dir", o.StateDir, "not a directory")
+		}
+	}
 	return errors.Join(errs...)
 }
 
@@ -245,8 +276,12 @@ type Result struct {
 	Rate      float64 `json:"rate_per_second,omitempty"`
 	KeyType   string  `json:"key_type"`
 	Transport string  `json:"transport"`
+	// StateDir is where the agents' state directories were.
+	StateDir string `json:"state_dir"`
+	// Processes says every agent was its own muster-agent process.
+	Processes bool `json:"processes"`
 	// ProductionConnections says what a production connection is in this
-	// run: "TCP + mutual TLS" or "in-process (no mTLS)".
+	// run: "TCP + mutual TLS" or "in-process + mutual TLS".
 	ProductionConnections string `json:"production_connections"`
 
 	// Provisioned counts nodes that reached production mode.
@@ -272,15 +307,32 @@ type Result struct {
 
 	// CPUSeconds is this process's user+sys CPU during the provisioning
 	// phase; ChildCPUSeconds that of exec'd helpers reaped in it.
-	CPUSeconds             float64 `json:"cpu_seconds"`
-	ChildCPUSeconds        float64 `json:"child_cpu_seconds"`
-	CPUMillisPerNode       float64 `json:"cpu_ms_per_node"`
-	ChildCPUMillisPerNode  float64 `json:"child_cpu_ms_per_node"`
-	PeakRSSMB              float64 `json:"peak_rss_mb"`
-	IdleAgents             int     `json:"idle_agents"`
-	IdleAgentHeapBytes     float64 `json:"idle_agent_heap_bytes"`
-	IdleAgentGoroutines    float64 `json:"idle_agent_goroutines"`
-	HeapInuseAfterMB       float64 `json:"heap_inuse_after_mb"`
+	CPUSeconds            float64 `json:"cpu_seconds"`
+	ChildCPUSeconds       float64 `json:"child_cpu_seconds"`
+	CPUMillisPerNode      float64 `json:"cpu_ms_per_node"`
+	ChildCPUMillisPerNode float64 `json:"child_cpu_ms_per_node"`
+	PeakRSSMB             float64 `json:"peak_rss_mb"`
+	// AgentProcesses counts the agent processes alive when the last node
+	// reached production; AgentCPUMillisPerNode is their CPU (read from
+	// /proc, re-executions included) per provisioned node, and
+	// AgentProcessRSSMB their mean resident memory, idle in production.
+	AgentProcesses        int     `json:"agent_processes,omitempty"`
+	AgentCPUSeconds       float64 `json:"agent_cpu_seconds,omitempty"`
+	AgentCPUMillisPerNode float64 `json:"agent_cpu_ms_per_node,omitempty"`
+	AgentProcessRSSMB     float64 `json:"agent_process_rss_mb,omitempty"`
+	IdleAgents            int     `json:"idle_agents"`
+	IdleAgentHeapBytes    float64 `json:"idle_agent_heap_bytes"`
+	IdleAgentGoroutines   float64 `json:"idle_agent_goroutines"`
+	// Live heap (HeapAlloc after two GCs: bytes of reachable objects, not
+	// the spans holding them) and goroutines before the provisioning
+	// phase's fleet is built (the baseline), once every node is in
+	// production (fleet still up), and after the fleet was torn down: after
+	// a storm both come back to the baseline when nothing leaks.
+	HeapLiveBeforeMB       float64 `json:"heap_live_before_mb"`
+	GoroutinesBefore       int     `json:"goroutines_before"`
+	HeapLiveAtEndMB        float64 `json:"heap_live_at_end_mb"`
+	GoroutinesAtEnd        int     `json:"goroutines_at_end"`
+	HeapLiveAfterMB        float64 `json:"heap_live_after_mb"`
 	GoroutinesAfterCleanup int     `json:"goroutines_after_cleanup"`
 
 	// Outcomes counts provisioner attempt outcomes (provisioned,
@@ -411,13 +463,27 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		Nodes: o.Nodes, Workers: o.Workers, Helper: o.Helper, HelperCmd: o.HelperCmd,
 		Arrival: o.Arrival, Rate: o.Rate, KeyType: o.KeyType, Transport: o.Transport,
 		ProductionConnections: "TCP + mutual TLS",
+		StateDir:              o.StateDir,
+	}
+	if res.StateDir == "" {
+		res.StateDir = os.TempDir()
 	}
 	if o.Transport == TransportInProcess {
-		res.ProductionConnections = "in-process (no mTLS)"
+		res.ProductionConnections = "in-process + mutual TLS"
 	}
 	idle := o.IdleAgents
 	if idle == 0 {
 		idle = o.Nodes
+	}
+	if o.Processes {
+		idle = 0 // the idle phase measures in-process agents
+		res.Processes = true
+		bin, cleanup, err := AgentBinary(ctx, o.AgentBin, o.StateDir)
+		if err != nil {
+			return nil, err
+		}
+		defer cleanup()
+		o.AgentBin = bin
 	}
 	if idle > 0 {
 		if err := idlePhase(ctx, o, idle, res); err != nil {
@@ -432,16 +498,15 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		res.PeakRSSMB = maxRSSBytes(ru.Maxrss) / (1 << 20)
 	}
 	fullGC()
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	res.HeapInuseAfterMB = float64(ms.HeapInuse) / (1 << 20)
-	res.GoroutinesAfterCleanup = runtime.NumGoroutine()
+	res.HeapLiveAfterMB, res.GoroutinesAfterCleanup = heapAndGoroutines()
 	return res, nil
 }
 
-// fleetOptions are the fleet settings both phases share.
-func fleetOptions(o Options, nodes int) demo.Options {
+// fleetOptions are the fleet settings both phases share. dir is the
+// phase's fresh directory.
+func fleetOptions(o Options, nodes int, dir string) demo.Options {
 	fo := demo.Options{
+		Dir:              dir,
 		Nodes:            nodes,
 		Workers:          o.Workers,
 		KeyType:          o.KeyType,
@@ -451,6 +516,7 @@ func fleetOptions(o Options, nodes int) demo.Options {
 		MusterBin:        o.MusterBin,
 		Logger:           o.Logger,
 		InProcess:        o.Transport == TransportInProcess,
+		AgentBin:         o.AgentBin,
 		QueueSize:        max(nodes, provisioner.DefaultQueueSize),
 		MetadataInterval: o.MetadataInterval,
 	}
@@ -467,7 +533,12 @@ func idlePhase(ctx context.Context, o Options, n int, res *Result) error {
 	var mu sync.Mutex
 	connected := make(map[string]bool, n)
 	ready := make(chan struct{})
-	fo := fleetOptions(o, n)
+	dir, err := os.MkdirTemp(o.StateDir, "muster-bench-idle-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	fo := fleetOptions(o, n, dir)
 	fo.HelperCommand, fo.HelperPersistent = "", false // the paused provisioner never calls it
 	fo.StartPaused = true
 	fo.OnModeChanged = func(id string, m agent.Mode, _ time.Time) {
@@ -527,7 +598,12 @@ func idlePhase(ctx context.Context, o Options, n int, res *Result) error {
 // provisionPhase provisions o.Nodes agents and fills in the result.
 func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	rec := newRecorder(o.Nodes)
-	fo := fleetOptions(o, o.Nodes)
+	dir, err := os.MkdirTemp(o.StateDir, "muster-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	fo := fleetOptions(o, o.Nodes, dir)
 	fo.OnAgentStart = rec.agentStarted
 	fo.OnModeChanged = rec.modeChanged
 	fo.OnNodeDone = rec.nodeDone
@@ -542,6 +618,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		fo.AgentDelay = func(i int) time.Duration { return time.Duration(float64(i) * step) }
 	}
 	fullGC()
+	res.HeapLiveBeforeMB, res.GoroutinesBefore = heapAndGoroutines()
 	f, err := demo.New(fo)
 	if err != nil {
 		return err
@@ -587,6 +664,17 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	var ruAfter, chAfter syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruAfter)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chAfter)
+	if o.Processes {
+		ps, err := f.ProcessStats()
+		if err != nil {
+			return fmt.Errorf("agent processes: %w", err)
+		}
+		res.AgentProcesses = ps.Processes
+		res.AgentCPUSeconds = ps.CPUSeconds
+		if ps.Processes > 0 {
+			res.AgentProcessRSSMB = ps.RSSBytes / float64(ps.Processes) / (1 << 20)
+		}
+	}
 	if o.Progress != nil && rec.productionCount() < o.Nodes {
 		rec.mu.Lock()
 		_ = rec.bar.Exit()
@@ -602,6 +690,8 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		t.Stop()
 	}
 	metrics, gatherErr := gatherMetrics(f.Provisioner())
+	fullGC()
+	res.HeapLiveAtEndMB, res.GoroutinesAtEnd = heapAndGoroutines()
 	if err := f.Close(); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
@@ -663,6 +753,7 @@ func fill(res *Result, rec *recorder, m *provMetrics) {
 	if res.Provisioned > 0 {
 		res.CPUMillisPerNode = res.CPUSeconds * 1000 / float64(res.Provisioned)
 		res.ChildCPUMillisPerNode = res.ChildCPUSeconds * 1000 / float64(res.Provisioned)
+		res.AgentCPUMillisPerNode = res.AgentCPUSeconds * 1000 / float64(res.Provisioned)
 	}
 	res.Outcomes = maps(rec.outcomes)
 	if len(rec.failedStage) > 0 {
@@ -748,6 +839,13 @@ func maxRSSBytes(v int64) float64 {
 		return float64(v)
 	}
 	return float64(v) * 1024
+}
+
+// heapAndGoroutines returns the live heap in MiB and the goroutine count.
+func heapAndGoroutines() (float64, int) {
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return float64(ms.HeapAlloc) / (1 << 20), runtime.NumGoroutine()
 }
 
 // fullGC collects twice, so objects parked in sync.Pool victim caches are

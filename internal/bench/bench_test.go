@@ -33,6 +33,10 @@ func TestOptionsValidate(t *testing.T) {
 		{"unknown arrival", Options{Nodes: 1, Arrival: "trickle"}, []string{"arrival trickle"}},
 		{"unknown transport", Options{Nodes: 1, Transport: "udp"}, []string{"transport udp"}},
 		{"unknown key type", Options{Nodes: 1, KeyType: "dsa"}, []string{"key-type dsa"}},
+		{"processes", Options{Nodes: 5, Processes: true}, nil},
+		{"processes in-process", Options{Nodes: 5, Processes: true, Transport: TransportInProcess}, []string{"transport inprocess", "tcp"}},
+		{"agent-bin without processes", Options{Nodes: 5, AgentBin: "/bin/true"}, []string{"agent-bin /bin/true"}},
+		{"missing state dir", Options{Nodes: 5, StateDir: "/nonexistent/muster"}, []string{"state-dir /nonexistent/muster"}},
 		{"every problem", Options{Nodes: -1, Workers: -2, Transport: "x"}, []string{"nodes -1", "workers -2", "transport x"}},
 	}
 	for _, tc := range cases {
@@ -197,11 +201,67 @@ func checkResult(t *testing.T, r *Result, nodes, failures int) {
 	if r.IdleAgents != 10 {
 		t.Errorf("idle agents %d, want 10", r.IdleAgents)
 	}
+	if r.GoroutinesAtEnd < nodes || r.GoroutinesAfterCleanup > r.GoroutinesBefore+2 {
+		t.Errorf("goroutines %d before, %d with %d nodes in production, %d after cleanup: want every agent's back", r.GoroutinesBefore, r.GoroutinesAtEnd, nodes, r.GoroutinesAfterCleanup)
+	}
+	if r.HeapLiveAtEndMB <= 0 || r.HeapLiveAfterMB <= 0 {
+		t.Errorf("live heap at end %v MB, after %v MB", r.HeapLiveAtEndMB, r.HeapLiveAfterMB)
+	}
 	var out strings.Builder
 	r.Print(&out)
-	for _, want := range []string{"nodes/min", "time to production", "memory per idle agent", "errors_total by stage"} {
+	for _, want := range []string{"nodes/min", "time to production", "memory per idle agent", "errors_total by stage", "live heap / goroutines", "agent state"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// TestRunProcesses runs a few agents as real muster-agent processes (built
+// from this tree) and checks the same accounting.
+func TestRunProcesses(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds muster-agent and starts processes")
+	}
+	const nodes = 4
+	fail := map[string]bool{demo.Identity(1): true}
+	o := Options{
+		Nodes: nodes, Workers: 2, Processes: true, StateDir: t.TempDir(),
+		Timeout: 2 * time.Minute, DeferBackoff: 50 * time.Millisecond, Settle: 200 * time.Millisecond,
+		WrapHelper: func(h helper.Helper) helper.Helper {
+			return &flakyHelper{h: h, fail: fail, failed: map[string]bool{}}
+		},
+	}
+	r, err := Run(context.Background(), o)
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if !r.Processes || r.Transport != TransportTCP || r.ProductionConnections != "TCP + mutual TLS" {
+		t.Errorf("processes %v transport %s production %q", r.Processes, r.Transport, r.ProductionConnections)
+	}
+	if r.Provisioned != nodes || !r.OK() || r.Outcomes["provisioned"] != nodes {
+		t.Errorf("provisioned %d (outcomes %v), not provisioned %d, duplicates %d", r.Provisioned, r.Outcomes, r.NotProvisioned, r.Duplicates)
+	}
+	if r.Outcomes["failed"] != len(fail) || r.FailedByStage["helper"] != len(fail) || r.Errors["helper"] != float64(len(fail)) {
+		t.Errorf("failures: outcomes %v, by stage %v, errors %v; want %d at helper", r.Outcomes, r.FailedByStage, r.Errors, len(fail))
+	}
+	if r.AgentProcesses != nodes || r.AgentCPUSeconds <= 0 || r.AgentProcessRSSMB <= 0 {
+		t.Errorf("agent processes %d, CPU %v s, RSS %v MB", r.AgentProcesses, r.AgentCPUSeconds, r.AgentProcessRSSMB)
+	}
+	if r.GoroutinesAfterCleanup > r.GoroutinesBefore+2 {
+		t.Errorf("goroutines %d after cleanup, %d before: leak", r.GoroutinesAfterCleanup, r.GoroutinesBefore)
+	}
+}
+
+func TestAgentBinaryChecks(t *testing.T) {
+	dir := t.TempDir()
+	if _, _, err := AgentBinary(context.Background(), dir, ""); err == nil {
+		t.Error("a directory accepted as agent binary")
+	}
+	if _, _, err := AgentBinary(context.Background(), dir+"/missing", ""); err == nil {
+		t.Error("a missing file accepted as agent binary")
+	}
+	t.Setenv("PATH", dir)
+	if _, _, err := AgentBinary(context.Background(), "", dir); !errors.Is(err, ErrNoGo) {
+		t.Errorf("build without go: %v, want ErrNoGo", err)
 	}
 }

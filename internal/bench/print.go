@@ -23,6 +23,10 @@ func (r *Result) Print(w io.Writer) {
 	}
 	p("run", "%d nodes, %d workers, helper %s, arrival %s, key %s, transport %s", r.Nodes, r.Workers, helper, arrival, r.KeyType, r.Transport)
 	p("production connections", "%s", r.ProductionConnections)
+	p("agent state", "%s", r.StateDir)
+	if r.Processes {
+		p("agents", "one muster-agent process each (TCP + TLS, restart by re-exec)")
+	}
 	p("provisioned", "%d of %d (%d not provisioned)", r.Provisioned, r.Nodes, r.NotProvisioned)
 	p("provisioned twice or more", "%d %s", r.Duplicates, strings.Join(r.DuplicateIdentities, " "))
 	p("production reconnects", "%d", r.ProductionReconnects)
@@ -39,13 +43,18 @@ func (r *Result) Print(w io.Writer) {
 		fmt.Fprintf(w, "  %-24s %8d %10.3f %10.3f  %s\n", s.Stage, s.Count, s.MeanMS, s.P95MS, src)
 	}
 	p("CPU", "%.2fs self (%.3f ms/node), %.2fs exec'd helpers (%.3f ms/node)", r.CPUSeconds, r.CPUMillisPerNode, r.ChildCPUSeconds, r.ChildCPUMillisPerNode)
-	p("peak RSS", "%.0f MB", r.PeakRSSMB)
+	if r.Processes {
+		p("agent processes", "%.2fs CPU (%.3f ms/node, /proc), %.1f MB RSS each (%d processes, idle in production)",
+			r.AgentCPUSeconds, r.AgentCPUMillisPerNode, r.AgentProcessRSSMB, r.AgentProcesses)
+	}
+	p("peak RSS", "%.0f MB (this process)", r.PeakRSSMB)
 	if r.IdleAgents > 0 {
 		p("memory per idle agent", "%.1f KB heap, %.1f goroutines (%d idle agents)", r.IdleAgentHeapBytes/1024, r.IdleAgentGoroutines, r.IdleAgents)
 	} else {
 		p("memory per idle agent", "not measured")
 	}
-	p("after cleanup", "%.1f MB heap in use, %d goroutines", r.HeapInuseAfterMB, r.GoroutinesAfterCleanup)
+	p("live heap / goroutines", "before %.1f MB / %d, all in production %.1f MB / %d, after cleanup %.1f MB / %d",
+		r.HeapLiveBeforeMB, r.GoroutinesBefore, r.HeapLiveAtEndMB, r.GoroutinesAtEnd, r.HeapLiveAfterMB, r.GoroutinesAfterCleanup)
 	p("outcomes", "%s", kv(r.Outcomes))
 	if len(r.FailedByStage) > 0 {
 		p("failed attempts by stage", "%s", kv(r.FailedByStage))

@@ -160,9 +160,10 @@ func (c *CA) Pin() string { return pki.Pin(c.cert) }
 
 // SignCSR signs a PEM CSR. hosts become the certificate's SANs (DNS names or
 // IP addresses); when empty the CSR's own SANs are kept. The caller is
-// responsible for policy (who may get which name).
+// responsible for policy (who may get which name). The CSR's form is checked
+// here (one PEM block, size limit) and its signature by cfssl's signer, once.
 func (c *CA) SignCSR(csrPEM []byte, hosts []string) ([]byte, error) {
-	if _, err := pki.ParseCSR(csrPEM); err != nil {
+	if _, err := pki.DecodeCSR(csrPEM); err != nil {
 		return nil, fmt.Errorf("sign: %w", err)
 	}
 	cert, err := c.signer.Sign(signer.SignRequest{Request: string(csrPEM), Hosts: hosts})

@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -74,9 +75,9 @@ type Options struct {
 	OnNodeDone func(identity string, outcome provisioner.Outcome, stage provisioner.Stage, err error)
 
 	// InProcess connects the agents and the provisioner to the broker with
-	// nats.InProcessServer instead of TCP + TLS. In-process connections
-	// carry no TLS, so agents in production mode present no certificate and
-	// the broker does not verify them (PingProduction finds none).
+	// nats.InProcessServer instead of TCP. The provisioning side runs
+	// without TLS; production connections run mutual TLS over the pipe, so
+	// the broker verifies every node's certificate.
 	InProcess bool
 	// WrapHelper, when set, wraps the fleet's helper (for timing or fault
 	// injection).
@@ -98,7 +99,12 @@ type Options struct {
 	// OnAgentStart, when set, is called just before each agent runs.
 	OnAgentStart func(identity string, at time.Time)
 	// OnModeChanged, when set, receives every mode an agent connects in.
+	// With AgentBin it receives production connections only.
 	OnModeChanged func(identity string, m agent.Mode, at time.Time)
+	// AgentBin, when set, runs every agent as its own muster-agent process
+	// (this binary) over TCP + TLS instead of in this process; they
+	// restart by re-executing themselves. Not with InProcess.
+	AgentBin string
 }
 
 // Fleet is a running demo deployment.
@@ -124,6 +130,9 @@ type Fleet struct {
 
 	cancel      context.CancelFunc
 	provConn    *nats.Conn
+	watchConn   *nats.Conn
+	procs       []*agentProc
+	stopping    bool
 	closeHelper func() error
 	wg          sync.WaitGroup
 	runErr      []error
@@ -312,9 +321,10 @@ func (f *Fleet) Start(ctx context.Context) error {
 	hostPort := url[len("tls://"):]
 	agentBrokers := []string{url}
 	if f.opts.InProcess {
-		// In-process connections carry no TLS: no tls:// URL for the
-		// provisioning side, and a nats:// production broker (the
-		// address is not dialled, the connection is in-process).
+		// In-process: no tls:// URL for the provisioning side, and a
+		// nats:// production broker (the address is not dialled, the
+		// connection is in-process; production still runs mutual TLS
+		// over the pipe).
 		agentBrokers = nil
 		hostPort = "nats://" + hostPort
 	}
@@ -381,6 +391,9 @@ func (f *Fleet) Start(ctx context.Context) error {
 		inProcess = f.broker.Server()
 	}
 
+	if f.opts.AgentBin != "" {
+		return f.startProcessFleet(ctx, url, issuer, provKey)
+	}
 	now := time.Now()
 	for i := 0; i < f.opts.Nodes; i++ {
 		id := Identity(i)
@@ -435,6 +448,73 @@ func (f *Fleet) Start(ctx context.Context) error {
 				}
 			}
 			f.runAgent(ctx, i)
+		}
+	}()
+	return nil
+}
+
+// processStarters is how many agent processes a storm starts at a time.
+const processStarters = 4
+
+// startProcessFleet starts the provisioner and one muster-agent process per
+// node (AgentDelay spaces them out as for in-process agents).
+func (f *Fleet) startProcessFleet(ctx context.Context, brokerURL string, issuer *token.Issuer, provKey string) error {
+	if f.opts.InProcess {
+		return errProcessesInProcess
+	}
+	if err := f.watchProduction(); err != nil {
+		return err
+	}
+	caFile := filepath.Join(f.dir, "pki", "ca.pem")
+	for i := 0; i < f.opts.Nodes; i++ {
+		f.ids = append(f.ids, Identity(i))
+	}
+	f.started = time.Now()
+	f.goRun("provisioner", func() error { return f.prov.Run(ctx) })
+	if f.opts.AgentDelay == nil {
+		// fork+exec takes a while (tens of ms on a loaded VM): a few
+		// starters in parallel so a storm arrives as one.
+		var (
+			next    atomic.Int64
+			wg      sync.WaitGroup
+			errOnce sync.Once
+			first   error
+		)
+		for w := 0; w < processStarters; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := int(next.Add(1) - 1); i < len(f.ids); i = int(next.Add(1) - 1) {
+					if err := f.startProcess(i, brokerURL, caFile, issuer, provKey); err != nil {
+						errOnce.Do(func() { first = err })
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		return first
+	}
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		t := time.NewTimer(0)
+		defer t.Stop()
+		for i := range f.ids {
+			if wait := time.Until(f.started.Add(f.opts.AgentDelay(i))); wait > 0 {
+				t.Reset(wait)
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+			}
+			if err := f.startProcess(i, brokerURL, caFile, issuer, provKey); err != nil {
+				f.mu.Lock()
+				f.runErr = append(f.runErr, err)
+				f.mu.Unlock()
+				return
+			}
 		}
 	}()
 	return nil
@@ -674,7 +754,11 @@ func (f *Fleet) Close() error {
 	if f.cancel != nil {
 		f.cancel()
 	}
+	f.stopProcesses(10 * time.Second)
 	f.wg.Wait()
+	if f.watchConn != nil {
+		f.watchConn.Close()
+	}
 	if f.provConn != nil {
 		f.provConn.Close()
 	}

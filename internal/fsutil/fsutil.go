@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 )
 
 // WriteFileAtomic replaces path with data. The data is written to a temporary
@@ -32,7 +33,7 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 	if _, err := tmp.Write(data); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	if err := tmp.Sync(); err != nil {
+	if err := syncData(tmp); err != nil {
 		return fmt.Errorf("write %s: sync: %w", path, err)
 	}
 	if err := tmp.Close(); err != nil {
@@ -66,13 +67,24 @@ type File struct {
 }
 
 // WriteFilesAtomic writes several files so that each one is replaced
-// atomically. All files are first written and synced as temporaries; only
-// when every temporary exists are they renamed into place, in order. A
-// failure before the renames leaves every file as it was. Callers that need
-// the set to switch as one (certificate, CA, then the configuration that
-// points at them) order the slice so the file that activates the others comes
-// last.
+// atomically and the last one only appears once the others are durable. All
+// files are first written and synced (data) as temporaries; only when every
+// temporary exists are they renamed into place, in order. A failure before
+// the renames leaves every file as it was. Callers that need the set to
+// switch as one (certificate, CA, then the configuration that points at
+// them) order the slice so the file that activates the others comes last.
+//
+// Directory syncs: the directories of the other files are synced once each
+// before the last file is renamed (so after a crash the activating file
+// never points at files whose renames were lost), then the last file's
+// directory once. Renames inside one directory reach the disk in order on
+// journaling filesystems, so a batch in a single directory costs one
+// directory sync, and a configure (ssldir + state directory) two, whatever
+// the number of files.
 func WriteFilesAtomic(files []File) error {
+	if len(files) == 0 {
+		return nil
+	}
 	tmps := make([]string, 0, len(files))
 	cleanup := func() {
 		for _, t := range tmps {
@@ -91,7 +103,7 @@ func WriteFilesAtomic(files []File) error {
 			_, err = tmp.Write(f.Data)
 		}
 		if err == nil {
-			err = tmp.Sync()
+			err = syncData(tmp)
 		}
 		if cerr := tmp.Close(); err == nil {
 			err = cerr
@@ -101,19 +113,28 @@ func WriteFilesAtomic(files []File) error {
 			return fmt.Errorf("write %s: %w", f.Path, err)
 		}
 	}
-	dirs := map[string]bool{}
-	for i, f := range files {
+	last := len(files) - 1
+	lastDir := filepath.Dir(files[last].Path)
+	var dirs []string
+	for i, f := range files[:last] {
 		if err := os.Rename(tmps[i], f.Path); err != nil {
 			tmps = tmps[i:]
 			cleanup()
 			return fmt.Errorf("write %s: rename: %w", f.Path, err)
 		}
-		dirs[filepath.Dir(f.Path)] = true
+		if d := filepath.Dir(f.Path); d != lastDir && !slices.Contains(dirs, d) {
+			dirs = append(dirs, d)
+		}
 	}
-	for d := range dirs {
+	for _, d := range dirs {
 		if err := SyncDir(d); err != nil {
+			os.Remove(tmps[last])
 			return err
 		}
 	}
-	return nil
+	if err := os.Rename(tmps[last], files[last].Path); err != nil {
+		os.Remove(tmps[last])
+		return fmt.Errorf("write %s: rename: %w", files[last].Path, err)
+	}
+	return SyncDir(lastDir)
 }

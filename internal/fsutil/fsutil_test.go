@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -55,5 +56,50 @@ func TestWriteFilesAtomicFailureLeavesFiles(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(a); string(b) != "new" {
 		t.Fatalf("a = %q", b)
+	}
+}
+
+// TestWriteFilesAtomicDirs writes a batch over two directories the way the
+// agent's configure does (key, certificate and CA in the ssldir, then the
+// configuration) and checks contents, modes and that no temporary is left.
+func TestWriteFilesAtomicDirs(t *testing.T) {
+	state := t.TempDir()
+	ssl := filepath.Join(state, "ssl")
+	if err := os.Mkdir(ssl, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	files := []File{
+		{Path: filepath.Join(ssl, "private.pem"), Data: []byte("key"), Perm: 0o600},
+		{Path: filepath.Join(ssl, "certificate.pem"), Data: []byte("cert"), Perm: 0o644},
+		{Path: filepath.Join(ssl, "ca.pem"), Data: []byte("ca"), Perm: 0o644},
+		{Path: filepath.Join(state, "agent.cfg"), Data: []byte("cfg"), Perm: 0o600},
+	}
+	for round := 0; round < 2; round++ {
+		if err := WriteFilesAtomic(files); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range files {
+			b, err := os.ReadFile(f.Path)
+			if err != nil || !bytes.Equal(b, f.Data) {
+				t.Fatalf("%s = %q, %v", f.Path, b, err)
+			}
+			if st, _ := os.Stat(f.Path); st.Mode().Perm() != f.Perm {
+				t.Errorf("%s mode %v, want %v", f.Path, st.Mode().Perm(), f.Perm)
+			}
+		}
+		for _, d := range []string{state, ssl} {
+			entries, _ := os.ReadDir(d)
+			for _, e := range entries {
+				if strings.Contains(e.Name(), ".tmp-") {
+					t.Errorf("temporary left in %s: %s", d, e.Name())
+				}
+			}
+		}
+		for i := range files {
+			files[i].Data = append(files[i].Data, '2')
+		}
+	}
+	if err := WriteFilesAtomic(nil); err != nil {
+		t.Errorf("empty batch: %v", err)
 	}
 }

@@ -41,3 +41,31 @@ func BenchmarkVerifyLeaf(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkDecodeCSR is the form check a CSR gets where its signature was
+// already checked (or is checked by the signer next).
+func BenchmarkDecodeCSR(b *testing.B) {
+	key, _ := GenerateKey("", 0)
+	csr, _ := CreateCSR(key, "node1.example.net", CSRSubject{})
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := DecodeCSR(csr); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkVerifyChain is the check of a CA-signed leaf (what the helper's
+// reply validation, the provisioner and the node's configure each do
+// once): parse, key compare, name check, chain build with the CA's
+// signature.
+func BenchmarkVerifyChain(b *testing.B) {
+	key, _ := GenerateKey("", 0)
+	caPEM, leafPEM := caSigned(b, key, "node1.example.net")
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := VerifyChain(leafPEM, caPEM, key.Public(), "node1.example.net", time.Now()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -128,6 +128,22 @@ func CreateCSR(key crypto.Signer, identity string, subj CSRSubject) ([]byte, err
 // ParseCSR parses exactly one PEM certificate request and checks its
 // signature.
 func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
+	csr, err := DecodeCSR(data)
+	if err != nil {
+		return nil, err
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return nil, fmt.Errorf("%w: signature: %v", ErrBadCSR, err)
+	}
+	return csr, nil
+}
+
+// DecodeCSR parses exactly one PEM certificate request (size limit, PEM
+// type, no trailing data) without checking its signature. It is for a CSR
+// whose signature was already checked by ParseCSR, or that goes on to a
+// signer that checks it (cfssl does), so the costly signature verification
+// happens once per CSR, not once per layer.
+func DecodeCSR(data []byte) (*x509.CertificateRequest, error) {
 	block, err := onePEM(data)
 	if err != nil {
 		return nil, err
@@ -138,9 +154,6 @@ func ParseCSR(data []byte) (*x509.CertificateRequest, error) {
 	csr, err := x509.ParseCertificateRequest(block.Bytes)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrBadCSR, err)
-	}
-	if err := csr.CheckSignature(); err != nil {
-		return nil, fmt.Errorf("%w: signature: %v", ErrBadCSR, err)
 	}
 	return csr, nil
 }
@@ -216,6 +229,28 @@ func CertNames(cert *x509.Certificate, identity string) bool {
 // (extra certificates in certPEM are used as intermediates). It returns the
 // leaf.
 func VerifyLeaf(certPEM, caPEM []byte, pub crypto.PublicKey, identity string, now time.Time) (*x509.Certificate, error) {
+	v, err := VerifyChain(certPEM, caPEM, pub, identity, now)
+	if err != nil {
+		return nil, err
+	}
+	return v.Leaf, nil
+}
+
+// Verified is what VerifyChain established.
+type Verified struct {
+	// Leaf is the verified certificate.
+	Leaf *x509.Certificate
+	// NotBefore and NotAfter bound the times at which every certificate of
+	// the verified chain (leaf, intermediates, root) is valid: the same
+	// files verify again at any time inside the window, and at none outside
+	// it.
+	NotBefore, NotAfter time.Time
+}
+
+// VerifyChain does what VerifyLeaf does and also returns the window in which
+// the whole verified chain is valid, so a caller that keeps the exact bytes
+// it verified can tell later that they still verify without doing it again.
+func VerifyChain(certPEM, caPEM []byte, pub crypto.PublicKey, identity string, now time.Time) (*Verified, error) {
 	certs, err := ParseCertificates(certPEM)
 	if err != nil {
 		return nil, fmt.Errorf("certificate: %w", err)
@@ -238,19 +273,35 @@ func VerifyLeaf(certPEM, caPEM []byte, pub crypto.PublicKey, identity string, no
 	for _, c := range cas {
 		roots.AddCert(c)
 	}
-	inter := x509.NewCertPool()
-	for _, c := range certs[1:] {
-		inter.AddCert(c)
+	var inter *x509.CertPool
+	if len(certs) > 1 {
+		inter = x509.NewCertPool()
+		for _, c := range certs[1:] {
+			inter.AddCert(c)
+		}
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{
+	chains, err := leaf.Verify(x509.VerifyOptions{
 		Roots:         roots,
 		Intermediates: inter,
 		CurrentTime:   now,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
-	}); err != nil {
+	})
+	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUntrusted, err)
 	}
-	return leaf, nil
+	v := &Verified{Leaf: leaf, NotBefore: leaf.NotBefore, NotAfter: leaf.NotAfter}
+	// The window of the first chain found: Verify may find several, and
+	// another might stay valid longer, but a narrower window only means
+	// verifying again sooner.
+	for _, c := range chains[0] {
+		if c.NotBefore.After(v.NotBefore) {
+			v.NotBefore = c.NotBefore
+		}
+		if c.NotAfter.Before(v.NotAfter) {
+			v.NotAfter = c.NotAfter
+		}
+	}
+	return v, nil
 }
 
 // Pin returns the kubeadm-style pin of a CA certificate:

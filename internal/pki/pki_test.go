@@ -152,3 +152,100 @@ func selfSigned(tb testing.TB, key crypto.Signer, cn string) []byte {
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
 }
+
+// TestDecodeCSR checks that DecodeCSR keeps ParseCSR's form checks and leaves
+// out only the signature check.
+func TestDecodeCSR(t *testing.T) {
+	key, _ := GenerateKey("", 0)
+	csrPEM, _ := CreateCSR(key, "n1", CSRSubject{})
+	block, _ := pem.Decode(csrPEM)
+	der := append([]byte{}, block.Bytes...)
+	der[len(der)-3] ^= 0xff // inside the signature
+	badSig := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
+	if _, err := ParseCSR(badSig); !errors.Is(err, ErrBadCSR) {
+		t.Fatalf("ParseCSR of a bad signature: %v, want ErrBadCSR", err)
+	}
+	csr, err := DecodeCSR(badSig)
+	if err != nil || csr.Subject.CommonName != "n1" {
+		t.Fatalf("DecodeCSR of a bad signature: %v", err)
+	}
+	for name, in := range map[string][]byte{
+		"two blocks":  append(append([]byte{}, csrPEM...), csrPEM...),
+		"certificate": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: block.Bytes}),
+		"oversized":   append(append([]byte{}, csrPEM...), make([]byte, MaxPEMSize)...),
+		"garbage":     []byte("csr"),
+	} {
+		if _, err := DecodeCSR(in); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+// caSigned returns a CA certificate and a leaf for cn signed by it, with
+// leafKey's public key.
+func caSigned(tb testing.TB, leafKey crypto.Signer, cn string) (caPEM, leafPEM []byte) {
+	tb.Helper()
+	caKey, _ := GenerateKey("", 0)
+	caPEM = selfSigned(tb, caKey, "Test CA")
+	caCert, err := ParseCertificates(caPEM)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: cn},
+		DNSNames:     []string{cn},
+		NotBefore:    time.Now().Add(-time.Minute),
+		NotAfter:     time.Now().Add(30 * time.Minute),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert[0], leafKey.Public(), caKey)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+}
+
+// TestVerifyChainWindow checks that the window is the intersection of the
+// chain's validity periods.
+func TestVerifyChainWindow(t *testing.T) {
+	key, _ := GenerateKey("", 0)
+	caPEM, leafPEM := caSigned(t, key, "n1.example.net")
+	v, err := VerifyChain(leafPEM, caPEM, key.Public(), "n1.example.net", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := ParseCertificates(caPEM)
+	// The CA (valid ±1h) outlives the leaf's end but starts earlier.
+	if !v.NotBefore.Equal(v.Leaf.NotBefore) || !v.NotAfter.Equal(v.Leaf.NotAfter) || v.NotAfter.After(ca[0].NotAfter) {
+		t.Errorf("window %s..%s, leaf %s..%s, ca %s..%s", v.NotBefore, v.NotAfter, v.Leaf.NotBefore, v.Leaf.NotAfter, ca[0].NotBefore, ca[0].NotAfter)
+	}
+	other, _ := GenerateKey("", 0)
+	if _, err := VerifyChain(leafPEM, caPEM, other.Public(), "n1.example.net", time.Now()); !errors.Is(err, ErrKeyMismatch) {
+		t.Errorf("other key: %v", err)
+	}
+	if _, err := VerifyChain(leafPEM, caPEM, key.Public(), "n1.example.net", time.Now().Add(2*time.Hour)); !errors.Is(err, ErrExpired) {
+		t.Errorf("expired: %v", err)
+	}
+}
+
+// FuzzDecodeCSR checks that DecodeCSR is ParseCSR without the signature
+// check: whatever ParseCSR accepts it accepts, whatever it refuses ParseCSR
+// refuses, and nothing over the size limit passes.
+func FuzzDecodeCSR(f *testing.F) {
+	key, _ := GenerateKey("", 0)
+	csrPEM, _ := CreateCSR(key, "n1.example.net", CSRSubject{})
+	f.Add(csrPEM)
+	f.Add([]byte("-----BEGIN NEW CERTIFICATE REQUEST-----\nAAAA\n-----END NEW CERTIFICATE REQUEST-----\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		csr, derr := DecodeCSR(data)
+		_, perr := ParseCSR(data)
+		if perr == nil && derr != nil {
+			t.Fatalf("ParseCSR accepts what DecodeCSR refuses: %v", derr)
+		}
+		if derr == nil && (csr == nil || len(data) > MaxPEMSize) {
+			t.Fatal("DecodeCSR accepted an oversized input or returned nil")
+		}
+	})
+}

@@ -1,0 +1,236 @@
+package demo
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nats-io/nats.go"
+
+	"github.com/muster-io/muster/agent"
+	"github.com/muster-io/muster/internal/fsutil"
+	"github.com/muster-io/muster/internal/protocol"
+
+	"github.com/muster-io/muster/internal/token"
+)
+
+// Process mode: with Options.AgentBin every agent is its own muster-agent
+// process over TCP + TLS, the way a real machine runs it, restarted by
+// re-executing itself. The fleet learns that a node reached production from
+// the lifecycle "provisioned" event the agent publishes on its production
+// connection (mutual TLS), received on the fleet's admin connection.
+
+// agentProc is one running muster-agent process.
+type agentProc struct {
+	id   string
+	cmd  *exec.Cmd
+	done chan struct{} // closed when the process has been waited for
+	err  error         // its exit error, valid after done
+}
+
+// processArgs is the command line of node i's agent.
+func (f *Fleet) processArgs(i int, brokerURL, caFile string) (args []string, dir string, err error) {
+	id := Identity(i)
+	dir = filepath.Join(f.dir, "agents", id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, "", err
+	}
+	facts, err := json.Marshal(f.opts.Facts(i))
+	if err != nil {
+		return nil, "", err
+	}
+	factsFile := filepath.Join(dir, "facts.json")
+	if err := fsutil.WriteFileAtomic(factsFile, facts, 0o600); err != nil {
+		return nil, "", err
+	}
+	return []string{
+		"run",
+		"--identity", id,
+		"--state-dir", dir,
+		"--provisioning-broker", brokerURL,
+		"--ca", caFile,
+		"--facts", factsFile,
+		"--provision",
+		"--loglevel", "warn",
+		"--logfile", filepath.Join(dir, "agent.log"),
+	}, dir, nil
+}
+
+// startProcess starts node i's agent process, trusting the provisioner key
+// provKey. Its provisioning token goes in the environment (MUSTER_TOKEN),
+// never on the command line.
+func (f *Fleet) startProcess(i int, brokerURL, caFile string, issuer *token.Issuer, provKey string) error {
+	args, dir, err := f.processArgs(i, brokerURL, caFile)
+	if err != nil {
+		return fmt.Errorf("agent %s: %w", Identity(i), err)
+	}
+	tok, _, err := issuer.Create(token.Scope{Identity: Identity(i), Batch: "demo"}, time.Now(), 24*time.Hour)
+	if err != nil {
+		return fmt.Errorf("agent %s: token: %w", Identity(i), err)
+	}
+	args = append(args, "--provisioner-key", provKey)
+	cmd := exec.Command(f.opts.AgentBin, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "MUSTER_TOKEN="+tok)
+	cmd.SysProcAttr = agentProcAttr()
+	if f.opts.OnAgentStart != nil {
+		f.opts.OnAgentStart(Identity(i), time.Now())
+	}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start agent %s: %w", Identity(i), err)
+	}
+	p := &agentProc{id: Identity(i), cmd: cmd, done: make(chan struct{})}
+	f.mu.Lock()
+	f.procs = append(f.procs, p)
+	late := f.stopping // Close began while this one was starting
+	f.mu.Unlock()
+	if late {
+		_ = cmd.Process.Kill()
+	}
+	f.wg.Add(1)
+	go func() {
+		defer f.wg.Done()
+		p.err = cmd.Wait()
+		close(p.done)
+		f.mu.Lock()
+		stopping := f.stopping
+		f.mu.Unlock()
+		if !stopping {
+			f.mu.Lock()
+			f.runErr = append(f.runErr, fmt.Errorf("agent process %s exited: %v", p.id, p.err))
+			f.mu.Unlock()
+		}
+	}()
+	return nil
+}
+
+// watchProduction reports every agent process's production connection to
+// the observer, from the lifecycle events on the production side.
+func (f *Fleet) watchProduction() error {
+	nc, err := f.AdminConn()
+	if err != nil {
+		return fmt.Errorf("admin connection: %w", err)
+	}
+	_, err = nc.Subscribe(protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent), func(m *nats.Msg) {
+		ev, err := protocol.DecodeEvent(m.Data)
+		if err != nil || protocol.ValidateIdentity(ev.Identity) != nil {
+			return
+		}
+		observer{f}.ModeChanged(ev.Identity, agent.ModeProduction, time.Now())
+	})
+	if err == nil {
+		err = nc.Flush()
+	}
+	if err != nil {
+		nc.Close()
+		return fmt.Errorf("watch lifecycle events: %w", err)
+	}
+	f.watchConn = nc
+	return nil
+}
+
+// stopProcesses asks every agent process to stop (SIGTERM), waits up to
+// grace, then kills what is left.
+func (f *Fleet) stopProcesses(grace time.Duration) {
+	f.mu.Lock()
+	f.stopping = true
+	procs := append([]*agentProc(nil), f.procs...)
+	f.mu.Unlock()
+	for _, p := range procs {
+		_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	deadline := time.NewTimer(grace)
+	defer deadline.Stop()
+	for _, p := range procs {
+		select {
+		case <-p.done:
+			continue
+		case <-deadline.C:
+		}
+		for _, q := range procs {
+			select {
+			case <-q.done:
+			default:
+				_ = q.cmd.Process.Kill()
+			}
+		}
+		break
+	}
+}
+
+// ProcessStats are the resources the agent processes use, read from /proc
+// while they run (Linux only).
+type ProcessStats struct {
+	// Processes is how many agent processes were alive and read.
+	Processes int
+	// CPUSeconds is their user+system CPU time since they started,
+	// re-executions included (same PID).
+	CPUSeconds float64
+	// RSSBytes is their total resident memory.
+	RSSBytes float64
+}
+
+// clockTicks is USER_HZ, the unit of /proc/<pid>/stat times: 100 on every
+// Linux architecture Go supports.
+const clockTicks = 100
+
+// ProcessStats reads the CPU time and resident memory of every running
+// agent process.
+func (f *Fleet) ProcessStats() (ProcessStats, error) {
+	f.mu.Lock()
+	procs := append([]*agentProc(nil), f.procs...)
+	f.mu.Unlock()
+	var st ProcessStats
+	for _, p := range procs {
+		select {
+		case <-p.done:
+			continue
+		default:
+		}
+		cpu, rss, err := readProc(p.cmd.Process.Pid)
+		if err != nil {
+			return st, err
+		}
+		st.Processes++
+		st.CPUSeconds += cpu
+		st.RSSBytes += rss
+	}
+	return st, nil
+}
+
+// readProc returns a process's CPU seconds (utime+stime) and RSS bytes.
+func readProc(pid int) (cpu, rss float64, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	// The command name is in parentheses and may hold spaces: fields
+	// count from after the last ')'.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return 0, 0, errors.New("unexpected /proc stat format")
+	}
+	fields := strings.Fields(string(b[i+1:]))
+	// After ')': state(3) ... utime(14) stime(15) ... rss(24), 1-based
+	// in proc(5); here index = field - 3.
+	if len(fields) < 22 {
+		return 0, 0, errors.New("short /proc stat")
+	}
+	ut, err1 := strconv.ParseFloat(fields[11], 64)
+	stime, err2 := strconv.ParseFloat(fields[12], 64)
+	pages, err3 := strconv.ParseFloat(fields[21], 64)
+	if err := errors.Join(err1, err2, err3); err != nil {
+		return 0, 0, fmt.Errorf("/proc stat: %w", err)
+	}
+	return (ut + stime) / clockTicks, pages * float64(os.Getpagesize()), nil
+}
+
+// errProcessesInProcess refuses a fleet that asks for both.
+var errProcessesInProcess = errors.New("agent processes connect over TCP: AgentBin and InProcess exclude each other")
