@@ -2,6 +2,9 @@ package agent
 
 import (
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rsa"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -26,9 +29,12 @@ const PoliciesDir = "policies"
 const maxPolicySize = 64 * 1024
 
 func (s *session) genCSR(body protocol.GenCSRRequest, log *logrus.Entry) answer {
-	key, err := pki.GenerateKey(body.KeyType, body.RSABits)
-	if err != nil {
-		return fail(protocol.CodeBadRequest, "%v", err)
+	key, reused := s.a.reusableKey(body, log)
+	if key == nil {
+		var err error
+		if key, err = pki.GenerateKey(body.KeyType, body.RSABits); err != nil {
+			return fail(protocol.CodeBadRequest, "%v", err)
+		}
 	}
 	csrPEM, err := pki.CreateCSR(key, s.a.id, pki.CSRSubject{
 		Country: body.Country, Locality: body.Locality, Organization: body.Organization,
@@ -52,8 +58,52 @@ func (s *session) genCSR(body protocol.GenCSRRequest, log *logrus.Entry) answer 
 	// on disk without its certificate. A process restart in between loses
 	// it; the provisioner then starts over with a new gencsr.
 	s.a.pending = &pendingKey{key: key, pem: keyPEM, csr: csrPEM}
-	log.WithField("key_type", keyTypeName(body)).Info("generated a private key and CSR")
+	log.WithFields(logrus.Fields{"key_type": keyTypeName(body), "reused_key": reused}).Info("made a CSR")
 	return ok(protocol.GenCSRReply{CSR: string(csrPEM), PublicKey: string(pubPEM), SSLDir: s.a.sslDir})
+}
+
+// reusableKey returns the node's existing key when it can serve this
+// gencsr: the key of a gencsr not yet configured, else the key on disk from
+// an earlier provisioning, if it is of the requested type and size and the
+// request does not ask for a new one (rotate). Keeping the key across
+// reprovisioning keeps the node's identity: the provisioner holds
+// identities that come back with a different key.
+func (a *Agent) reusableKey(body protocol.GenCSRRequest, log *logrus.Entry) (crypto.Signer, bool) {
+	if body.Rotate {
+		return nil, false
+	}
+	if p := a.pending; p != nil && keyFits(p.key, body) {
+		return p.key, true
+	}
+	keyPEM, err := os.ReadFile(filepath.Join(a.sslDir, KeyFile))
+	if err != nil {
+		return nil, false
+	}
+	key, err := pki.ParsePrivateKey(keyPEM)
+	if err != nil {
+		log.WithError(err).Warn("gencsr: the key on disk is unusable; making a new one")
+		return nil, false
+	}
+	if !keyFits(key, body) {
+		return nil, false
+	}
+	return key, true
+}
+
+// keyFits reports whether key is of the type and at least the size body
+// asks for.
+func keyFits(key crypto.Signer, body protocol.GenCSRRequest) bool {
+	switch k := key.Public().(type) {
+	case *ecdsa.PublicKey:
+		return (body.KeyType == "" || body.KeyType == protocol.KeyECDSAP256) && k.Curve == elliptic.P256()
+	case *rsa.PublicKey:
+		bits := body.RSABits
+		if bits == 0 {
+			bits = 2048
+		}
+		return body.KeyType == protocol.KeyRSA && k.N.BitLen() >= bits
+	}
+	return false
 }
 
 func keyTypeName(b protocol.GenCSRRequest) string {

@@ -1,8 +1,11 @@
 package agent
 
 import (
+	"encoding/json"
 	"github.com/nats-io/nkeys"
 	"github.com/prometheus/client_golang/prometheus"
+	"os"
+	"path/filepath"
 
 	"testing"
 	"time"
@@ -207,5 +210,44 @@ func TestDeferQuietsAnnouncements(t *testing.T) {
 		protocol.DeferRequest{RetryAfter: 90}), now)
 	if rep, _ := protocol.DecodeReply(res.reply); rep == nil || rep.Code != protocol.CodeUnauthorized || res.act != actNone {
 		t.Errorf("unsigned defer: %+v", rep)
+	}
+}
+
+func TestGenCSRKeepsTheNodesKey(t *testing.T) {
+	s := fuzzSession(t, ModeProvisioning)
+	pub := func(body protocol.GenCSRRequest) string {
+		t.Helper()
+		now := time.Now()
+		res := s.handle(s.nodeSubject, newRequest("", "fuzz.node", protocol.AgentProvision, protocol.ActionGenCSR, testKey, now, body), now)
+		rep, err := protocol.DecodeReply(res.reply)
+		if err != nil || rep.Code != protocol.CodeOK {
+			t.Fatalf("gencsr: %+v %v", rep, err)
+		}
+		var g protocol.GenCSRReply
+		if err := json.Unmarshal(rep.Body, &g); err != nil {
+			t.Fatal(err)
+		}
+		return g.PublicKey
+	}
+	first := pub(protocol.GenCSRRequest{})
+	if again := pub(protocol.GenCSRRequest{}); again != first {
+		t.Fatal("a second gencsr before configure made a new key")
+	}
+	// As after a configure: the key is on disk, none pending.
+	if err := os.MkdirAll(s.a.sslDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(s.a.sslDir, KeyFile), s.a.pending.pem, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.a.pending = nil
+	if onDisk := pub(protocol.GenCSRRequest{}); onDisk != first {
+		t.Fatal("reprovisioning made a new key although the node has one")
+	}
+	if rotated := pub(protocol.GenCSRRequest{Rotate: true}); rotated == first {
+		t.Fatal("rotate kept the old key")
+	}
+	if rsaKey := pub(protocol.GenCSRRequest{KeyType: protocol.KeyRSA}); rsaKey == first {
+		t.Fatal("a request for another key type got the old key")
 	}
 }

@@ -237,7 +237,12 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 		return st.State == StateHeld
 	})
 	st, _ := nodeState(r.p, id)
-	heldKey := diskKey(t, dir2)
+	// The held key stays in the agent's memory (gencsr writes nothing):
+	// it is the one the hold reports, and not the first life's.
+	heldKey := st.KeyFingerprint
+	if heldKey == "" || heldKey == rec.KeyFingerprint {
+		t.Fatalf("held key %q, first life's %q", heldKey, rec.KeyFingerprint)
+	}
 	if st.HoldReason != HoldKeyChanged || st.KeyFingerprint != heldKey || !strings.Contains(st.LastError, "key_changed") || !obs.has(id, "held/gencsr") {
 		t.Fatalf("held status %+v, events %v", st, obs.events[id])
 	}
@@ -245,14 +250,10 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 		t.Errorf("a hold counted as an error: %v", v)
 	}
 	afterHold := snapshot(t, dir2)
-	// gencsr's key and CSR are the node's answer that revealed the new key;
-	// nothing else may change: no configuration, certificate or CA.
-	keyRel := filepath.Join(agent.SSLDirName, agent.KeyFile)
-	csrRel := filepath.Join(agent.SSLDirName, agent.CSRFile)
+	// Nothing changes on a held node's disk: gencsr keeps its key in
+	// memory, and no configuration, certificate or CA is sent.
 	for _, f := range changed(before, afterHold) {
-		if f != keyRel && f != csrRel {
-			t.Errorf("held node's disk changed: %s", f)
-		}
+		t.Errorf("held node's disk changed: %s", f)
 	}
 	for _, f := range []string{agent.CertFile, agent.CAFile} {
 		if _, ok := afterHold[filepath.Join(agent.SSLDirName, f)]; ok {
@@ -321,7 +322,11 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 		st, _ := nodeState(r.p, id)
 		return st.State == StateHeld
 	})
-	deniedKey := diskKey(t, dir3)
+	st3, _ := nodeState(r.p, id)
+	deniedKey := st3.KeyFingerprint
+	if deniedKey == "" || deniedKey == heldKey {
+		t.Fatalf("third life's key %q", deniedKey)
+	}
 	if err := r.p.Deny(id); err != nil {
 		t.Fatal(err)
 	}

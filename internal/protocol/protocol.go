@@ -272,6 +272,9 @@ type GenCSRRequest struct {
 	KeyType string `json:"key_type,omitempty"`
 	// RSABits is the RSA modulus size, 2048 (default), 3072 or 4096.
 	RSABits int `json:"rsa_bits,omitempty"`
+	// Rotate asks for a new key even when the node has a usable one (by
+	// default a node keeps its key across reprovisioning).
+	Rotate bool `json:"rotate,omitempty"`
 	// Subject fields, all optional. The CN is always the node identity.
 	Country      string `json:"C,omitempty"`
 	Locality     string `json:"L,omitempty"`
