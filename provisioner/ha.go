@@ -249,21 +249,7 @@ func (p *Provisioner) leaderLoop(ctx context.Context) {
 }
 
 // setStandby switches standby (leader mode) on or off.
-func (p *Provisioner) setStandby(v bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.standby == v {
-		return
-	}
-	p.standby = v
-	close(p.gateCh)
-	p.gateCh = make(chan struct{})
-	if v {
-		p.m.standby.Set(1)
-	} else {
-		p.m.standby.Set(0)
-	}
-}
+func (p *Provisioner) setStandby(v bool) { p.setGateFlag(&p.standby, v, p.m.standby) }
 
 // Active reports whether this provisioner takes nodes: not paused and, in
 // leader mode, the leader.

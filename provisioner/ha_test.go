@@ -6,28 +6,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/natstest"
 	"github.com/muster-io/muster/internal/nodestate"
 )
-
-// startJSServer runs an embedded nats-server with JetStream.
-func startJSServer(t *testing.T) string {
-	t.Helper()
-	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Start()
-	if !s.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats-server not ready")
-	}
-	t.Cleanup(s.Shutdown)
-	return s.ClientURL()
-}
 
 // haProvisioner is a provisioner in an ha mode on its own connection, so a
 // test can cut the connection to simulate a crash.
@@ -48,28 +33,7 @@ func startHA(t *testing.T, url, name, mode string, h helper.Helper) *haProvision
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	log, buf := debugLogger()
-	p, err := New(Options{Config: cfg, Helper: h, Conn: nc, Logger: log, DrainTimeout: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{p: p, cancel: cancel, done: make(chan struct{}), logs: buf}
-	go func() {
-		r.err = p.Run(ctx)
-		close(r.done)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		<-r.done
-	})
-	select {
-	case <-p.ready:
-	case <-r.done:
-		t.Fatalf("Run returned early: %v", r.err)
-	case <-time.After(30 * time.Second):
-		t.Fatal("provisioner not ready")
-	}
+	r := runWith(t, Options{Config: cfg, Helper: h, Conn: nc, DrainTimeout: time.Second}, nil)
 	return &haProvisioner{running: r, nc: nc}
 }
 
@@ -104,7 +68,7 @@ func simNodes(t *testing.T, fleet *simFleet, n int) []string {
 }
 
 func TestClaimsModeProvisionsEachNodeOnce(t *testing.T) {
-	url := startJSServer(t)
+	url := natstest.Server(t, true)
 	c := newCA(t)
 	fleet := newSimFleet(t, url, c.CertificatePEM())
 	ids := simNodes(t, fleet, 60)
@@ -144,7 +108,7 @@ func TestClaimsModeProvisionsEachNodeOnce(t *testing.T) {
 }
 
 func TestClaimsModeCrashedProvisionerIsReplaced(t *testing.T) {
-	url := startJSServer(t)
+	url := natstest.Server(t, true)
 	c := newCA(t)
 	fleet := newSimFleet(t, url, c.CertificatePEM())
 	ids := simNodes(t, fleet, 12)
@@ -172,7 +136,7 @@ func TestClaimsModeCrashedProvisionerIsReplaced(t *testing.T) {
 }
 
 func TestLeaderModeOneActiveAndFailover(t *testing.T) {
-	url := startJSServer(t)
+	url := natstest.Server(t, true)
 	c := newCA(t)
 	fleet := newSimFleet(t, url, c.CertificatePEM())
 	ids := simNodes(t, fleet, 10)

@@ -358,20 +358,29 @@ func (p *Provisioner) Paused() bool {
 }
 
 func (p *Provisioner) setPaused(v bool) {
+	if p.setGateFlag(&p.paused, v, p.m.paused) {
+		p.log.WithField("paused", v).Info("provisioner pause state changed")
+	}
+}
+
+// setGateFlag sets one of the flags that stop workers (paused, standby) and
+// its gauge, and wakes the workers to look again. It reports whether the
+// flag changed.
+func (p *Provisioner) setGateFlag(flag *bool, v bool, g prometheus.Gauge) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.paused == v {
-		return
+	if *flag == v {
+		return false
 	}
-	p.paused = v
+	*flag = v
 	close(p.gateCh)
 	p.gateCh = make(chan struct{})
 	if v {
-		p.m.paused.Set(1)
+		g.Set(1)
 	} else {
-		p.m.paused.Set(0)
+		g.Set(0)
 	}
-	p.log.WithField("paused", v).Info("provisioner pause state changed")
+	return true
 }
 
 func (p *Provisioner) gate() (bool, <-chan struct{}) {

@@ -454,8 +454,17 @@ func (r *running) stop(t *testing.T) {
 
 func startProvisioner(t *testing.T, url string, cfg Config, h helper.Helper, obs Observer, before func(*Provisioner)) *running {
 	t.Helper()
+	return runWith(t, Options{Config: cfg, Helper: h, Conn: connect(t, url), Observer: obs}, before)
+}
+
+// runWith builds a provisioner from opts (with a debug logger captured in
+// running.logs), calls before on it, runs it until the test ends and waits
+// until it is ready.
+func runWith(t *testing.T, opts Options, before func(*Provisioner)) *running {
+	t.Helper()
 	log, buf := debugLogger()
-	p, err := New(Options{Config: cfg, Helper: h, Conn: connect(t, url), Logger: log, Observer: obs})
+	opts.Logger = log
+	p, err := New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -476,7 +485,7 @@ func startProvisioner(t *testing.T, url string, cfg Config, h helper.Helper, obs
 	case <-p.ready:
 	case <-r.done:
 		t.Fatalf("Run returned early: %v", r.err)
-	case <-time.After(10 * time.Second):
+	case <-time.After(30 * time.Second):
 		t.Fatal("provisioner not ready")
 	}
 	return r

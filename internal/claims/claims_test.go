@@ -8,33 +8,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
-)
 
-func startJS(t *testing.T) jetstream.JetStream {
-	t.Helper()
-	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Start()
-	t.Cleanup(s.Shutdown)
-	if !s.ReadyForConnections(10 * time.Second) {
-		t.Fatal("server not ready")
-	}
-	nc, err := nats.Connect(s.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return js
-}
+	"github.com/muster-io/muster/internal/natstest"
+)
 
 func store(t *testing.T, js jetstream.JetStream, owner string, lease time.Duration) *Store {
 	t.Helper()
@@ -46,7 +23,7 @@ func store(t *testing.T, js jetstream.JetStream, owner string, lease time.Durati
 }
 
 func TestClaimExclusiveAndRelease(t *testing.T) {
-	js := startJS(t)
+	js := natstest.JetStream(t)
 	ctx := context.Background()
 	a, b := store(t, js, "prov-a", 5*time.Second), store(t, js, "prov-b", 5*time.Second)
 	ca, err := a.Claim(ctx, "n1.example.net")
@@ -86,7 +63,7 @@ func TestClaimExclusiveAndRelease(t *testing.T) {
 }
 
 func TestLeaseLapses(t *testing.T) {
-	js := startJS(t)
+	js := natstest.JetStream(t)
 	ctx := context.Background()
 	a, b := store(t, js, "prov-a", MinLease), store(t, js, "prov-b", MinLease)
 	ca, err := a.Claim(ctx, "n1")
@@ -111,7 +88,7 @@ func TestLeaseLapses(t *testing.T) {
 }
 
 func TestHoldKeepsClaimAndReportsLoss(t *testing.T) {
-	js := startJS(t)
+	js := natstest.JetStream(t)
 	a, b := store(t, js, "prov-a", MinLease), store(t, js, "prov-b", MinLease)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -152,7 +129,7 @@ func TestHoldKeepsClaimAndReportsLoss(t *testing.T) {
 }
 
 func TestConfigValidation(t *testing.T) {
-	js := startJS(t)
+	js := natstest.JetStream(t)
 	for _, c := range []Config{{Owner: ""}, {Owner: "a", Lease: time.Second}, {Owner: "a", Replicas: 9}} {
 		if _, err := New(context.Background(), js, c); !errors.Is(err, ErrConfig) {
 			t.Errorf("New(%+v) = %v", c, err)
