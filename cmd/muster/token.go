@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/nats-io/nkeys"
 	"github.com/spf13/cobra"
 
 	"github.com/muster-io/muster/internal/fsutil"
@@ -40,21 +41,8 @@ it where tokens are made, not on the brokers.`,
 		Example: `  muster token init --out /etc/muster/token-issuer.nk`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if out == "" {
-				return errors.New("--out is required")
-			}
-			if _, err := os.Stat(out); err == nil && !force {
-				return fmt.Errorf("%s exists; use --force to replace it", out)
-			}
-			seed, pub, err := token.GenerateIssuerSeed()
-			if err != nil {
-				return err
-			}
-			if err := fsutil.WriteFileAtomic(out, seed, 0o600); err != nil {
-				return err
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), pub)
-			return nil
+			// A token issuer key is an nkey account key (token.NewIssuer).
+			return writeNewSeed(cmd, out, force, nkeys.PrefixByteAccount)
 		},
 	}
 	cmd.Flags().StringVar(&out, "out", "", "seed file to write (mode 0600)")
