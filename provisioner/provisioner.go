@@ -204,7 +204,7 @@ type Provisioner struct {
 
 	connOverride *nats.Conn
 	// signer signs every request to nodes (the provisioner's nkey).
-	signer nkeys.KeyPair
+	signer *protocol.Signer
 	// tokens verifies provisioning tokens; nil with insecure_tokenless.
 	tokens *token.Verifier
 	// shared is the JetStream state shared with other provisioners (nil
@@ -310,7 +310,7 @@ func New(opts Options) (*Provisioner, error) {
 
 // loadSigner reads the provisioner's nkey seed, the key it signs requests
 // with. The seed never appears in errors.
-func loadSigner(path string) (nkeys.KeyPair, error) {
+func loadSigner(path string) (*protocol.Signer, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("%w: nkey_seed_file %q: %s", ErrConfig, path, errText(err))
@@ -322,7 +322,12 @@ func loadSigner(path string) (nkeys.KeyPair, error) {
 	if _, err := kp.Seed(); err != nil {
 		return nil, fmt.Errorf("%w: nkey_seed_file %q: holds no seed", ErrConfig, path)
 	}
-	return kp, nil
+	s, err := protocol.NewSigner(kp)
+	kp.Wipe()
+	if err != nil {
+		return nil, fmt.Errorf("%w: nkey_seed_file %q: %w", ErrConfig, path, err)
+	}
+	return s, nil
 }
 
 // SignerKey is the public nkey the provisioner signs requests with; agents

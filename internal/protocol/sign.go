@@ -1,6 +1,7 @@
 package protocol
 
 import (
+	"crypto/ed25519"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
@@ -48,9 +49,54 @@ func (r *Request) SigningPayload() []byte {
 	return []byte(b.String())
 }
 
+// KeySigner is what signs requests: an nkeys.KeyPair, or a Signer made from
+// one (cheaper per signature).
+type KeySigner interface {
+	PublicKey() (string, error)
+	Sign(input []byte) ([]byte, error)
+}
+
+// Signer signs with an nkey's ed25519 key, decoded once. An nkeys.KeyPair
+// re-derives its key from the seed on every signature (an extra scalar
+// multiplication); the provisioner signs every request it sends, so it keeps
+// a Signer.
+type Signer struct {
+	pub string
+	key ed25519.PrivateKey
+}
+
+// NewSigner decodes kp's seed once. kp must hold a seed.
+func NewSigner(kp nkeys.KeyPair) (*Signer, error) {
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return nil, fmt.Errorf("signer: %w", err)
+	}
+	seed, err := kp.Seed()
+	if err != nil {
+		return nil, fmt.Errorf("signer: %w", err)
+	}
+	_, raw, err := nkeys.DecodeSeed(seed) // seed is kp's own: kp.Wipe clears it
+	if err != nil {
+		return nil, fmt.Errorf("signer: %w", err)
+	}
+	if len(raw) != ed25519.SeedSize {
+		clear(raw)
+		return nil, fmt.Errorf("signer: seed of %d bytes", len(raw))
+	}
+	s := &Signer{pub: pub, key: ed25519.NewKeyFromSeed(raw)}
+	clear(raw)
+	return s, nil
+}
+
+// PublicKey returns the public nkey.
+func (s *Signer) PublicKey() (string, error) { return s.pub, nil }
+
+// Sign returns the ed25519 signature over input (what kp.Sign would return).
+func (s *Signer) Sign(input []byte) ([]byte, error) { return ed25519.Sign(s.key, input), nil }
+
 // Sign sets Signer to kp's public key and Signature to kp's signature over
 // SigningPayload. The request must not change afterwards.
-func (r *Request) Sign(kp nkeys.KeyPair) error {
+func (r *Request) Sign(kp KeySigner) error {
 	pub, err := kp.PublicKey()
 	if err != nil {
 		return fmt.Errorf("sign request: %w", err)

@@ -9,7 +9,7 @@ import (
 	"github.com/nats-io/nkeys"
 )
 
-func signedRequest(t testing.TB, kp nkeys.KeyPair) *Request {
+func signedRequest(t testing.TB, kp KeySigner) *Request {
 	t.Helper()
 	r := &Request{
 		Protocol: RequestProtocol, ID: "req-1", Sender: "prov", Target: "n1.example.net",
@@ -120,4 +120,32 @@ func FuzzDecodeDuplicateIdentity(f *testing.F) {
 			t.Fatalf("accepted identity %q", d.Identity)
 		}
 	})
+}
+
+func TestSignerMatchesKeyPair(t *testing.T) {
+	kp, pub := newKey(t)
+	s, err := NewSigner(kp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.PublicKey(); got != pub {
+		t.Fatalf("public key %q, want %q", got, pub)
+	}
+	a, b := signedRequest(t, kp), signedRequest(t, s)
+	b.Time = a.Time
+	if err := b.Sign(s); err != nil {
+		t.Fatal(err)
+	}
+	// ed25519 is deterministic: the same payload gives the same signature.
+	if a.Signature != b.Signature {
+		t.Fatal("Signer and KeyPair signatures differ")
+	}
+	trusted, _ := NewKeySet([]string{pub})
+	if err := b.VerifySignature(trusted); err != nil {
+		t.Fatal(err)
+	}
+	pubOnly, _ := nkeys.FromPublicKey(pub)
+	if _, err := NewSigner(pubOnly); err == nil {
+		t.Fatal("NewSigner accepted a key pair without a seed")
+	}
 }
