@@ -46,6 +46,8 @@ func AgentBinary(ctx context.Context, bin, tmpDir string) (path string, cleanup 
 	cleanup = func() { os.RemoveAll(dir) }
 	out := filepath.Join(dir, "muster-agent")
 	cmd := exec.CommandContext(ctx, goTool, "build", "-o", out, agentPackage)
+	// Static, as a fleet would deploy it: no dynamic loader at each start.
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		cleanup()
 		return "", nil, fmt.Errorf("build muster-agent (run from the Muster source tree, or pass --agent-bin): %w: %s", err, msg)

@@ -624,7 +624,10 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		return err
 	}
 	defer f.Close()
-	if err := f.StartBroker(); err != nil {
+	// Broker, provisioner and the simulated machines (state directories,
+	// tokens, agents or agent command lines) are made before the clock and
+	// the CPU count start: the run measures provisioning.
+	if err := f.Prepare(); err != nil {
 		return err
 	}
 	if o.Progress != nil {

@@ -117,6 +117,8 @@ type Fleet struct {
 	caDir    string
 	broker   *broker.Broker
 	brokerUp bool
+	prepared bool
+	specs    []procSpec // process mode: each agent's command line and environment
 	prov     *provisioner.Provisioner
 	agents   []*agent.Agent
 	ids      []string
@@ -311,12 +313,18 @@ func (f *Fleet) StartBroker() error {
 	return nil
 }
 
-// Start starts the broker, the provisioner and every agent.
-func (f *Fleet) Start(ctx context.Context) error {
+// Prepare starts the broker and builds the provisioner and every agent
+// (in-process agents, or each agent process's state directory, facts file,
+// token and command line), so that Start only launches them: what a
+// benchmark measures from Start on is provisioning, not setting up the
+// simulated machines. Start calls it when needed.
+func (f *Fleet) Prepare() error {
+	if f.prepared {
+		return nil
+	}
 	if err := f.StartBroker(); err != nil {
 		return err
 	}
-	ctx, f.cancel = context.WithCancel(ctx)
 	url := f.broker.ClientURL()
 	hostPort := url[len("tls://"):]
 	agentBrokers := []string{url}
@@ -386,17 +394,22 @@ func (f *Fleet) Start(ctx context.Context) error {
 	if f.opts.StartPaused {
 		f.prov.Pause()
 	}
+	for i := 0; i < f.opts.Nodes; i++ {
+		f.ids = append(f.ids, Identity(i))
+	}
+	if f.opts.AgentBin != "" {
+		if err := f.prepareProcesses(url, issuer, provKey); err != nil {
+			return err
+		}
+		f.prepared = true
+		return nil
+	}
 	var inProcess nats.InProcessConnProvider
 	if f.opts.InProcess {
 		inProcess = f.broker.Server()
 	}
-
-	if f.opts.AgentBin != "" {
-		return f.startProcessFleet(ctx, url, issuer, provKey)
-	}
 	now := time.Now()
-	for i := 0; i < f.opts.Nodes; i++ {
-		id := Identity(i)
+	for _, id := range f.ids {
 		tok, _, err := issuer.Create(token.Scope{Identity: id, Batch: "demo"}, now, 24*time.Hour)
 		if err != nil {
 			return fmt.Errorf("token for %s: %w", id, err)
@@ -411,7 +424,7 @@ func (f *Fleet) Start(ctx context.Context) error {
 				CAPEM:       f.ca.CertificatePEM(),
 				Enabled:     true,
 			},
-			Facts:            f.opts.Facts(i),
+			Facts:            f.opts.Facts(len(f.agents)),
 			Version:          "demo",
 			Logger:           f.log.WithFields(logrus.Fields{"component": "agent", "identity": id}),
 			MetadataInterval: f.opts.MetadataInterval,
@@ -422,9 +435,21 @@ func (f *Fleet) Start(ctx context.Context) error {
 			return fmt.Errorf("agent %s: %w", id, err)
 		}
 		f.agents = append(f.agents, a)
-		f.ids = append(f.ids, id)
 	}
+	f.prepared = true
+	return nil
+}
 
+// Start launches the provisioner and every agent (preparing the fleet
+// first when Prepare was not called).
+func (f *Fleet) Start(ctx context.Context) error {
+	if err := f.Prepare(); err != nil {
+		return err
+	}
+	ctx, f.cancel = context.WithCancel(ctx)
+	if f.opts.AgentBin != "" {
+		return f.startProcessFleet(ctx)
+	}
 	f.started = time.Now()
 	f.goRun("provisioner", func() error { return f.prov.Run(ctx) })
 	if f.opts.AgentDelay == nil {
@@ -458,17 +483,7 @@ const processStarters = 4
 
 // startProcessFleet starts the provisioner and one muster-agent process per
 // node (AgentDelay spaces them out as for in-process agents).
-func (f *Fleet) startProcessFleet(ctx context.Context, brokerURL string, issuer *token.Issuer, provKey string) error {
-	if f.opts.InProcess {
-		return errProcessesInProcess
-	}
-	if err := f.watchProduction(); err != nil {
-		return err
-	}
-	caFile := filepath.Join(f.dir, "pki", "ca.pem")
-	for i := 0; i < f.opts.Nodes; i++ {
-		f.ids = append(f.ids, Identity(i))
-	}
+func (f *Fleet) startProcessFleet(ctx context.Context) error {
 	f.started = time.Now()
 	f.goRun("provisioner", func() error { return f.prov.Run(ctx) })
 	if f.opts.AgentDelay == nil {
@@ -485,7 +500,7 @@ func (f *Fleet) startProcessFleet(ctx context.Context, brokerURL string, issuer 
 			go func() {
 				defer wg.Done()
 				for i := int(next.Add(1) - 1); i < len(f.ids); i = int(next.Add(1) - 1) {
-					if err := f.startProcess(i, brokerURL, caFile, issuer, provKey); err != nil {
+					if err := f.startProcess(i); err != nil {
 						errOnce.Do(func() { first = err })
 						return
 					}
@@ -509,7 +524,7 @@ func (f *Fleet) startProcessFleet(ctx context.Context, brokerURL string, issuer 
 				case <-t.C:
 				}
 			}
-			if err := f.startProcess(i, brokerURL, caFile, issuer, provKey); err != nil {
+			if err := f.startProcess(i); err != nil {
 				f.mu.Lock()
 				f.runErr = append(f.runErr, err)
 				f.mu.Unlock()

@@ -63,22 +63,53 @@ func (f *Fleet) processArgs(i int, brokerURL, caFile string) (args []string, dir
 	}, dir, nil
 }
 
-// startProcess starts node i's agent process, trusting the provisioner key
-// provKey. Its provisioning token goes in the environment (MUSTER_TOKEN),
-// never on the command line.
-func (f *Fleet) startProcess(i int, brokerURL, caFile string, issuer *token.Issuer, provKey string) error {
-	args, dir, err := f.processArgs(i, brokerURL, caFile)
-	if err != nil {
-		return fmt.Errorf("agent %s: %w", Identity(i), err)
+// procSpec is how one agent process is started.
+type procSpec struct {
+	args []string
+	dir  string
+	env  []string
+}
+
+// prepareProcesses makes every agent's state directory, facts file, token
+// and command line, and subscribes to the production lifecycle events, so
+// that starting an agent is only the fork and exec. Each agent trusts the
+// provisioner key provKey; its provisioning token goes in the environment
+// (MUSTER_TOKEN), never on the command line.
+func (f *Fleet) prepareProcesses(brokerURL string, issuer *token.Issuer, provKey string) error {
+	if f.opts.InProcess {
+		return errProcessesInProcess
 	}
-	tok, _, err := issuer.Create(token.Scope{Identity: Identity(i), Batch: "demo"}, time.Now(), 24*time.Hour)
-	if err != nil {
-		return fmt.Errorf("agent %s: token: %w", Identity(i), err)
+	if err := f.watchProduction(); err != nil {
+		return err
 	}
-	args = append(args, "--provisioner-key", provKey)
-	cmd := exec.Command(f.opts.AgentBin, args...)
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "MUSTER_TOKEN="+tok)
+	caFile := filepath.Join(f.dir, "pki", "ca.pem")
+	env := os.Environ()
+	now := time.Now()
+	f.specs = make([]procSpec, 0, len(f.ids))
+	for i, id := range f.ids {
+		args, dir, err := f.processArgs(i, brokerURL, caFile)
+		if err != nil {
+			return fmt.Errorf("agent %s: %w", id, err)
+		}
+		tok, _, err := issuer.Create(token.Scope{Identity: id, Batch: "demo"}, now, 24*time.Hour)
+		if err != nil {
+			return fmt.Errorf("agent %s: token: %w", id, err)
+		}
+		f.specs = append(f.specs, procSpec{
+			args: append(args, "--provisioner-key", provKey),
+			dir:  dir,
+			env:  append(env[:len(env):len(env)], "MUSTER_TOKEN="+tok),
+		})
+	}
+	return nil
+}
+
+// startProcess starts node i's agent process as prepareProcesses set it up.
+func (f *Fleet) startProcess(i int) error {
+	sp := f.specs[i]
+	cmd := exec.Command(f.opts.AgentBin, sp.args...)
+	cmd.Dir = sp.dir
+	cmd.Env = sp.env
 	cmd.SysProcAttr = agentProcAttr()
 	if f.opts.OnAgentStart != nil {
 		f.opts.OnAgentStart(Identity(i), time.Now())
