@@ -259,6 +259,13 @@ func isRefusal(err error) bool {
 	if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAccountAuthExpired) {
 		return true
 	}
+	// A broker that rejects the client certificate closes the connection
+	// once the TLS 1.3 handshake is complete on the client's side; its
+	// alert is often lost to a reset, and nats.go reports the close as
+	// ErrTLS ("connection closed by remote after TLS handshake").
+	if errors.Is(err, nats.ErrTLS) {
+		return true
+	}
 	var cve *tls.CertificateVerificationError
 	var alert tls.AlertError
 	var rh tls.RecordHeaderError

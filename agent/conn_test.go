@@ -1,11 +1,39 @@
 package agent
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
+
 	"github.com/muster-io/muster/agent/config"
 )
+
+func TestIsRefusal(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"nil", nil, false},
+		{"authorization", nats.ErrAuthorization, true},
+		{"closed after the TLS handshake (certificate rejected)", fmt.Errorf("%w: connection closed by remote after TLS handshake: %w", nats.ErrTLS, syscall.EPIPE), true},
+		{"remote alert", errors.New("remote error: tls: bad certificate"), true},
+		{"no broker", nats.ErrNoServers, false},
+		{"plain EOF", io.EOF, false},
+		{"connection refused", syscall.ECONNREFUSED, false},
+		{"timeout", context.DeadlineExceeded, false},
+	} {
+		if got := isRefusal(tc.err); got != tc.want {
+			t.Errorf("%s: isRefusal(%v) = %t, want %t", tc.name, tc.err, got, tc.want)
+		}
+	}
+}
 
 func TestBackoff(t *testing.T) {
 	l := link{wait: 100 * time.Millisecond, maxWait: time.Second}
