@@ -22,8 +22,9 @@ FUZZTIME  ?= 5s
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-build: ## build bin/muster and bin/muster-agent (agent defaults from AGENT_* variables)
+build: ## build bin/muster, bin/muster-helper and bin/muster-agent (agent defaults from AGENT_* variables)
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/muster ./cmd/muster
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/muster-helper ./cmd/muster-helper
 	$(GO) build -ldflags "$(AGENT_LDFLAGS)" -o $(BIN)/muster-agent ./cmd/muster-agent
 
 test: ## the whole suite: test deps, lint, race tests, short fuzzing (what CI runs)
