@@ -22,8 +22,11 @@ FUZZTIME  ?= 5s
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-build: ## build bin/muster and bin/muster-agent (static; agent defaults from AGENT_* variables)
+# muster-helper (exec'd once per node) and muster-agent (started and re-exec'd on every
+# machine) are static (CGO_ENABLED=0): no dynamic loader or libc dependency at each start.
+build: ## build bin/muster, bin/muster-helper and bin/muster-agent (static; agent defaults from AGENT_* variables)
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/muster ./cmd/muster
+	CGO_ENABLED=0 $(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/muster-helper ./cmd/muster-helper
 	CGO_ENABLED=0 $(GO) build -ldflags "$(AGENT_LDFLAGS)" -o $(BIN)/muster-agent ./cmd/muster-agent
 
 test: ## the whole suite: test deps, lint, race tests, short fuzzing (what CI runs)

@@ -14,56 +14,80 @@ import (
 	"github.com/muster-io/muster/helper"
 )
 
-// musterBuild builds cmd/muster once per test binary (the example helpers
-// call "muster ca sign"). MUSTER_TEST_BIN names a prebuilt binary instead.
-type musterBuild struct {
+// binBuild builds one command of the module once per test binary.
+type binBuild struct {
 	once sync.Once
 	path string
 	err  error
 	out  string
 }
 
-var built musterBuild
+// built holds cmd/muster (the example helpers call "muster ca sign") and
+// cmd/muster-helper, each built on first use.
+var built struct {
+	muster, musterHelper binBuild
+}
 
+// musterBin is cmd/muster; MUSTER_TEST_BIN names a prebuilt binary instead.
 func musterBin(t testing.TB) string {
 	t.Helper()
 	if p := os.Getenv("MUSTER_TEST_BIN"); p != "" {
 		return p
 	}
-	built.once.Do(func() {
+	return buildCmd(t, &built.muster, "muster")
+}
+
+// musterHelperBin is cmd/muster-helper; MUSTER_TEST_HELPER_BIN names a
+// prebuilt binary instead.
+func musterHelperBin(t testing.TB) string {
+	t.Helper()
+	if p := os.Getenv("MUSTER_TEST_HELPER_BIN"); p != "" {
+		return p
+	}
+	return buildCmd(t, &built.musterHelper, "muster-helper", "CGO_ENABLED=0") // as make build does
+}
+
+// buildCmd runs `go build ./cmd/<name>` into a temporary directory once,
+// with env added to the environment.
+func buildCmd(t testing.TB, b *binBuild, name string, env ...string) string {
+	t.Helper()
+	b.once.Do(func() {
 		gomod, err := exec.Command("go", "env", "GOMOD").Output()
 		if err != nil {
-			built.err = err
+			b.err = err
 			return
 		}
 		root := filepath.Dir(strings.TrimSpace(string(gomod)))
 		dir, err := os.MkdirTemp("", "muster-helper-test-")
 		if err != nil {
-			built.err = err
+			b.err = err
 			return
 		}
-		built.path = filepath.Join(dir, "muster")
-		cmd := exec.Command("go", "build", "-o", built.path, "./cmd/muster")
+		b.path = filepath.Join(dir, name)
+		cmd := exec.Command("go", "build", "-o", b.path, "./cmd/"+name)
 		cmd.Dir = root
+		cmd.Env = append(os.Environ(), env...)
 		out, err := cmd.CombinedOutput()
-		built.err, built.out = err, string(out)
+		b.err, b.out = err, string(out)
 	})
-	if built.err != nil {
-		t.Fatalf("go build ./cmd/muster: %v\n%s", built.err, built.out)
+	if b.err != nil {
+		t.Fatalf("go build ./cmd/%s: %v\n%s", name, b.err, b.out)
 	}
-	return built.path
+	return b.path
 }
 
-// TestMain removes the binary built by musterBin. With
-// MUSTER_FAKE_HELPER set the test binary is instead a persistent helper
-// process for persistent_test.go.
+// TestMain removes the binaries built by musterBin and musterHelperBin.
+// With MUSTER_FAKE_HELPER set the test binary is instead a persistent
+// helper process for persistent_test.go.
 func TestMain(m *testing.M) {
 	if mode := os.Getenv("MUSTER_FAKE_HELPER"); mode != "" {
 		os.Exit(fakeHelper(mode))
 	}
 	code := m.Run()
-	if built.path != "" {
-		os.RemoveAll(filepath.Dir(built.path))
+	for _, b := range []*binBuild{&built.muster, &built.musterHelper} {
+		if b.path != "" {
+			os.RemoveAll(filepath.Dir(b.path))
+		}
 	}
 	os.Exit(code)
 }

@@ -4,18 +4,19 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/nats-io/nuid"
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/internal/logging"
@@ -123,6 +124,11 @@ type Persistent struct {
 
 	starts, timeouts, badLines, unknown atomic.Int64
 
+	// Request ids made for requests without one: idPrefix (random per
+	// runner) and a sequence number.
+	idPrefix string
+	idSeq    atomic.Uint64
+
 	mu        sync.Mutex
 	proc      *persistentProc
 	closed    bool
@@ -159,6 +165,7 @@ func NewPersistent(opts PersistentOptions) (*Persistent, error) {
 		maxLine:   opts.MaxLine,
 		maxStderr: e.maxStderr,
 		log:       opts.Logger,
+		idPrefix:  rand.Text()[:16],
 	}
 	if p.maxLine == 0 {
 		p.maxLine = DefaultMaxLine
@@ -236,7 +243,7 @@ func (p *Persistent) Provision(ctx context.Context, req *Request) (*Reply, error
 	}
 	r := *req
 	if r.RequestID == "" {
-		r.RequestID = nuid.Next()
+		r.RequestID = p.idPrefix + strconv.FormatUint(p.idSeq.Add(1), 36)
 	}
 	fail := func(stderr string, err error) (*Reply, error) {
 		return nil, &RunError{Identity: r.Identity, Stderr: stderr, Err: err}

@@ -479,10 +479,20 @@ func TestPersistentCloseKillsGroup(t *testing.T) {
 }
 
 func TestPersistentBuiltinCfssl(t *testing.T) {
-	bin := musterBin(t)
+	testPersistentBuiltin(t, musterBin(t)+" helper cfssl")
+}
+
+// TestPersistentMusterHelper is the same through the muster-helper binary.
+func TestPersistentMusterHelper(t *testing.T) {
+	testPersistentBuiltin(t, musterHelperBin(t))
+}
+
+// testPersistentBuiltin sends 20 concurrent signing requests to one
+// persistent built-in helper process run as command.
+func testPersistentBuiltin(t *testing.T, command string) {
 	c, caDir := newCA(t)
 	p, err := helper.NewPersistent(helper.PersistentOptions{
-		Command: bin + " helper cfssl --persistent --ca-dir " + caDir + " --middleware-hosts localhost:4222",
+		Command: command + " --persistent --ca-dir " + caDir + " --middleware-hosts localhost:4222",
 		Timeout: 30 * time.Second,
 	})
 	if err != nil {

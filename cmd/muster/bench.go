@@ -55,15 +55,22 @@ re-executing itself, as on a real machine), for a like-for-like comparison with 
 process per node; the agents' CPU and memory are read from /proc. The binary is --agent-bin, or
 built with "go build" from the source tree the command runs in.
 
+An exec'd or persistent helper gets MUSTER_CA_DIR (the fleet's CA: ca.pem and ca-key.pem),
+MUSTER_BROKER (the production broker) and MUSTER_BIN in its environment, so the built-in helper
+programs need no flags: "muster helper cfssl" (the whole muster binary, cfssl) or bin/muster-helper
+(the same helper, crypto/x509 only, a small static binary that starts in a few milliseconds: the
+one to measure an exec'd Go helper with; "make build" builds it).
+
 --state-dir puts the agents' state directories on another filesystem: agents fsync their key,
 certificate and configuration, so on one shared disk the disk is part of what is measured; a tmpfs
 (/dev/shm) leaves the orchestration.`,
 		Example: `  muster bench --nodes 10000 --helper builtin --transport inprocess
   muster bench --nodes 3000 --transport tcp --json
+  muster bench --nodes 2000 --helper exec --helper-cmd bin/muster-helper
+  muster bench --nodes 5000 --helper persistent --helper-cmd "bin/muster-helper --persistent"
   muster bench --nodes 2000 --helper exec --helper-cmd "muster helper cfssl"
-  muster bench --nodes 5000 --helper persistent --helper-cmd "muster helper cfssl --persistent"
   muster bench --nodes 5000 --arrival ramp --rate 500
-  muster bench --nodes 100 --processes --workers 8 --helper exec --helper-cmd "muster helper cfssl"
+  muster bench --nodes 100 --processes --workers 8 --helper exec --helper-cmd bin/muster-helper
   muster bench --nodes 10000 --state-dir /dev/shm`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

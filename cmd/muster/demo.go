@@ -36,8 +36,12 @@ nodes are provisioned, checks that every node answers rpcutil ping on the produc
 mutual TLS, and prints a summary.
 
 An exec'd helper gets MUSTER_CA_DIR (ca.pem and ca-key.pem), MUSTER_BROKER (the production broker
-host:port) and MUSTER_BIN (this muster binary, for "muster ca sign") in its environment.`,
+host:port) and MUSTER_BIN (this muster binary, for "muster ca sign") in its environment; the
+built-in helper programs ("muster helper cfssl", bin/muster-helper) take their CA and broker from
+them, so they need no flags.`,
 		Example: `  muster demo --nodes 200
+  muster demo --nodes 200 --helper bin/muster-helper
+  muster demo --nodes 200 --helper "bin/muster-helper --persistent" --helper-persistent
   muster demo --nodes 50 --helper "./examples/helpers/helper.sh" --json
   muster demo --nodes 20 --helper "python3 my_helper.py" --ca-cert ca.pem --ca-key ca-key.pem`,
 		Args: cobra.NoArgs,

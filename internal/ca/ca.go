@@ -23,12 +23,14 @@ import (
 
 	"github.com/muster-io/muster/internal/fsutil"
 	"github.com/muster-io/muster/internal/pki"
+	"github.com/muster-io/muster/internal/x509ca"
 )
 
-// File names inside a CA directory.
+// File names inside a CA directory (shared with internal/x509ca, which
+// signs with the same files without cfssl).
 const (
-	CertFile = "ca.pem"
-	KeyFile  = "ca-key.pem"
+	CertFile = x509ca.CertFile
+	KeyFile  = x509ca.KeyFile
 )
 
 // Defaults.

@@ -24,7 +24,7 @@ import (
 )
 
 var bins struct {
-	muster, testhelper string
+	muster, musterHelper, testhelper string
 }
 
 func TestMain(m *testing.M) {
@@ -34,9 +34,13 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bins.muster = filepath.Join(dir, "muster")
+	bins.musterHelper = filepath.Join(dir, "muster-helper")
 	bins.testhelper = filepath.Join(dir, "testhelper")
-	for out, pkg := range map[string]string{bins.muster: "../../cmd/muster", bins.testhelper: "./testhelper"} {
+	for out, pkg := range map[string]string{bins.muster: "../../cmd/muster", bins.musterHelper: "../../cmd/muster-helper", bins.testhelper: "./testhelper"} {
 		cmd := exec.Command("go", "build", "-o", out, pkg)
+		if pkg == "../../cmd/muster-helper" {
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // as make build does
+		}
 		if b, err := cmd.CombinedOutput(); err != nil {
 			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, b)
 			os.RemoveAll(dir)

@@ -1,4 +1,4 @@
-package cfsslhelper
+package builtin
 
 import (
 	"errors"

@@ -1,4 +1,4 @@
-package cfsslhelper_test
+package builtin_test
 
 import (
 	"context"
@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/muster-io/muster/helper"
-	"github.com/muster-io/muster/helper/cfsslhelper"
+	"github.com/muster-io/muster/helper/builtin"
 )
 
 // FuzzProvisionInventory feeds untrusted inventories (facts drive rules and
@@ -20,10 +20,10 @@ func FuzzProvisionInventory(f *testing.F) {
 	f.Add(`{"facts":null,"agents":[1]}`)
 	f.Add(`not json`)
 	c, _ := newCA(f)
-	h, err := cfsslhelper.NewWithCA(c, &cfsslhelper.Config{
+	h, err := builtin.New(c, &builtin.Config{
 		MiddlewareHosts: "b:4222",
 		Defaults:        map[string]string{"collectives": "mcollective,{{fact:dc}}"},
-		Rules: []cfsslhelper.Rule{{Name: "mt", Facts: map[string]string{"country": "m?"},
+		Rules: []builtin.Rule{{Name: "mt", Facts: map[string]string{"country": "m?"},
 			Set: map[string]string{"plugin.choria.middleware_hosts": "{{fact:country}}.example.net:4223"}}},
 	})
 	if err != nil {
@@ -33,7 +33,7 @@ func FuzzProvisionInventory(f *testing.F) {
 		req := &helper.Request{Identity: "node1.example.net", Inventory: inv}
 		rep, err := h.Provision(context.Background(), req)
 		if err != nil {
-			if !errors.Is(err, cfsslhelper.ErrBadRequest) && !strings.Contains(err.Error(), "newline") {
+			if !errors.Is(err, builtin.ErrBadRequest) && !strings.Contains(err.Error(), "newline") {
 				t.Fatalf("unexpected error kind: %v", err)
 			}
 			return
