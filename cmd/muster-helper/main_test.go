@@ -124,3 +124,54 @@ func TestEnvironmentDefaults(t *testing.T) {
 		t.Errorf("middleware hosts %q, want the environment's", got)
 	}
 }
+
+func TestSign(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	c, err := ca.Init(dir, "Test CA", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := pki.GenerateKey("", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := pki.CreateCSR(key, "node1.example.net", pki.CSRSubject{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Run("signs for the host", func(t *testing.T) {
+		var out, errOut bytes.Buffer
+		if code := run([]string{"sign", "--ca-dir", dir, "--host", "node1.example.net"}, bytes.NewReader(csr), &out, &errOut); code != 0 {
+			t.Fatalf("exit %d: %s", code, errOut.String())
+		}
+		leaf, err := pki.VerifyLeaf(out.Bytes(), c.CertificatePEM(), key.Public(), "node1.example.net", time.Now())
+		if err != nil {
+			t.Fatalf("certificate: %v", err)
+		}
+		if got := leaf.DNSNames; len(got) != 1 || got[0] != "node1.example.net" {
+			t.Errorf("SANs %v", got)
+		}
+	})
+	for _, tc := range []struct {
+		name  string
+		args  []string
+		stdin []byte
+		code  int
+		want  string
+	}{
+		{"no CA", []string{"sign"}, csr, 2, "--ca-dir"},
+		{"missing CA", []string{"sign", "--ca-dir", t.TempDir()}, csr, 1, "not found"},
+		{"not a CSR", []string{"sign", "--ca-dir", dir}, []byte("hello"), 1, "sign"},
+		{"too large", []string{"sign", "--ca-dir", dir}, bytes.Repeat([]byte("A"), pki.MaxPEMSize+1), 1, "larger"},
+		{"stray argument", []string{"sign", "--ca-dir", dir, "node1.csr"}, csr, 2, "unexpected"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("MUSTER_CA_DIR", "")
+			var out, errOut bytes.Buffer
+			code := run(tc.args, bytes.NewReader(tc.stdin), &out, &errOut)
+			if code != tc.code || out.Len() != 0 || !strings.Contains(errOut.String(), tc.want) {
+				t.Errorf("exit %d (want %d), stdout %q, stderr %q (want %q)", code, tc.code, out.String(), errOut.String(), tc.want)
+			}
+		})
+	}
+}

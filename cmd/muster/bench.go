@@ -56,7 +56,8 @@ process per node; the agents' CPU and memory are read from /proc. The binary is 
 built with "go build" from the source tree the command runs in.
 
 An exec'd or persistent helper gets MUSTER_CA_DIR (the fleet's CA: ca.pem and ca-key.pem),
-MUSTER_BROKER (the production broker) and MUSTER_BIN in its environment, so the built-in helper
+MUSTER_BROKER (the production broker), MUSTER_BIN and MUSTER_HELPER_BIN (muster-helper beside this
+binary, which the example helpers sign with) in its environment, so the built-in helper
 programs need no flags: "muster helper cfssl" (the whole muster binary, cfssl) or bin/muster-helper
 (the same helper, crypto/x509 only, a small static binary that starts in a few milliseconds: the
 one to measure an exec'd Go helper with; "make build" builds it).

@@ -36,7 +36,8 @@ nodes are provisioned, checks that every node answers rpcutil ping on the produc
 mutual TLS, and prints a summary.
 
 An exec'd helper gets MUSTER_CA_DIR (ca.pem and ca-key.pem), MUSTER_BROKER (the production broker
-host:port) and MUSTER_BIN (this muster binary, for "muster ca sign") in its environment; the
+host:port), MUSTER_BIN (this muster binary, for "muster ca sign") and MUSTER_HELPER_BIN (bin/muster-helper,
+when it sits beside this binary, for the faster "muster-helper sign") in its environment; the
 built-in helper programs ("muster helper cfssl", bin/muster-helper) take their CA and broker from
 them, so they need no flags.`,
 		Example: `  muster demo --nodes 200

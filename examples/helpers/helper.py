@@ -6,8 +6,10 @@ Reads the request JSON on stdin and writes the reply JSON on stdout:
   - picks plugin.choria.middleware_hosts by the "country" fact
     (mt -> choria1.mt.example.net:4223, otherwise $MUSTER_BROKER,
     default localhost:4222);
-  - signs the node's CSR with "${MUSTER_BIN:-muster} ca sign" using the CA in
-    $MUSTER_CA_DIR and returns the certificate, the CA and the ssldir.
+  - signs the node's CSR with the CA in $MUSTER_CA_DIR and returns the
+    certificate, the CA and the ssldir. It signs with "muster-helper sign"
+    ($MUSTER_HELPER_BIN, else muster-helper on the PATH), which starts in a
+    few milliseconds, else with "${MUSTER_BIN:-muster} ca sign".
 Diagnostics go to stderr (Muster keeps a bounded copy); exit 1 on error.
 
 With --persistent it is a persistent helper (docs/helpers.md): one request
@@ -17,6 +19,7 @@ per stdin line, one reply line per request tagged with its request_id, and
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -61,10 +64,8 @@ def answer(request):
 
     if csr:
         ca_dir = os.environ.get("MUSTER_CA_DIR") or fail("MUSTER_CA_DIR must name the CA directory")
-        muster = os.environ.get("MUSTER_BIN") or "muster"
         signed = subprocess.run(
-            [muster, "ca", "sign", "--dir", ca_dir, "--csr", "-"],
-            input=csr["csr"], capture_output=True, text=True, timeout=30,
+            signer(ca_dir), input=csr["csr"], capture_output=True, text=True, timeout=30,
         )
         if signed.returncode != 0:
             fail("signing the CSR of %s failed: %s" % (identity, signed.stderr.strip()))
@@ -74,6 +75,14 @@ def answer(request):
         reply["ssldir"] = ssldir
 
     return reply
+
+
+def signer(ca_dir):
+    """The command that signs a CSR on stdin with the CA in ca_dir."""
+    fast = os.environ.get("MUSTER_HELPER_BIN") or shutil.which("muster-helper")
+    if fast:
+        return [fast, "sign", "--ca-dir", ca_dir]
+    return [os.environ.get("MUSTER_BIN") or "muster", "ca", "sign", "--dir", ca_dir, "--csr", "-"]
 
 
 def main():

@@ -8,8 +8,10 @@
 #   - picks plugin.choria.middleware_hosts by the "country" fact
 #     (mt -> choria1.mt.example.net:4223, otherwise $MUSTER_BROKER,
 #     default localhost:4222);
-#   - signs the node's CSR with "${MUSTER_BIN:-muster} ca sign" using the CA
-#     in $MUSTER_CA_DIR and returns the certificate, the CA and the ssldir.
+#   - signs the node's CSR with the CA in $MUSTER_CA_DIR and returns the
+#     certificate, the CA and the ssldir. It signs with "muster-helper sign"
+#     ($MUSTER_HELPER_BIN, else muster-helper on the PATH), which starts in
+#     a few milliseconds, else with "${MUSTER_BIN:-muster} ca sign".
 # Diagnostics go to stderr (Muster keeps a bounded copy); exit 1 on error.
 # With --persistent it is a persistent helper (docs/helpers.md): request
 # lines in, reply lines tagged with request_id out.
@@ -18,6 +20,19 @@ require 'json'
 require 'open3'
 
 class HelperError < StandardError; end
+
+# The command that signs a CSR on stdin with the CA in ca_dir.
+def signer(ca_dir)
+  fast = ENV.fetch('MUSTER_HELPER_BIN', '')
+  if fast.empty?
+    fast = ENV.fetch('PATH', '').split(File::PATH_SEPARATOR).map { |d| File.join(d, 'muster-helper') }
+              .find { |f| File.file?(f) && File.executable?(f) } || ''
+  end
+  return [fast, 'sign', '--ca-dir', ca_dir] unless fast.empty?
+
+  muster = ENV.fetch('MUSTER_BIN', '').empty? ? 'muster' : ENV['MUSTER_BIN']
+  [muster, 'ca', 'sign', '--dir', ca_dir, '--csr', '-']
+end
 
 def fail_with(msg)
   raise HelperError, msg
@@ -59,8 +74,7 @@ def answer(request)
   if csr
     ca_dir = ENV.fetch('MUSTER_CA_DIR', '')
     fail_with('MUSTER_CA_DIR must name the CA directory') if ca_dir.empty?
-    muster = ENV.fetch('MUSTER_BIN', '').empty? ? 'muster' : ENV['MUSTER_BIN']
-    cert, err, status = Open3.capture3(muster, 'ca', 'sign', '--dir', ca_dir, '--csr', '-', stdin_data: csr['csr'])
+    cert, err, status = Open3.capture3(*signer(ca_dir), stdin_data: csr['csr'])
     fail_with("signing the CSR of #{identity} failed: #{err.strip}") unless status.success?
     reply['certificate'] = cert
     reply['ca'] = File.read(File.join(ca_dir, 'ca.pem'))
