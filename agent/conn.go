@@ -5,10 +5,12 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -259,13 +261,6 @@ func isRefusal(err error) bool {
 	if errors.Is(err, nats.ErrAuthorization) || errors.Is(err, nats.ErrAuthExpired) || errors.Is(err, nats.ErrAuthRevoked) || errors.Is(err, nats.ErrAccountAuthExpired) {
 		return true
 	}
-	// A broker that rejects the client certificate closes the connection
-	// once the TLS 1.3 handshake is complete on the client's side; its
-	// alert is often lost to a reset, and nats.go reports the close as
-	// ErrTLS ("connection closed by remote after TLS handshake").
-	if errors.Is(err, nats.ErrTLS) {
-		return true
-	}
 	var cve *tls.CertificateVerificationError
 	var alert tls.AlertError
 	var rh tls.RecordHeaderError
@@ -274,10 +269,25 @@ func isRefusal(err error) bool {
 	}
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
-		return false
+		return false // a slow or busy broker, not a refusal
+	}
+	// A broker that rejects the client certificate closes the connection
+	// once the TLS 1.3 handshake is complete on the client's side; its
+	// alert is often lost to a reset, and nats.go reports the close as
+	// ErrTLS ("connection closed by remote after TLS handshake"). ErrTLS
+	// also wraps handshake timeouts, which are not refusals (above).
+	if errors.Is(err, nats.ErrTLS) && closedByPeer(err) {
+		return true
 	}
 	s := err.Error()
 	return strings.Contains(s, "tls:") || strings.Contains(s, "x509:") || strings.Contains(strings.ToLower(s), "authorization")
+}
+
+// closedByPeer reports whether err says the other end closed the
+// connection.
+func closedByPeer(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrClosedPipe) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)
 }
 
 // jitter returns d scaled by a random factor in [1-f, 1+f].

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"os"
 	"syscall"
 	"testing"
 	"time"
@@ -23,6 +25,8 @@ func TestIsRefusal(t *testing.T) {
 		{"nil", nil, false},
 		{"authorization", nats.ErrAuthorization, true},
 		{"closed after the TLS handshake (certificate rejected)", fmt.Errorf("%w: connection closed by remote after TLS handshake: %w", nats.ErrTLS, syscall.EPIPE), true},
+		{"in-process pipe closed after the handshake", fmt.Errorf("%w: connection closed by remote after TLS handshake: %w", nats.ErrTLS, io.ErrClosedPipe), true},
+		{"TLS handshake timed out (busy broker)", fmt.Errorf("%w: %w", nats.ErrTLS, &net.OpError{Op: "write", Net: "pipe", Err: os.ErrDeadlineExceeded}), false},
 		{"remote alert", errors.New("remote error: tls: bad certificate"), true},
 		{"no broker", nats.ErrNoServers, false},
 		{"plain EOF", io.EOF, false},
