@@ -120,6 +120,7 @@ type Fleet struct {
 	prov     *provisioner.Provisioner
 	agents   []*agent.Agent
 	ids      []string
+	tokens   map[string]string // identity → its provisioning token (in-process agents)
 	started  time.Time
 
 	mu         sync.Mutex
@@ -423,6 +424,10 @@ func (f *Fleet) Start(ctx context.Context) error {
 		}
 		f.agents = append(f.agents, a)
 		f.ids = append(f.ids, id)
+		if f.tokens == nil {
+			f.tokens = map[string]string{}
+		}
+		f.tokens[id] = tok
 	}
 
 	f.started = time.Now()
@@ -638,6 +643,21 @@ func (f *Fleet) WaitProduction(ctx context.Context, n int) int {
 
 // Identities returns the agents' identities in order.
 func (f *Fleet) Identities() []string { return append([]string(nil), f.ids...) }
+
+// Agent returns the in-process agent of identity, nil for process fleets
+// and unknown identities.
+func (f *Fleet) Agent(identity string) *agent.Agent {
+	for i, id := range f.ids {
+		if id == identity && i < len(f.agents) {
+			return f.agents[i]
+		}
+	}
+	return nil
+}
+
+// Token returns the provisioning token an in-process agent was given ("" for
+// process fleets), for tests that look for it where it must not be.
+func (f *Fleet) Token(identity string) string { return f.tokens[identity] }
 
 // AgentDir returns node i's state directory.
 func (f *Fleet) AgentDir(identity string) string { return filepath.Join(f.dir, "agents", identity) }
