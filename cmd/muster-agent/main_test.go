@@ -99,6 +99,18 @@ func TestBinary(t *testing.T) {
 		}
 	})
 
+	t.Run("help", func(t *testing.T) {
+		for _, args := range [][]string{{"--help"}, {"run", "--help"}, {"buildinfo", "--help"}, {"--no-such-flag"}} {
+			out, _ := exec.Command(bin, args...).CombinedOutput()
+			if !bytes.Contains(out, []byte("--token")) && args[0] != "buildinfo" && args[0] != "--no-such-flag" {
+				t.Fatalf("%v: no usage shown:\n%s", args, out)
+			}
+			if bytes.Contains(out, []byte(secretSig)) {
+				t.Fatalf("%v: the compiled-in token is shown:\n%s", args, out)
+			}
+		}
+	})
+
 	cases := []struct {
 		name  string
 		args  []string
