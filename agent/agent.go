@@ -291,6 +291,9 @@ func New(opts Options) (*Agent, error) {
 			bad("provisioning ca pin: %v", err)
 		}
 	}
+	if p.Enabled && opts.InProcess == nil && len(caPEM) == 0 && p.CAPin == "" && !p.InsecureSkipVerify {
+		bad("provisioning broker verification: give the broker's CA (--ca) or a pin of its public key (--ca-pin, or ca_pin in the token), or turn verification off by name (--insecure-skip-tls-verify)")
+	}
 	if p.FactsFile != "" {
 		if _, err := readFacts(p.FactsFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 			bad("facts file %q: %v", p.FactsFile, err)
@@ -346,9 +349,6 @@ func New(opts Options) (*Agent, error) {
 		a.log = logrus.NewEntry(logging.Discard())
 	}
 	a.log = a.log.WithFields(logrus.Fields{"component": "agent", "identity": a.id})
-	if p.InsecureUnsignedRequests {
-		a.log.Warn("INSECURE: insecure_unsigned_requests is on; this node obeys requests from anyone who can reach its broker")
-	}
 	if a.mdInterval == 0 {
 		a.mdInterval = DefaultMetadataInterval
 	}
@@ -408,9 +408,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := os.Chmod(a.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
 	}
-	if a.prov.InsecureSkipVerify {
-		a.log.Warn("INSECURE: provisioning broker certificates are NOT verified (--insecure-skip-tls-verify); anyone on the path can provision this node")
-	}
 	forceProvisioning := false
 	for {
 		if ctx.Err() != nil {
@@ -427,6 +424,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			return d.Err
 		}
 		a.mode.Store(int32(d.Mode))
+		a.warnInsecure(d.Mode)
 		a.log.WithField("mode", d.Mode.String()).Infof("starting in %s mode: %s", d.Mode, d.Reason)
 		var out outcome
 		var err error
@@ -452,6 +450,17 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 			a.log.Info("restarting in process")
 		}
+	}
+}
+
+// warnInsecure warns about every insecure option that applies to mode, at
+// every start of that mode (in-process restarts and fallbacks included).
+func (a *Agent) warnInsecure(m Mode) {
+	if a.prov.InsecureUnsignedRequests {
+		a.log.Warn("INSECURE: insecure_unsigned_requests is on; this node obeys requests from anyone who can reach its broker")
+	}
+	if m == ModeProvisioning && a.prov.InsecureSkipVerify && a.inProcess == nil {
+		a.log.Warn("INSECURE: provisioning broker certificates are NOT verified (--insecure-skip-tls-verify); anyone on the path can provision this node")
 	}
 }
 

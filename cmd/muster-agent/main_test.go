@@ -47,7 +47,7 @@ func makeToken() (string, string) {
 func buildAgent(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "muster-agent")
-	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.version=9.9.9 -X main.aliveInterval=7s -X main.provisionShuffle=false"
+	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.provisionCAPin=sha256:" + strings.Repeat("ab", 32) + " -X main.version=9.9.9 -X main.aliveInterval=7s -X main.provisionShuffle=false"
 	cmd := exec.Command("go", "build", "-ldflags", ld, "-o", bin, ".")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
