@@ -452,9 +452,9 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		subject, source string
 	}
 	specs := []subSpec{
-		{protocol.MetadataSubject, sourceMetadata},
-		{protocol.LifecycleSubject(protocol.EventStartup, "*"), sourceStartup},
-		{"production." + protocol.LifecyclePrefix + "." + protocol.EventProvisioned + ".>", sourceProduction},
+		{protocol.MetadataSubjectFor(">"), sourceMetadata},
+		{protocol.LifecycleSubject(protocol.EventStartup, "*", ">"), sourceStartup},
+		{productionPrefix + protocol.LifecycleSubject(protocol.EventProvisioned, "*", ">"), sourceProduction},
 		{protocol.AdvisoryDuplicateIdentity, sourceAdvisory},
 	}
 	msgs := make(chan *nats.Msg, subBuffer)

@@ -62,7 +62,7 @@ func TestRestartReExecs(t *testing.T) {
 	t.Cleanup(nc.Close)
 	var mu sync.Mutex
 	startups := 0
-	if _, err := nc.Subscribe(protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent), func(*nats.Msg) {
+	if _, err := nc.Subscribe(protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent, "n1"), func(*nats.Msg) {
 		mu.Lock()
 		startups++
 		mu.Unlock()

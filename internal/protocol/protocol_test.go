@@ -128,7 +128,7 @@ func TestSubjects(t *testing.T) {
 	if s := BroadcastSubject(ProvisioningCollective, AgentDiscovery); s != "provisioning.broadcast.agent.discovery" {
 		t.Fatal(s)
 	}
-	if s := LifecycleSubject(EventStartup, AgentComponent); s != "choria.lifecycle.event.startup.muster-agent" {
+	if s := LifecycleSubject(EventStartup, AgentComponent, "n1.example.net"); s != "choria.lifecycle.event.startup.muster-agent.n1.example.net" {
 		t.Fatal(s)
 	}
 }
