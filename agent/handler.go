@@ -89,6 +89,12 @@ func (s *session) handle(subject string, data []byte, now time.Time) result {
 	if !directed && req.Target != "" && req.Target != s.a.id {
 		return result{}
 	}
+	// A broadcast subject serves only the agent it is named after, and
+	// never choria_provision: one request signed for every node must not
+	// configure, restart or shut them all down.
+	if !directed && (req.Agent == protocol.AgentProvision || subject != protocol.BroadcastSubject(s.mainCollective, req.Agent)) {
+		return result{}
+	}
 	if !s.serves(req.Agent, req.Action) {
 		return s.refuse(directed, req, protocol.CodeUnknownAction, fmt.Sprintf("%s %s is not served in %s mode", req.Agent, req.Action, s.mode))
 	}
