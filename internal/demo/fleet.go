@@ -363,10 +363,15 @@ func (f *Fleet) Start(ctx context.Context) error {
 	}
 	var provConn *nats.Conn
 	if f.opts.InProcess {
-		nkeyOpt, err := nats.NkeyOptionFromSeed(pcfg.NkeySeedFile)
+		seed, err := os.ReadFile(pcfg.NkeySeedFile)
 		if err != nil {
 			return fmt.Errorf("provisioner nkey: %w", err)
 		}
+		kp, err := nkeys.FromSeed(seed)
+		if err != nil {
+			return fmt.Errorf("provisioner nkey: %w", err)
+		}
+		nkeyOpt := nats.Nkey(provKey, func(nonce []byte) ([]byte, error) { return protocol.SignNonce(kp, nonce) })
 		provConn, err = nats.Connect("", nats.InProcessServer(f.broker.Server()), nkeyOpt,
 			nats.Name(pcfg.Name), nats.MaxReconnects(-1))
 		if err != nil {
