@@ -402,6 +402,12 @@ func (a *Agent) Run(ctx context.Context) error {
 		return errors.New("agent already running")
 	}
 	defer a.running.Store(false)
+	if err := os.MkdirAll(a.stateDir, 0o700); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	if !a.confined(a.sslDir) {
+		return fmt.Errorf("ssl directory %s is a symbolic link out of the state directory", a.sslDir)
+	}
 	if err := os.MkdirAll(a.sslDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
