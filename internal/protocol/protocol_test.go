@@ -192,3 +192,23 @@ func FuzzValidateIdentity(f *testing.F) {
 		}
 	})
 }
+
+// FuzzDecodeFrom feeds arbitrary subjects and bodies to the decoders of
+// metadata and lifecycle events: what they accept names the identity its
+// subject ends in.
+func FuzzDecodeFrom(f *testing.F) {
+	m, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1.example.net", Facts: map[string]string{"a": "b"}})
+	e, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1.example.net", Type: EventStartup, Component: AgentComponent})
+	f.Add(MetadataSubjectFor("n1.example.net"), m)
+	f.Add(LifecycleSubject(EventStartup, AgentComponent, "n1.example.net"), e)
+	f.Add(LifecycleSubject(EventStartup, AgentComponent, "x.n1.example.net"), e)
+	f.Add(MetadataSubject, m)
+	f.Fuzz(func(t *testing.T, subject string, data []byte) {
+		if md, err := DecodeMetadataFrom(subject, data); err == nil && subject != MetadataSubjectFor(md.Identity) {
+			t.Fatalf("metadata of %q accepted on %q", md.Identity, subject)
+		}
+		if ev, err := DecodeEventFrom(subject, data); err == nil && subject != LifecycleSubject(ev.Type, ev.Component, ev.Identity) {
+			t.Fatalf("event of %q (%s %s) accepted on %q", ev.Identity, ev.Type, ev.Component, subject)
+		}
+	})
+}
