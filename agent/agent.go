@@ -38,6 +38,11 @@ const (
 	// ShutdownMarker is the file the shutdown action writes in the state
 	// directory; while it exists the agent refuses to start.
 	ShutdownMarker = "shutdown"
+	// SeenFile hands the ids of the requests still within their TTL from
+	// an agent that exits to restart (ExitOnRestart) to the process that
+	// follows, so a request cannot be replayed across a re-exec. It is read
+	// and removed at start.
+	SeenFile = "seen-requests.json"
 	// SSLDirName is the directory under the state directory holding the key,
 	// CSR, certificate and CA.
 	SSLDirName = "ssl"
@@ -411,6 +416,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := os.MkdirAll(a.sslDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
+	a.loadSeen(time.Now())
 	if err := os.Chmod(a.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
 	}
@@ -452,6 +458,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case outRestart:
 			forceProvisioning = false
 			if a.exitRestart {
+				a.saveSeen(time.Now())
 				return ErrRestart
 			}
 			a.log.Info("restarting in process")

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"net"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -145,5 +148,49 @@ func TestInsecureWarnsAtEveryStart(t *testing.T) {
 	eventually(t, "second startup", func() bool { return events.count(eventsOf(protocol.EventStartup, id)) == 2 })
 	if tlsW, unsW := count(); tlsW != 2 || unsW != 2 {
 		t.Fatalf("after a restart: %d skip-verify and %d unsigned warnings, want 2 each\n%s", tlsW, unsW, buf)
+	}
+}
+
+// TestReplayAcrossReExec: a request replayed to the process that follows a
+// re-exec (ExitOnRestart, as the binary does) is still refused.
+func TestReplayAcrossReExec(t *testing.T) {
+	const id = "reexec1"
+	e := newEnv(t)
+	nc := e.client(t)
+	events := record(t, nc, protocol.LifecyclePrefix+".>")
+	stateDir := t.TempDir()
+	opts := Options{Identity: id, StateDir: stateDir, ExitOnRestart: true, ReconnectWait: 50 * time.Millisecond,
+		Provisioning: ProvisioningSettings{Brokers: []string{e.url}, TrustedKeys: testTrusted, CAFile: e.caFile, Enabled: true}}
+	first := startAgent(t, opts)
+	eventually(t, "startup", func() bool { return events.count(eventsOf(protocol.EventStartup, id)) == 1 })
+	captured := newRequest("", id, protocol.AgentProvision, protocol.ActionConfigure, testKey, time.Now(),
+		protocol.ConfigureRequest{Configuration: map[string]string{"loglevel": "info", "plugin.choria.server.provision": "true"}})
+	deliver := func() *protocol.Reply {
+		t.Helper()
+		msg, err := nc.Request(protocol.NodeSubject(protocol.ProvisioningCollective, id), captured, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rep, err := protocol.DecodeReply(msg.Data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rep
+	}
+	mustOK(t, deliver())
+	mustOK(t, call(t, nc, protocol.ProvisioningCollective, id, protocol.AgentProvision, protocol.ActionRestart, reqOpts{key: testKey}, protocol.RestartRequest{SplayMillis: 1}))
+	if err := first.wait(t); !errors.Is(err, ErrRestart) {
+		t.Fatalf("Run: %v, want ErrRestart", err)
+	}
+	second := startAgent(t, opts)
+	eventually(t, "second startup", func() bool { return events.count(eventsOf(protocol.EventStartup, id)) == 2 })
+	if rep := deliver(); rep.Code != protocol.CodeBadRequest || !strings.Contains(rep.Message, "already processed") {
+		t.Fatalf("replay after the re-exec: %s %q", rep.Code, rep.Message)
+	}
+	if r := second.a.Refusals(); r.Replayed != 1 {
+		t.Fatalf("replays counted %d", r.Replayed)
+	}
+	if _, err := os.Stat(filepath.Join(stateDir, SeenFile)); !os.IsNotExist(err) {
+		t.Fatalf("%s left behind: %v", SeenFile, err)
 	}
 }
