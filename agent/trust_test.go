@@ -16,9 +16,11 @@ import (
 
 	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nkeys"
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/token"
 )
 
 // lockedBuffer is a log sink for concurrent writers.
@@ -192,5 +194,38 @@ func TestReplayAcrossReExec(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(stateDir, SeenFile)); !os.IsNotExist(err) {
 		t.Fatalf("%s left behind: %v", SeenFile, err)
+	}
+}
+
+// TestTrustFromToken: an agent given only its provisioning token takes the
+// brokers, the CA pin and the provisioner keys from it, and trusts several
+// keys at once (rotation) but no other.
+func TestTrustFromToken(t *testing.T) {
+	const id = "tokentrust1"
+	e := newEnv(t)
+	nc := e.client(t)
+	events := record(t, nc, protocol.LifecyclePrefix+".>")
+	seed, _, err := token.GenerateIssuerSeed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	iss, err := token.NewIssuer(seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := mustUserKey()
+	tok, _, err := iss.Create(token.Scope{Identity: id, Brokers: []string{e.url}, CAPin: e.ca.Pin(),
+		ProvisionerKeys: []string{mustPublic(testKey), mustPublic(next)}}, time.Now(), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	startAgent(t, Options{Identity: id, StateDir: t.TempDir(), ReconnectWait: 50 * time.Millisecond,
+		Provisioning: ProvisioningSettings{Token: tok, Enabled: true}})
+	eventually(t, "startup", func() bool { return events.count(eventsOf(protocol.EventStartup, id)) == 1 })
+	for _, kp := range []nkeys.KeyPair{testKey, next} {
+		mustOK(t, call(t, nc, protocol.ProvisioningCollective, id, protocol.AgentRPCUtil, protocol.ActionInventory, reqOpts{key: kp}, nil))
+	}
+	if rep := call(t, nc, protocol.ProvisioningCollective, id, protocol.AgentRPCUtil, protocol.ActionInventory, reqOpts{key: rogueKey}, nil); rep.Code != protocol.CodeUnauthorized {
+		t.Fatalf("rogue key: %s", rep.Code)
 	}
 }
