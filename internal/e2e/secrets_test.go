@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -11,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
 	"github.com/sirupsen/logrus"
@@ -18,6 +20,7 @@ import (
 	"github.com/muster-io/muster/agent"
 	"github.com/muster-io/muster/broker"
 	"github.com/muster-io/muster/internal/demo"
+	"github.com/muster-io/muster/internal/protocol"
 )
 
 // logSink collects every log line of a fleet.
@@ -47,7 +50,7 @@ var jwtShape = regexp.MustCompile(`eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}`)
 // of the fleet in the captured logs and in the metrics expositions: the
 // nodes' provisioning tokens, the provisioner's nkey seed, the token
 // issuer's seed, and the private keys of the nodes, the CA, the broker and
-// the admin.
+// the admin. Messages sent to nodes are searched too.
 func TestSecretsNeverLogged(t *testing.T) {
 	sink := &logSink{}
 	log := logrus.New()
@@ -57,6 +60,25 @@ func TestSecretsNeverLogged(t *testing.T) {
 	f := newFleet(t, n, "cfssl", func(o *demo.Options) { o.Logger = log })
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	// Everything sent to nodes (requests, broadcasts) is captured too.
+	if err := f.StartBroker(); err != nil {
+		t.Fatal(err)
+	}
+	toNodes := &logSink{}
+	pc, err := nats.Connect(f.Broker().ClientURL(), nats.RootCAs(filepath.Join(f.Dir(), "pki", "ca.pem")),
+		mustNkey(t, filepath.Join(f.Dir(), "pki", broker.ProvisionerSeedFile)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	if _, err := pc.Subscribe(protocol.ProvisioningCollective+".>", func(m *nats.Msg) {
+		fmt.Fprintf(toNodes, "%s %s\n", m.Subject, m.Data)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := pc.Flush(); err != nil {
+		t.Fatal(err)
+	}
 	if err := f.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -114,6 +136,10 @@ func TestSecretsNeverLogged(t *testing.T) {
 		}
 	}
 	expo["logs"] = logs
+	if !strings.Contains(toNodes.String(), protocol.ActionConfigure) {
+		t.Fatal("no configure request was captured")
+	}
+	expo["messages to nodes"] = toNodes.String()
 	for where, text := range expo {
 		for name, secret := range secrets {
 			if strings.Contains(text, secret) {
