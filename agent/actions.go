@@ -75,7 +75,12 @@ func (a *Agent) reusableKey(body protocol.GenCSRRequest, log *logrus.Entry) (cry
 	if p := a.pending; p != nil && keyFits(p.key, body) {
 		return p.key, true
 	}
-	keyPEM, err := os.ReadFile(filepath.Join(a.sslDir, KeyFile))
+	keyFile := filepath.Join(a.sslDir, KeyFile)
+	if !a.confined(keyFile) {
+		log.Warn("gencsr: the key on disk lies behind a symbolic link out of the state directory; making a new one")
+		return nil, false
+	}
+	keyPEM, err := os.ReadFile(keyFile)
 	if err != nil {
 		return nil, false
 	}
@@ -132,9 +137,10 @@ func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *
 		return fail(protocol.CodeBadRequest, "configuration: identity %q is not this node's identity %q", id, a.id)
 	}
 	// Paths the agent will open are confined to its state directory, so a
-	// configuration cannot point it at files elsewhere on the machine.
+	// configuration cannot point it at files elsewhere on the machine, not
+	// even through a symbolic link inside the state directory.
 	for _, k := range []string{config.KeyCertificate, config.KeyKey, config.KeyCA} {
-		if v, set := cfg.Get(k); set && !a.inStateDir(v) {
+		if v, set := cfg.Get(k); set && !a.confined(v) {
 			return fail(protocol.CodeBadRequest, "configuration: %s must be an absolute path inside the agent's state directory", k)
 		}
 	}
@@ -198,6 +204,15 @@ func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *
 			}
 		}
 	}
+	// Every file written inside the state directory must stay there once
+	// symbolic links are followed (an ssl or policies directory linked
+	// elsewhere would take the key and certificate with it).
+	for _, f := range append(files, fsutil.File{Path: a.configFile}) {
+		if (f.Path != a.configFile || within(a.stateDir, a.configFile)) && !a.confined(f.Path) {
+			log.WithField("path", f.Path).Error("configure: refusing to write through a symbolic link out of the state directory")
+			return fail(protocol.CodeInternal, "the node's state directory is not safe to write")
+		}
+	}
 	files = append(files, fsutil.File{Path: a.configFile, Data: cfg.Bytes(), Perm: 0o600})
 
 	if len(polFiles) > 0 {
@@ -224,15 +239,49 @@ func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *
 	return ok(nil)
 }
 
-// inStateDir reports whether p is an absolute path inside the state
-// directory once cleaned (so "..", "." and doubled separators cannot
-// escape it).
-func (a *Agent) inStateDir(p string) bool {
-	if !filepath.IsAbs(p) {
+// confined reports whether p is an absolute path inside the state
+// directory, once cleaned (so "..", "." and doubled separators cannot
+// escape it) and once the symbolic links of its existing part are
+// followed (so a link inside the state directory cannot lead out of it).
+func (a *Agent) confined(p string) bool {
+	if !filepath.IsAbs(p) || !within(a.stateDir, filepath.Clean(p)) {
 		return false
 	}
-	rel, err := filepath.Rel(a.stateDir, filepath.Clean(p))
+	root, err := filepath.EvalSymlinks(a.stateDir)
+	if err != nil {
+		return false
+	}
+	real, err := resolveExisting(filepath.Clean(p))
+	return err == nil && within(root, real)
+}
+
+// within reports whether p lies strictly inside dir (both clean).
+func within(dir, p string) bool {
+	rel, err := filepath.Rel(dir, p)
 	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, ".."+string(filepath.Separator))
+}
+
+// resolveExisting follows the symbolic links of the longest existing
+// prefix of p and appends the rest. A dangling link is an error.
+func resolveExisting(p string) (string, error) {
+	rest := ""
+	for cur := p; ; {
+		real, err := filepath.EvalSymlinks(cur)
+		if err == nil {
+			return filepath.Join(real, rest), nil
+		}
+		if _, lerr := os.Lstat(cur); lerr == nil || !errors.Is(err, os.ErrNotExist) {
+			// There, but not resolvable: a dangling link, which could
+			// point anywhere once its target appears.
+			return "", err
+		}
+		parent := filepath.Dir(cur)
+		if parent == cur {
+			return "", err
+		}
+		rest = filepath.Join(filepath.Base(cur), rest)
+		cur = parent
+	}
 }
 
 // pendingKey is a key gencsr made and configure has not written yet.
@@ -249,6 +298,10 @@ type pendingKey struct {
 func (a *Agent) configureKey(keyPath string, log *logrus.Entry) (key crypto.Signer, keyPEM []byte, pending *pendingKey, ans *answer) {
 	if p := a.pending; p != nil {
 		return p.key, p.pem, p, nil
+	}
+	if !a.confined(keyPath) {
+		an := fail(protocol.CodeConflict, "no usable private key on this node: gencsr must come before configure with a certificate")
+		return nil, nil, nil, &an
 	}
 	keyPEM, err := os.ReadFile(keyPath)
 	if errors.Is(err, os.ErrNotExist) {

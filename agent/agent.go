@@ -38,6 +38,11 @@ const (
 	// ShutdownMarker is the file the shutdown action writes in the state
 	// directory; while it exists the agent refuses to start.
 	ShutdownMarker = "shutdown"
+	// SeenFile hands the ids of the requests still within their TTL from
+	// an agent that exits to restart (ExitOnRestart) to the process that
+	// follows, so a request cannot be replayed across a re-exec. It is read
+	// and removed at start.
+	SeenFile = "seen-requests.json"
 	// SSLDirName is the directory under the state directory holding the key,
 	// CSR, certificate and CA.
 	SSLDirName = "ssl"
@@ -291,6 +296,9 @@ func New(opts Options) (*Agent, error) {
 			bad("provisioning ca pin: %v", err)
 		}
 	}
+	if p.Enabled && opts.InProcess == nil && len(caPEM) == 0 && p.CAPin == "" && !p.InsecureSkipVerify {
+		bad("provisioning broker verification: give the broker's CA (--ca) or a pin of its public key (--ca-pin, or ca_pin in the token), or turn verification off by name (--insecure-skip-tls-verify)")
+	}
 	if p.FactsFile != "" {
 		if _, err := readFacts(p.FactsFile); err != nil && !errors.Is(err, os.ErrNotExist) {
 			bad("facts file %q: %v", p.FactsFile, err)
@@ -346,9 +354,6 @@ func New(opts Options) (*Agent, error) {
 		a.log = logrus.NewEntry(logging.Discard())
 	}
 	a.log = a.log.WithFields(logrus.Fields{"component": "agent", "identity": a.id})
-	if p.InsecureUnsignedRequests {
-		a.log.Warn("INSECURE: insecure_unsigned_requests is on; this node obeys requests from anyone who can reach its broker")
-	}
 	if a.mdInterval == 0 {
 		a.mdInterval = DefaultMetadataInterval
 	}
@@ -402,14 +407,18 @@ func (a *Agent) Run(ctx context.Context) error {
 		return errors.New("agent already running")
 	}
 	defer a.running.Store(false)
+	if err := os.MkdirAll(a.stateDir, 0o700); err != nil {
+		return fmt.Errorf("create state dir: %w", err)
+	}
+	if !a.confined(a.sslDir) {
+		return fmt.Errorf("ssl directory %s is a symbolic link out of the state directory", a.sslDir)
+	}
 	if err := os.MkdirAll(a.sslDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
+	a.loadSeen(time.Now())
 	if err := os.Chmod(a.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
-	}
-	if a.prov.InsecureSkipVerify {
-		a.log.Warn("INSECURE: provisioning broker certificates are NOT verified (--insecure-skip-tls-verify); anyone on the path can provision this node")
 	}
 	forceProvisioning := false
 	for {
@@ -427,6 +436,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			return d.Err
 		}
 		a.mode.Store(int32(d.Mode))
+		a.warnInsecure(d.Mode)
 		a.log.WithField("mode", d.Mode.String()).Infof("starting in %s mode: %s", d.Mode, d.Reason)
 		var out outcome
 		var err error
@@ -448,10 +458,22 @@ func (a *Agent) Run(ctx context.Context) error {
 		case outRestart:
 			forceProvisioning = false
 			if a.exitRestart {
+				a.saveSeen(time.Now())
 				return ErrRestart
 			}
 			a.log.Info("restarting in process")
 		}
+	}
+}
+
+// warnInsecure warns about every insecure option that applies to mode, at
+// every start of that mode (in-process restarts and fallbacks included).
+func (a *Agent) warnInsecure(m Mode) {
+	if a.prov.InsecureUnsignedRequests {
+		a.log.Warn("INSECURE: insecure_unsigned_requests is on; this node obeys requests from anyone who can reach its broker")
+	}
+	if m == ModeProvisioning && a.prov.InsecureSkipVerify && a.inProcess == nil {
+		a.log.Warn("INSECURE: provisioning broker certificates are NOT verified (--insecure-skip-tls-verify); anyone on the path can provision this node")
 	}
 }
 

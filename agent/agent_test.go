@@ -42,7 +42,7 @@ func TestLifecycle(t *testing.T) {
 	e := newEnv(t)
 	nc := e.client(t)
 	events := record(t, nc, protocol.LifecyclePrefix+".>")
-	metadata := record(t, nc, protocol.MetadataSubject)
+	metadata := record(t, nc, protocol.MetadataSubjectFor(">"))
 	stateDir := filepath.Join(t.TempDir(), "state")
 	factsFile := filepath.Join(t.TempDir(), "facts.yaml")
 	if err := os.WriteFile(factsFile, []byte("country: mt\nrack: 12\n"), 0o644); err != nil {
@@ -435,7 +435,7 @@ func TestManyInProcessAgents(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(nc.Close)
-	metadata := record(t, nc, protocol.MetadataSubject)
+	metadata := record(t, nc, protocol.MetadataSubjectFor(">"))
 	base := t.TempDir()
 	goroutinesBefore := runtime.NumGoroutine()
 	agents := make([]*running, n)

@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/url"
 	"os"
 	"strings"
 	"syscall"
@@ -41,6 +42,9 @@ func (a *Agent) provisioningTLS() (*tls.Config, error) {
 		tc.RootCAs = roots
 	}
 	if a.caPin == "" {
+		if roots == nil {
+			return nil, errors.New("provisioning broker verification: no CA and no CA pin (give one, or --insecure-skip-tls-verify)")
+		}
 		return tc, nil
 	}
 	// With a pin, the pinned certificate anchors verification. When a CA is
@@ -48,8 +52,9 @@ func (a *Agent) provisioningTLS() (*tls.Config, error) {
 	// checked on top; without one, standard verification is replaced.
 	tc.InsecureSkipVerify = roots == nil
 	pin := a.caPin
+	ipHosts := brokerIPs(a.prov.Brokers)
 	tc.VerifyConnection = func(cs tls.ConnectionState) error {
-		err := verifyPinned(cs, pin)
+		err := verifyPinned(cs, pin, ipHosts)
 		if err != nil {
 			// Logged on the first failure and then every 100th, so a
 			// misconfigured pin is visible without flooding the log.
@@ -62,10 +67,29 @@ func (a *Agent) provisioningTLS() (*tls.Config, error) {
 	return tc, nil
 }
 
+// brokerIPs returns the IP address hosts of the broker list.
+func brokerIPs(brokers []string) []string {
+	var out []string
+	for _, b := range brokers {
+		for _, part := range strings.Split(b, ",") {
+			u, err := brokerURL(part)
+			if err != nil {
+				continue
+			}
+			if pu, err := url.Parse(u); err == nil && net.ParseIP(pu.Hostname()) != nil {
+				out = append(out, pu.Hostname())
+			}
+		}
+	}
+	return out
+}
+
 // verifyPinned finds the certificate whose public key matches pin among the
 // certificates the server sent (and the verified chains) and verifies the
-// leaf against it, including the host name.
-func verifyPinned(cs tls.ConnectionState, pin string) error {
+// leaf against it, including the host name. A broker addressed by IP sends
+// no server name (TLS has no SNI for addresses), so its certificate must
+// then name one of the configured broker addresses, ipHosts.
+func verifyPinned(cs tls.ConnectionState, pin string, ipHosts []string) error {
 	if len(cs.PeerCertificates) == 0 {
 		return errors.New("broker sent no certificate")
 	}
@@ -98,7 +122,15 @@ func verifyPinned(cs tls.ConnectionState, pin string) error {
 	}); err != nil {
 		return fmt.Errorf("broker certificate does not verify against the pinned CA: %w", err)
 	}
-	return nil
+	if cs.ServerName != "" {
+		return nil
+	}
+	for _, h := range ipHosts {
+		if leaf.VerifyHostname(h) == nil {
+			return nil
+		}
+	}
+	return errors.New("broker certificate names none of the configured broker addresses")
 }
 
 // productionTLS builds the mutual TLS configuration from the paths in the

@@ -4,12 +4,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/fsutil"
 	"github.com/muster-io/muster/internal/protocol"
 )
 
@@ -87,6 +90,12 @@ func (s *session) handle(subject string, data []byte, now time.Time) result {
 		return s.refuse(directed, req, protocol.CodeBadRequest, fmt.Sprintf("target %q is not this node", req.Target))
 	}
 	if !directed && req.Target != "" && req.Target != s.a.id {
+		return result{}
+	}
+	// A broadcast subject serves only the agent it is named after, and
+	// never choria_provision: one request signed for every node must not
+	// configure, restart or shut them all down.
+	if !directed && (req.Agent == protocol.AgentProvision || subject != protocol.BroadcastSubject(s.mainCollective, req.Agent)) {
 		return result{}
 	}
 	if !s.serves(req.Agent, req.Action) {
@@ -232,6 +241,75 @@ func (a *Agent) remember(req *protocol.Request, now time.Time) bool {
 	}
 	a.seen[req.ID] = req.Time.Add(time.Duration(req.TTL)*time.Second + RequestSkew)
 	return true
+}
+
+// maxSeenFile bounds the SeenFile an agent reads.
+const maxSeenFile = 8 << 20
+
+// saveSeen writes the request ids still within their TTL to SeenFile for
+// the process that follows a re-exec. A failure is logged: the new process
+// then only has the freshness check against replays of those requests.
+func (a *Agent) saveSeen(now time.Time) {
+	a.mu.Lock()
+	live := make(map[string]time.Time, len(a.seen))
+	for id, exp := range a.seen {
+		if now.Before(exp) {
+			live[id] = exp
+		}
+	}
+	a.mu.Unlock()
+	path := filepath.Join(a.stateDir, SeenFile)
+	if len(live) == 0 {
+		return
+	}
+	data, err := json.Marshal(live)
+	if err == nil && !a.confined(path) {
+		err = errors.New("behind a symbolic link out of the state directory")
+	}
+	if err == nil {
+		err = fsutil.WriteFileAtomic(path, data, 0o600)
+	}
+	if err != nil {
+		a.log.WithError(err).Warn("could not keep the ids of recent requests across the restart")
+	}
+}
+
+// loadSeen reads and removes SeenFile, keeping the ids still within their
+// TTL. A file that cannot be used is logged and removed.
+func (a *Agent) loadSeen(now time.Time) {
+	path := filepath.Join(a.stateDir, SeenFile)
+	st, err := os.Lstat(path)
+	if err != nil {
+		return
+	}
+	defer func() {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			a.log.WithError(err).Warn("could not remove the file of recent request ids")
+		}
+	}()
+	var seen map[string]time.Time
+	if !st.Mode().IsRegular() || st.Size() > maxSeenFile {
+		a.log.Warn("ignoring the file of recent request ids: not a regular file of a sane size")
+		return
+	}
+	data, err := os.ReadFile(path)
+	if err == nil {
+		err = protocol.DecodeStrict(data, maxSeenFile, &seen)
+	}
+	if err != nil {
+		a.log.WithError(err).Warn("ignoring the file of recent request ids")
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for id, exp := range seen {
+		if len(a.seen) >= maxSeen {
+			break
+		}
+		if id != "" && len(id) <= 128 && now.Before(exp) && exp.Before(now.Add(protocol.MaxTTL+2*RequestSkew)) {
+			a.seen[id] = exp
+		}
+	}
 }
 
 func (s *session) dispatch(req *protocol.Request, now time.Time, log *logrus.Entry) answer {

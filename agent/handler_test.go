@@ -68,6 +68,42 @@ func TestHandleBroadcastErrorsAreSilent(t *testing.T) {
 	}
 }
 
+// TestBroadcastServesOnlyItsAgent: a broadcast subject serves the agent it
+// is named after, never choria_provision, however well signed: a request
+// signed for every node must not configure, shut down or restart them all.
+func TestBroadcastServesOnlyItsAgent(t *testing.T) {
+	s := fuzzSession(t, ModeProvisioning)
+	rpc := protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentRPCUtil)
+	disc := protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery)
+	cfg := protocol.ConfigureRequest{Configuration: map[string]string{"plugin.choria.middleware_hosts": "evil.example.net:4222"}}
+	cases := []struct {
+		name, subject, agent, action string
+		body                         any
+	}{
+		{"configure on rpcutil", rpc, protocol.AgentProvision, protocol.ActionConfigure, cfg},
+		{"shutdown on rpcutil", rpc, protocol.AgentProvision, protocol.ActionShutdown, nil},
+		{"restart on discovery", disc, protocol.AgentProvision, protocol.ActionRestart, nil},
+		{"configure on its own agent's subject", protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentProvision), protocol.AgentProvision, protocol.ActionConfigure, cfg},
+		{"rpcutil on discovery", disc, protocol.AgentRPCUtil, protocol.ActionInventory, nil},
+		{"discovery on rpcutil", rpc, protocol.AgentDiscovery, protocol.ActionPing, nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			res := s.handle(tc.subject, newRequest("", "", tc.agent, tc.action, testKey, time.Now(), tc.body), time.Now())
+			if res.reply != nil || res.act != actNone {
+				t.Fatalf("served: reply %s, action %v", res.reply, res.act)
+			}
+		})
+	}
+	entries, err := os.ReadDir(s.a.stateDir)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	if len(entries) != 0 {
+		t.Fatalf("broadcasts wrote %d entries in the state directory", len(entries))
+	}
+}
+
 func TestRestartSplayCapped(t *testing.T) {
 	cases := []struct {
 		name string

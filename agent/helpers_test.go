@@ -165,7 +165,7 @@ func (r *recorder) count(match func(*nats.Msg) bool) int {
 func eventsOf(typ, id string) func(*nats.Msg) bool {
 	return func(m *nats.Msg) bool {
 		ev, err := protocol.DecodeEvent(m.Data)
-		return err == nil && ev.Type == typ && ev.Identity == id && m.Subject == protocol.LifecycleSubject(typ, protocol.AgentComponent)
+		return err == nil && ev.Type == typ && ev.Identity == id && m.Subject == protocol.LifecycleSubject(typ, protocol.AgentComponent, id)
 	}
 }
 

@@ -285,7 +285,7 @@ func (a *Agent) publishEvent(nc *nats.Conn, typ string, now time.Time) {
 	}
 	data, err := protocol.Marshal(ev)
 	if err == nil {
-		err = nc.Publish(protocol.LifecycleSubject(typ, protocol.AgentComponent), data)
+		err = nc.Publish(protocol.LifecycleSubject(typ, protocol.AgentComponent, a.id), data)
 	}
 	if err != nil {
 		a.log.WithError(err).WithField("event", typ).Warn("could not publish lifecycle event")
@@ -302,7 +302,7 @@ func (a *Agent) publishMetadata(nc *nats.Conn, facts map[string]string, now time
 	}
 	data, err := protocol.Marshal(md)
 	if err == nil {
-		err = nc.Publish(protocol.MetadataSubject, data)
+		err = nc.Publish(protocol.MetadataSubjectFor(a.id), data)
 	}
 	if err != nil {
 		a.log.WithError(err).Warn("could not publish metadata")

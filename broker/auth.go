@@ -141,8 +141,10 @@ func (a *authenticator) setServer(s *server.Server) {
 }
 
 // permissions returns the permissions of a user of kind with the given
-// name (its identity for nodes). Provisioners and admins may use every
-// subject of their account. Nodes get only what the protocol needs:
+// name (its identity for nodes). Provisioners may use every subject of
+// their account. Nodes get only what the protocol needs, and publish only
+// on subjects that end in their own identity, so a receiver can tell who
+// sent a message from its subject:
 //
 //   - unprovisioned nodes publish their metadata and lifecycle events and
 //     reply to requests; they subscribe only to their own node subject
@@ -150,27 +152,40 @@ func (a *authenticator) setServer(s *server.Server) {
 //     broadcasts, so they cannot watch other nodes' requests, metadata or
 //     replies, and cannot send provisioning requests;
 //   - production nodes publish lifecycle events and replies, and subscribe
-//     to their certificate's node subject in any collective and to
-//     broadcasts.
+//     to their certificate's node subject in any collective but the
+//     provisioning one, and to broadcasts;
+//   - admins may use every subject of PRODUCTION except the provisioning
+//     collective's: only the provisioner sends provisioning requests.
 func (a *authenticator) permissions(kind UserKind, name string) *server.Permissions {
 	replies := &server.ResponsePermission{MaxMsgs: 1, Expires: time.Minute}
-	lifecycle := protocol.LifecycleSubject("*", protocol.AgentComponent)
+	lifecycle := protocol.LifecycleSubject("*", protocol.AgentComponent, name)
+	provisioningSubjects := []string{protocol.ProvisioningCollective + ".>"}
 	switch kind {
 	case UserUnprovisioned:
 		sub := []string{protocol.BroadcastSubject(protocol.ProvisioningCollective, ">")}
+		pub := []string{}
 		if protocol.ValidateIdentity(name) == nil {
 			sub = append(sub, protocol.NodeSubject(protocol.ProvisioningCollective, name))
+			pub = append(pub, protocol.MetadataSubjectFor(name), lifecycle)
 		}
 		return &server.Permissions{
-			Publish:   &server.SubjectPermission{Allow: []string{protocol.MetadataSubject, lifecycle}},
+			Publish:   &server.SubjectPermission{Allow: pub},
 			Subscribe: &server.SubjectPermission{Allow: sub},
 			Response:  replies,
 		}
 	case UserNode:
 		return &server.Permissions{
-			Publish:   &server.SubjectPermission{Allow: []string{lifecycle}},
-			Subscribe: &server.SubjectPermission{Allow: []string{protocol.NodeSubject("*", name), protocol.BroadcastSubject("*", ">")}},
-			Response:  replies,
+			Publish: &server.SubjectPermission{Allow: []string{lifecycle}},
+			Subscribe: &server.SubjectPermission{
+				Allow: []string{protocol.NodeSubject("*", name), protocol.BroadcastSubject("*", ">")},
+				Deny:  provisioningSubjects,
+			},
+			Response: replies,
+		}
+	case UserAdmin:
+		return &server.Permissions{
+			Publish:   &server.SubjectPermission{Allow: []string{">"}, Deny: provisioningSubjects},
+			Subscribe: &server.SubjectPermission{Allow: []string{">"}},
 		}
 	default:
 		return nil

@@ -440,10 +440,10 @@ func TestUnprovisionedNodeLandsInProvisioning(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := node.Publish("choria.provisioning_data", []byte("{}")); err != nil {
+	if err := node.Publish("choria.provisioning_data.node", []byte("{}")); err != nil {
 		t.Fatal(err)
 	}
-	expectMsg(t, provSub, "choria.provisioning_data")
+	expectMsg(t, provSub, "choria.provisioning_data.node")
 	if err := prov.Publish("provisioning.node.node", []byte("{}")); err != nil {
 		t.Fatal(err)
 	}
@@ -494,11 +494,21 @@ func TestNodePermissions(t *testing.T) {
 		pub  []string
 	}{
 		{"unprovisioned", nodeOpts(t, b, "rogue.example.net"),
-			[]string{">", "provisioning.node.victim.example.net", "provisioning.node.>", "choria.provisioning_data", "_INBOX.>", "production.>"},
-			[]string{"provisioning.node.victim.example.net", "provisioning.broadcast.agent.discovery"}},
+			[]string{">", "provisioning.node.victim.example.net", "provisioning.node.>", "choria.provisioning_data.>", "_INBOX.>", "production.>"},
+			[]string{"provisioning.node.victim.example.net", "provisioning.broadcast.agent.discovery",
+				// as another identity, or as no one
+				"choria.provisioning_data.victim.example.net", "choria.provisioning_data",
+				"choria.lifecycle.event.startup.muster-agent.victim.example.net", "choria.lifecycle.event.startup.muster-agent",
+				// an identity that extends its own: the subject would end in another's
+				"choria.provisioning_data.rogue.example.net.victim", "muster.advisory.duplicate_identity"}},
 		{"production node", []nats.Option{issueClient(t, devCA(t, b), t.TempDir(), "rogue", "rogue.example.net")},
-			[]string{">", "mcollective.node.victim.example.net", "choria.provisioning_data"},
-			[]string{"mcollective.node.victim.example.net", "choria.provisioning_data"}},
+			[]string{">", "mcollective.node.victim.example.net", "choria.provisioning_data.>", "provisioning.node.rogue.example.net"},
+			[]string{"mcollective.node.victim.example.net", "choria.provisioning_data.rogue.example.net",
+				"choria.lifecycle.event.provisioned.muster-agent.victim.example.net", "choria.lifecycle.event.provisioned.muster-agent",
+				"provisioning.node.victim.example.net"}},
+		// Only the provisioner sends provisioning requests, in any account.
+		{"admin", []nats.Option{adminOpt(b)}, nil,
+			[]string{"provisioning.node.victim.example.net", "provisioning.broadcast.agent.discovery"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -669,7 +679,7 @@ func TestLifecycleImport(t *testing.T) {
 	if err := node.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	subject := "choria.lifecycle.event.provisioned.muster-agent"
+	subject := "choria.lifecycle.event.provisioned.muster-agent.node1.example.net"
 	// The import is set up asynchronously on the subscriber's side; poll by
 	// publishing until the first event arrives.
 	deadline := time.Now().Add(5 * time.Second)

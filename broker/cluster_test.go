@@ -453,12 +453,12 @@ func testAccountsAcross(t *testing.T, x, y *Broker) {
 		t.Errorf("a provisioning connection reached a production subject")
 	}
 	waitUntil(t, 10*time.Second, "a production lifecycle event across the cluster", func() bool {
-		if err := prod.Publish("choria.lifecycle.event.provisioned.muster-agent", []byte("{}")); err != nil {
+		if err := prod.Publish("choria.lifecycle.event.provisioned.muster-agent.node1.example.net", []byte("{}")); err != nil {
 			t.Fatal(err)
 		}
 		_ = prod.Flush()
 		m, err := events.NextMsg(200 * time.Millisecond)
-		return err == nil && m.Subject == "production.choria.lifecycle.event.provisioned.muster-agent"
+		return err == nil && m.Subject == "production.choria.lifecycle.event.provisioned.muster-agent.node1.example.net"
 	})
 }
 

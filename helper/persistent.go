@@ -546,24 +546,9 @@ func (p *Persistent) read(pp *persistentProc) {
 // for a line that cannot be attributed to a request, after which the
 // stream cannot be trusted.
 func (p *Persistent) dispatch(pp *persistentProc, line []byte, log *logrus.Entry) error {
-	rep, err := DecodeReply(line)
-	id := ""
-	if err == nil {
-		id = rep.RequestID
-	} else {
-		// A wrongly typed reply may still say whose it is.
-		var probe struct {
-			RequestID string `json:"request_id"`
-		}
-		if json.Unmarshal(line, &probe) == nil {
-			id = probe.RequestID
-		}
-	}
-	if err != nil || id == "" {
+	id, rep, err := attributeReply(line)
+	if err != nil {
 		p.badLines.Add(1)
-		if err == nil {
-			err = fmt.Errorf("%w: reply without request_id", ErrInvalidReply)
-		}
 	}
 	if id == "" {
 		return err
@@ -590,6 +575,27 @@ func (p *Persistent) dispatch(pp *persistentProc, line []byte, log *logrus.Entry
 		ch <- result{rep: rep}
 	}
 	return nil
+}
+
+// attributeReply decodes one reply line of a persistent helper: the
+// request it answers (id, "" when it cannot be told) and the reply, or the
+// error that fails that request (a line without an id is an error too).
+func attributeReply(line []byte) (id string, rep *Reply, err error) {
+	rep, err = DecodeReply(line)
+	if err == nil {
+		if rep.RequestID == "" {
+			return "", nil, fmt.Errorf("%w: reply without request_id", ErrInvalidReply)
+		}
+		return rep.RequestID, rep, nil
+	}
+	// A wrongly typed reply may still say whose it is.
+	var probe struct {
+		RequestID string `json:"request_id"`
+	}
+	if json.Unmarshal(line, &probe) == nil {
+		id = probe.RequestID
+	}
+	return id, nil, err
 }
 
 // Close ends the helper process: its stdin is closed so a well-behaved

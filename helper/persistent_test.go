@@ -585,3 +585,27 @@ func TestServeLines(t *testing.T) {
 		}
 	}
 }
+
+// FuzzServeLines feeds arbitrary request streams to the built-in helper's
+// persistent line mode: every reply line it writes is one valid reply
+// carrying a request_id, and it never panics.
+func FuzzServeLines(f *testing.F) {
+	f.Add(`{"identity":"a.example.net","inventory":"{}","request_id":"1"}` + "\n" + `not a request` + "\n")
+	f.Add(`{"identity":7,"request_id":"2"}` + "\n\n" + `{"identity":"b.example.net","inventory":"{}"}`)
+	f.Add(`{"identity":"bad.example.net","request_id":"3"} trailing`)
+	f.Fuzz(func(t *testing.T, in string) {
+		var out, errOut strings.Builder
+		if err := helper.ServeLines(context.Background(), failing{}, strings.NewReader(in), &out, &errOut, 2); err != nil {
+			return // a line over the size limit ends the stream
+		}
+		for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+			if line == "" {
+				continue
+			}
+			rep, err := helper.DecodeReply([]byte(line))
+			if err != nil || rep.RequestID == "" {
+				t.Fatalf("reply line %q: %v", line, err)
+			}
+		}
+	})
+}

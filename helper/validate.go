@@ -162,9 +162,10 @@ func validateCertificate(req *Request, rep *Reply, now time.Time, opts ValidateO
 
 // ValidateConfiguration checks a flat configuration as it will be written
 // to a node's configuration file: at most MaxConfigKeys keys; keys
-// non-empty, at most MaxConfigKeyLen bytes, without whitespace, '=', '#'
-// or control characters; values at most MaxConfigValueLen bytes without
-// newlines or NUL. It reports every bad key at once.
+// non-empty, at most MaxConfigKeyLen bytes, without whitespace, '=', '#',
+// path separators, ".." or control characters; values at most
+// MaxConfigValueLen bytes without newlines or NUL. It reports every bad
+// key at once.
 func ValidateConfiguration(cfg map[string]string) error {
 	if len(cfg) > MaxConfigKeys {
 		return fmt.Errorf("configuration has %d keys, limit %d", len(cfg), MaxConfigKeys)
@@ -192,6 +193,10 @@ func ValidateConfigKey(k string) error {
 		return fmt.Errorf("configuration key %.32q...: %d bytes, limit %d", k, len(k), MaxConfigKeyLen)
 	case strings.ContainsAny(k, "=#"):
 		return fmt.Errorf("configuration key %q contains '=' or '#'", k)
+	case strings.ContainsAny(k, `/\`):
+		return fmt.Errorf("configuration key %q contains a path separator", k)
+	case strings.Contains(k, ".."):
+		return fmt.Errorf("configuration key %q contains '..'", k)
 	case strings.IndexFunc(k, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }) >= 0:
 		return fmt.Errorf("configuration key %q contains whitespace or a control character", k)
 	}

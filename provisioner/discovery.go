@@ -15,6 +15,10 @@ import (
 	"github.com/muster-io/muster/internal/protocol"
 )
 
+// productionPrefix is where the provisioning account sees the production
+// account's lifecycle events (the broker's import).
+const productionPrefix = "production."
+
 // invalidLogEvery is the shortest interval between two debug logs about
 // malformed messages from one source.
 const invalidLogEvery = 5 * time.Second
@@ -45,16 +49,18 @@ func (p *Provisioner) handleMessage(m *nats.Msg) {
 		if err := p.Hold(d.Identity, HoldDuplicateConnection); err != nil {
 			p.log.WithError(err).WithField("identity", d.Identity).Warn("could not hold a duplicate identity")
 		}
-	case m.Subject == protocol.MetadataSubject:
-		md, err := protocol.DecodeMetadata(m.Data)
+	case strings.HasPrefix(m.Subject, protocol.MetadataSubject+"."):
+		// The subject names the sender (the broker lets a node publish
+		// only as itself); metadata naming someone else is dropped.
+		md, err := protocol.DecodeMetadataFrom(m.Subject, m.Data)
 		if err != nil {
 			p.invalid(sourceMetadata, err)
 			return
 		}
 		p.m.discovered.WithLabelValues(sourceMetadata).Inc()
 		p.offer(md.Identity, sourceMetadata, time.Time{})
-	case strings.HasPrefix(m.Subject, "production."):
-		ev, err := protocol.DecodeEvent(m.Data)
+	case strings.HasPrefix(m.Subject, productionPrefix):
+		ev, err := protocol.DecodeEventFrom(strings.TrimPrefix(m.Subject, productionPrefix), m.Data)
 		if err != nil || ev.Type != protocol.EventProvisioned {
 			if err == nil {
 				err = fmt.Errorf("event type %q", ev.Type)
@@ -65,7 +71,7 @@ func (p *Provisioner) handleMessage(m *nats.Msg) {
 		p.m.arrivals.Inc()
 		p.markProduction(ev.Identity)
 	default:
-		ev, err := protocol.DecodeEvent(m.Data)
+		ev, err := protocol.DecodeEventFrom(m.Subject, m.Data)
 		if err != nil || ev.Type != protocol.EventStartup {
 			if err == nil {
 				err = fmt.Errorf("event type %q", ev.Type)

@@ -9,6 +9,7 @@ package provisioner
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -457,9 +458,9 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		subject, source string
 	}
 	specs := []subSpec{
-		{protocol.MetadataSubject, sourceMetadata},
-		{protocol.LifecycleSubject(protocol.EventStartup, "*"), sourceStartup},
-		{"production." + protocol.LifecyclePrefix + "." + protocol.EventProvisioned + ".>", sourceProduction},
+		{protocol.MetadataSubjectFor(">"), sourceMetadata},
+		{protocol.LifecycleSubject(protocol.EventStartup, "*", ">"), sourceStartup},
+		{productionPrefix + protocol.LifecycleSubject(protocol.EventProvisioned, "*", ">"), sourceProduction},
 		{protocol.AdvisoryDuplicateIdentity, sourceAdvisory},
 	}
 	msgs := make(chan *nats.Msg, subBuffer)
@@ -612,16 +613,17 @@ func (p *Provisioner) connect() (*nats.Conn, bool, error) {
 			p.log.WithField("broker", c.ConnectedUrlRedacted()).Info("reconnected to broker")
 		}),
 	}
+	// TLS always: the broker requires it, and whoever could talk to the
+	// provisioner in the clear would see every request and could pose as
+	// the broker.
+	opts = append(opts, nats.Secure(&tls.Config{MinVersion: tls.VersionTLS12}))
 	if p.cfg.TLSCA != "" {
 		opts = append(opts, nats.RootCAs(p.cfg.TLSCA))
 	}
-	if p.cfg.NkeySeedFile != "" {
-		o, err := nats.NkeyOptionFromSeed(p.cfg.NkeySeedFile)
-		if err != nil {
-			return nil, false, fmt.Errorf("nkey_seed_file %q: %w", p.cfg.NkeySeedFile, err)
-		}
-		opts = append(opts, o)
-	}
+	// The broker credential is the signing key: sign only what is shaped
+	// like a nonce (protocol.SignNonce), never a request a rogue broker
+	// passes off as one.
+	opts = append(opts, nats.Nkey(p.SignerKey(), func(nonce []byte) ([]byte, error) { return protocol.SignNonce(p.signer, nonce) }))
 	nc, err := nats.Connect(strings.Join(p.cfg.Brokers, ","), opts...)
 	if err != nil {
 		return nil, false, fmt.Errorf("connect to brokers: %w", err)

@@ -366,29 +366,47 @@ func TestInvalidMessagesCounted(t *testing.T) {
 	cfg.Interval = Duration(time.Hour)
 	r := startProvisioner(t, url, cfg, newTestHelper(c, nil), nil, nil)
 	nc := connect(t, url)
-	bad := map[string][]byte{
-		protocol.MetadataSubject: []byte(`{"protocol":"muster:metadata:1","identity":"../etc"}`),
-		protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent): []byte(`not json`),
-		"production.choria.lifecycle.event.provisioned.muster-agent":              []byte(`{"protocol":"x"}`),
+	// Messages whose body names another identity than their subject (the
+	// broker binds the subject to the sender) are as invalid as garbage.
+	forgedMD, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: "victim.example.net", Time: time.Now().UTC()})
+	forgedEv, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: "f", Identity: "victim.example.net", Component: protocol.AgentComponent, Type: protocol.EventStartup, Time: time.Now().UTC()})
+	forgedProd, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: "g", Identity: "victim.example.net", Component: protocol.AgentComponent, Type: protocol.EventProvisioned, Time: time.Now().UTC()})
+	// A component that swallows part of the identity: the subject of
+	// x.victim.example.net read as victim.example.net's.
+	split, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: "h", Identity: "victim.example.net", Component: protocol.AgentComponent + ".x", Type: protocol.EventStartup, Time: time.Now().UTC()})
+	bad := []struct {
+		subject string
+		data    []byte
+	}{
+		{protocol.MetadataSubjectFor("etc"), []byte(`{"protocol":"muster:metadata:1","identity":"../etc"}`)},
+		{protocol.MetadataSubjectFor("mallory.example.net"), forgedMD},
+		{protocol.MetadataSubject, forgedMD},
+		{protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent, "n1"), []byte(`not json`)},
+		{protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent, "mallory.example.net"), forgedEv},
+		{protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent, "x.victim.example.net"), split},
+		{productionPrefix + protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, "n1"), []byte(`{"protocol":"x"}`)},
+		{productionPrefix + protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, "mallory.example.net"), forgedProd},
 	}
-	for subj, data := range bad {
-		for i := 0; i < 3; i++ {
-			if err := nc.Publish(subj, data); err != nil {
-				t.Fatal(err)
-			}
+	for _, m := range bad {
+		if err := nc.Publish(m.subject, m.data); err != nil {
+			t.Fatal(err)
 		}
 	}
+	want := map[string]float64{sourceMetadata: 2, sourceStartup: 3, sourceProduction: 2} // the bare metadata subject is not subscribed
 	waitFor(t, 5*time.Second, "invalid messages counted", func() bool {
-		for _, s := range []string{sourceMetadata, sourceStartup, sourceProduction} {
-			if testutil.ToFloat64(r.p.m.invalid.WithLabelValues(s)) != 3 {
+		for s, n := range want {
+			if testutil.ToFloat64(r.p.m.invalid.WithLabelValues(s)) != n {
 				return false
 			}
 		}
 		return true
 	})
+	if st, ok := nodeState(r.p, "victim.example.net"); ok {
+		t.Fatalf("forged messages made the provisioner track the victim: %+v", st)
+	}
 	// A provisioned event from production marks the node done.
 	ev, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: "1", Identity: "p1.example.net", Component: protocol.AgentComponent, Type: protocol.EventProvisioned, Time: time.Now().UTC()})
-	if err := nc.Publish("production.choria.lifecycle.event.provisioned.muster-agent", ev); err != nil {
+	if err := nc.Publish(productionPrefix+protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, "p1.example.net"), ev); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, 5*time.Second, "production arrival", func() bool {

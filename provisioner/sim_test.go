@@ -145,7 +145,7 @@ func (f *simFleet) add(id string, behave nodeBehaviour) *simNode {
 func (f *simFleet) publishMetadata(id string) {
 	f.t.Helper()
 	b, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: id, Time: time.Now().UTC(), Version: "test", Facts: map[string]string{"rack": "r1"}})
-	if err := f.nc.Publish(protocol.MetadataSubject, b); err != nil {
+	if err := f.nc.Publish(protocol.MetadataSubjectFor(id), b); err != nil {
 		f.t.Fatal(err)
 	}
 }
@@ -153,7 +153,7 @@ func (f *simFleet) publishMetadata(id string) {
 func (f *simFleet) publishStartup(id string) {
 	f.t.Helper()
 	b, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: nuid.Next(), Identity: id, Component: protocol.AgentComponent, Type: protocol.EventStartup, Time: time.Now().UTC()})
-	if err := f.nc.Publish(protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent), b); err != nil {
+	if err := f.nc.Publish(protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent, id), b); err != nil {
 		f.t.Fatal(err)
 	}
 }

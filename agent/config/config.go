@@ -95,7 +95,7 @@ func FromMap(m map[string]string) (*Config, error) {
 
 // ValidateKey checks that k can be a configuration key: non-empty, at most
 // MaxKeyLength bytes, valid UTF-8, no whitespace or control characters, no
-// '=' and not starting with '#'.
+// '=', no path separators ('/', '\\') or "..", and not starting with '#'.
 func ValidateKey(k string) error {
 	if k == "" {
 		return fmt.Errorf("%w: empty", ErrInvalidKey)
@@ -108,6 +108,9 @@ func ValidateKey(k string) error {
 	}
 	if k[0] == '#' {
 		return fmt.Errorf("%w: %q starts with '#'", ErrInvalidKey, k)
+	}
+	if strings.ContainsAny(k, `/\`) || strings.Contains(k, "..") {
+		return fmt.Errorf("%w: %q contains a path separator or '..'", ErrInvalidKey, k)
 	}
 	for _, r := range k {
 		if unicode.IsSpace(r) || unicode.IsControl(r) || r == '=' {

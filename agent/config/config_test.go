@@ -88,6 +88,10 @@ func TestSetValidates(t *testing.T) {
 		{"comment key", "#a", "x", ErrInvalidKey},
 		{"empty key", "", "x", ErrInvalidKey},
 		{"tab in key", "a\tb", "x", ErrInvalidKey},
+		{"slash in key", "plugin/../x", "x", ErrInvalidKey},
+		{"backslash in key", "a\\b", "x", ErrInvalidKey},
+		{"dot dot in key", "plugin..x", "x", ErrInvalidKey},
+		{"carriage return in value", "a", "x\ry", ErrInvalidVal},
 		{"ok", "a.b_c-d", "x y\tz", nil},
 	}
 	for _, tc := range cases {

@@ -143,6 +143,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	runE := func(cmd *cobra.Command, _ []string) error {
 		if !cmd.Flags().Changed("token") {
+			// The compiled-in token is not the flag's default, so usage
+			// output never shows it.
+			f.token = provisionToken
 			if t, ok := os.LookupEnv("MUSTER_TOKEN"); ok {
 				f.token = t
 			}
@@ -164,7 +167,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	pf.StringVar(&f.stateDir, "state-dir", "/var/lib/muster-agent", "state directory (configuration, ssl, marker)")
 	pf.StringVar(&f.config, "config", "", "configuration file (default <state-dir>/agent.cfg)")
 	pf.StringArrayVar(&f.brokers, "provisioning-broker", splitComma(provisionBrokers), "provisioning broker URL (repeatable)")
-	pf.StringVar(&f.token, "token", provisionToken, "provisioning token (or MUSTER_TOKEN, or --token-file)")
+	pf.StringVar(&f.token, "token", "", "provisioning token (default: MUSTER_TOKEN, else the compiled-in token; or --token-file)")
 	pf.StringVar(&f.tokenFile, "token-file", "", "file holding the provisioning token")
 	pf.StringArrayVar(&f.provisionerKeys, "provisioner-key", splitComma(provisionerKeys), "trusted provisioner public nkey (repeatable; several for key rotation)")
 	pf.BoolVar(&f.insecureUnsigned, "insecure-unsigned-requests", false, "INSECURE: obey requests without a trusted provisioner signature")

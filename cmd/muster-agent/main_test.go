@@ -47,7 +47,7 @@ func makeToken() (string, string) {
 func buildAgent(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "muster-agent")
-	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.version=9.9.9 -X main.aliveInterval=7s -X main.provisionShuffle=false"
+	ld := "-X main.provisionToken=" + secretToken + " -X main.provisionBrokers=tls://127.0.0.1:1,127.0.0.1:2 -X main.provisionDefault=true -X main.provisionCAPin=sha256:" + strings.Repeat("ab", 32) + " -X main.version=9.9.9 -X main.aliveInterval=7s -X main.provisionShuffle=false"
 	cmd := exec.Command("go", "build", "-ldflags", ld, "-o", bin, ".")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build: %v\n%s", err, out)
@@ -96,6 +96,18 @@ func TestBinary(t *testing.T) {
 		}
 		if bi.AliveInterval != "7s" || bi.ProvisionShuffle || bi.ReconnectWait != "2s" || bi.ReconnectMaxWait != "30s" {
 			t.Fatalf("compiled-in failover settings in buildinfo %s", out)
+		}
+	})
+
+	t.Run("help", func(t *testing.T) {
+		for _, args := range [][]string{{"--help"}, {"run", "--help"}, {"buildinfo", "--help"}, {"--no-such-flag"}} {
+			out, _ := exec.Command(bin, args...).CombinedOutput()
+			if !bytes.Contains(out, []byte("--token")) && args[0] != "buildinfo" && args[0] != "--no-such-flag" {
+				t.Fatalf("%v: no usage shown:\n%s", args, out)
+			}
+			if bytes.Contains(out, []byte(secretSig)) {
+				t.Fatalf("%v: the compiled-in token is shown:\n%s", args, out)
+			}
 		}
 	})
 

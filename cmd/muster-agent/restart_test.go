@@ -62,7 +62,7 @@ func TestRestartReExecs(t *testing.T) {
 	t.Cleanup(nc.Close)
 	var mu sync.Mutex
 	startups := 0
-	if _, err := nc.Subscribe(protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent), func(*nats.Msg) {
+	if _, err := nc.Subscribe(protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent, "n1"), func(*nats.Msg) {
 		mu.Lock()
 		startups++
 		mu.Unlock()
@@ -90,7 +90,7 @@ func TestRestartReExecs(t *testing.T) {
 	}
 	pub, _ := kp.PublicKey()
 	cmd := exec.Command(bin, "run", "--identity", "n1", "--state-dir", t.TempDir(),
-		"--provisioning-broker", url, "--ca", caFile, "--provisioner-key", pub)
+		"--provisioning-broker", url, "--ca", caFile, "--ca-pin", c.Pin(), "--provisioner-key", pub)
 	stderr := &syncBuffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {

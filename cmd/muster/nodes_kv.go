@@ -2,13 +2,16 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"os"
 	"text/tabwriter"
 	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nkeys"
 	"github.com/spf13/cobra"
 
 	"github.com/muster-io/muster/internal/nodestate"
@@ -38,11 +41,21 @@ func (k *kvFlags) open(ctx context.Context) (*nodestate.Store, func(), error) {
 		return nil, nil, errors.New("--kv needs --nkey (a provisioner seed file)")
 	}
 	opts := []nats.Option{nats.Name("muster-nodes"), nats.Timeout(k.timeout)}
-	nk, err := nats.NkeyOptionFromSeed(k.nkey)
+	seed, err := os.ReadFile(k.nkey)
 	if err != nil {
 		return nil, nil, fmt.Errorf("--nkey: %w", err)
 	}
-	opts = append(opts, nk)
+	kp, err := nkeys.ParseDecoratedNKey(seed)
+	if err != nil {
+		return nil, nil, fmt.Errorf("--nkey %s: not an nkey seed", k.nkey)
+	}
+	pub, err := kp.PublicKey()
+	if err != nil {
+		return nil, nil, fmt.Errorf("--nkey %s: %w", k.nkey, err)
+	}
+	// A provisioner's seed signs requests too: sign only real nonces.
+	opts = append(opts, nats.Secure(&tls.Config{MinVersion: tls.VersionTLS12}),
+		nats.Nkey(pub, func(nonce []byte) ([]byte, error) { return protocol.SignNonce(kp, nonce) }))
 	if k.tlsCA != "" {
 		opts = append(opts, nats.RootCAs(k.tlsCA))
 	}

@@ -95,7 +95,7 @@ agent can ride along: --provisioner-key (repeatable), --broker (repeatable) and 
 	f.StringVar(&out, "out", "", "write the token to this file (mode 0600) instead of stdout")
 	f.DurationVar(&validity, "valid", 24*time.Hour, "how long the token is valid")
 	f.StringVar(&scope.Identity, "identity", "", "the one identity the token is for")
-	f.StringVar(&scope.Pattern, "identity-pattern", "", "glob the identities must match (e.g. 'web-*.example.net')")
+	f.StringVar(&scope.Pattern, "identity-pattern", "", "glob the identities must match, label by label: '*' never crosses a dot (e.g. 'web-*.example.net')")
 	f.StringVar(&scope.Batch, "batch", "", "batch label handed to the helper")
 	f.IntVar(&scope.MaxUses, "max-uses", 0, "how many distinct identities the token may provision (0: no limit)")
 	f.StringArrayVar(&scope.ProvisionerKeys, "provisioner-key", nil, "provisioner public nkey the agent should trust (repeatable)")

@@ -43,3 +43,21 @@ func FuzzProvisionInventory(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseConfig feeds arbitrary YAML to the built-in helper's
+// configuration parser: it is valid (Validate agrees) or refused.
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte("ca:\n  cert: ca.pem\n  key: ca-key.pem\nmiddleware_hosts: b:4222\n"))
+	f.Add([]byte("rules:\n  - name: x\n    facts: {country: 'm?'}\n    set: {loglevel: debug}\n"))
+	f.Add([]byte("defaults: {\"a\\nb\": x}\n"))
+	f.Add([]byte("unknown: 1\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := builtin.ParseConfig(data)
+		if err != nil {
+			return
+		}
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("accepted a configuration Validate refuses: %v", err)
+		}
+	})
+}

@@ -123,6 +123,7 @@ type Fleet struct {
 	prov     *provisioner.Provisioner
 	agents   []*agent.Agent
 	ids      []string
+	tokens   map[string]string // identity → its provisioning token (in-process agents)
 	started  time.Time
 
 	mu         sync.Mutex
@@ -371,10 +372,15 @@ func (f *Fleet) Prepare() error {
 	}
 	var provConn *nats.Conn
 	if f.opts.InProcess {
-		nkeyOpt, err := nats.NkeyOptionFromSeed(pcfg.NkeySeedFile)
+		seed, err := os.ReadFile(pcfg.NkeySeedFile)
 		if err != nil {
 			return fmt.Errorf("provisioner nkey: %w", err)
 		}
+		kp, err := nkeys.FromSeed(seed)
+		if err != nil {
+			return fmt.Errorf("provisioner nkey: %w", err)
+		}
+		nkeyOpt := nats.Nkey(provKey, func(nonce []byte) ([]byte, error) { return protocol.SignNonce(kp, nonce) })
 		provConn, err = nats.Connect("", nats.InProcessServer(f.broker.Server()), nkeyOpt,
 			nats.Name(pcfg.Name), nats.MaxReconnects(-1))
 		if err != nil {
@@ -436,6 +442,10 @@ func (f *Fleet) Prepare() error {
 			return fmt.Errorf("agent %s: %w", id, err)
 		}
 		f.agents = append(f.agents, a)
+		if f.tokens == nil {
+			f.tokens = map[string]string{}
+		}
+		f.tokens[id] = tok
 	}
 	f.prepared = true
 	return nil
@@ -667,6 +677,21 @@ func (f *Fleet) WaitProduction(ctx context.Context, n int) int {
 
 // Identities returns the agents' identities in order.
 func (f *Fleet) Identities() []string { return append([]string(nil), f.ids...) }
+
+// Agent returns the in-process agent of identity, nil for process fleets
+// and unknown identities.
+func (f *Fleet) Agent(identity string) *agent.Agent {
+	for i, id := range f.ids {
+		if id == identity && i < len(f.agents) {
+			return f.agents[i]
+		}
+	}
+	return nil
+}
+
+// Token returns the provisioning token an in-process agent was given ("" for
+// process fleets), for tests that look for it where it must not be.
+func (f *Fleet) Token(identity string) string { return f.tokens[identity] }
 
 // AgentDir returns node i's state directory.
 func (f *Fleet) AgentDir(identity string) string { return filepath.Join(f.dir, "agents", identity) }

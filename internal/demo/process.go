@@ -149,9 +149,9 @@ func (f *Fleet) watchProduction() error {
 	if err != nil {
 		return fmt.Errorf("admin connection: %w", err)
 	}
-	_, err = nc.Subscribe(protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent), func(m *nats.Msg) {
-		ev, err := protocol.DecodeEvent(m.Data)
-		if err != nil || protocol.ValidateIdentity(ev.Identity) != nil {
+	_, err = nc.Subscribe(protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, ">"), func(m *nats.Msg) {
+		ev, err := protocol.DecodeEventFrom(m.Subject, m.Data)
+		if err != nil {
 			return
 		}
 		observer{f}.ModeChanged(ev.Identity, agent.ModeProduction, time.Now())

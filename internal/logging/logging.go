@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
+	"strings"
 
 	"github.com/sirupsen/logrus"
 )
@@ -23,7 +25,7 @@ func New(level, file string) (*logrus.Logger, io.Closer, error) {
 	}
 	l := logrus.New()
 	l.SetLevel(lvl)
-	l.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
+	l.SetFormatter(RedactingFormatter{Formatter: &logrus.TextFormatter{FullTimestamp: true}})
 	var closer io.Closer = io.NopCloser(nil)
 	if file != "" {
 		f, err := os.OpenFile(file, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
@@ -52,4 +54,53 @@ func Discard() *logrus.Logger {
 	l := logrus.New()
 	l.SetOutput(io.Discard)
 	return l
+}
+
+// Redacted replaces a secret Redact found.
+const Redacted = "[REDACTED]"
+
+// Secret shapes Redact looks for. Muster never logs a secret on purpose;
+// these catch what foreign code logs verbatim, such as nats-server's
+// protocol traces, which show every message payload (an inventory reply
+// carries the node's provisioning token).
+var (
+	// jwtPattern is a compact JWS (header.claims[.signature]) with a JSON
+	// header, as provisioning tokens are.
+	jwtPattern = regexp.MustCompile(`eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*)?`)
+	// seedPattern is an nkey seed (user, account, operator, server,
+	// cluster or curve), 58 base32 characters starting with S.
+	seedPattern = regexp.MustCompile(`S[UAONCX][A-Z2-7]{56}`)
+	// pemKeyPattern is a PEM private key block, also with escaped newlines.
+	pemKeyPattern = regexp.MustCompile(`-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)`)
+)
+
+// Redact returns s with every provisioning token (any JWT), nkey seed and
+// PEM private key block replaced by Redacted.
+func Redact(s string) string {
+	if strings.Contains(s, "eyJ") {
+		s = jwtPattern.ReplaceAllLiteralString(s, Redacted)
+	}
+	if strings.Contains(s, "PRIVATE KEY") {
+		s = pemKeyPattern.ReplaceAllLiteralString(s, Redacted)
+	}
+	return seedPattern.ReplaceAllLiteralString(s, Redacted)
+}
+
+// RedactingFormatter formats with Formatter and redacts the result (see
+// Redact), so not even a field or an error text from foreign code can put a
+// secret into a log.
+type RedactingFormatter struct {
+	Formatter logrus.Formatter
+}
+
+// Format implements logrus.Formatter.
+func (f RedactingFormatter) Format(e *logrus.Entry) ([]byte, error) {
+	b, err := f.Formatter.Format(e)
+	if err != nil {
+		return nil, err
+	}
+	if r := Redact(string(b)); r != string(b) {
+		return []byte(r), nil
+	}
+	return b, nil
 }

@@ -52,11 +52,16 @@ const (
 	ProvisionerComponent = "muster-provisioner"
 )
 
-// Subjects that do not depend on a collective.
+// Subjects that do not depend on a collective. A node publishes only on
+// subjects that end in its own identity, and the broker lets it publish on
+// no others, so a receiver knows who sent a message from its subject (see
+// DecodeMetadataFrom and DecodeEventFrom).
 const (
-	// MetadataSubject receives every waiting node's metadata (identity + facts).
+	// MetadataSubject prefixes the subjects of waiting nodes' metadata
+	// (identity + facts): choria.provisioning_data.<identity>.
 	MetadataSubject = "choria.provisioning_data"
-	// LifecyclePrefix prefixes lifecycle events: choria.lifecycle.event.<type>.<component>.
+	// LifecyclePrefix prefixes lifecycle events:
+	// choria.lifecycle.event.<type>.<component>.<identity>.
 	LifecyclePrefix = "choria.lifecycle.event"
 	// AdvisoryDuplicateIdentity is where the broker announces that a
 	// second machine (another address) tried to connect as an identity
@@ -126,9 +131,33 @@ func BroadcastSubject(collective, agent string) string {
 	return collective + ".broadcast.agent." + agent
 }
 
-// LifecycleSubject is choria.lifecycle.event.<type>.<component>.
-func LifecycleSubject(eventType, component string) string {
-	return LifecyclePrefix + "." + eventType + "." + component
+// MetadataSubjectFor is the subject identity publishes its metadata on:
+// choria.provisioning_data.<identity> (">" subscribes to every node's).
+func MetadataSubjectFor(identity string) string {
+	return MetadataSubject + "." + identity
+}
+
+// LifecycleSubject is the subject of identity's lifecycle events of a type
+// from a component: choria.lifecycle.event.<type>.<component>.<identity>
+// ("*" and ">" make subscriptions and permissions).
+func LifecycleSubject(eventType, component, identity string) string {
+	return LifecyclePrefix + "." + eventType + "." + component + "." + identity
+}
+
+// ErrSubjectMismatch is returned for a message whose body names another
+// identity (or event) than its subject.
+var ErrSubjectMismatch = errors.New("message does not match its subject")
+
+// subjectIdentity returns the identity that ends subject after prefix.
+func subjectIdentity(subject, prefix string) (string, error) {
+	rest, ok := strings.CutPrefix(subject, prefix+".")
+	if !ok {
+		return "", fmt.Errorf("subject %.80q is not under %s: %w", subject, prefix, ErrSubjectMismatch)
+	}
+	if err := ValidateIdentity(rest); err != nil {
+		return "", fmt.Errorf("subject %.80q: %w", subject, err)
+	}
+	return rest, nil
 }
 
 // Code is a stable error code carried in replies. Codes are part of the
@@ -486,6 +515,42 @@ func DecodeMetadata(data []byte) (*Metadata, error) {
 	return &m, nil
 }
 
+// DecodeMetadataFrom decodes metadata received on subject: the identity
+// in the body must be the one the subject ends in (the only one the broker
+// lets the sender publish as).
+func DecodeMetadataFrom(subject string, data []byte) (*Metadata, error) {
+	id, err := subjectIdentity(subject, MetadataSubject)
+	if err != nil {
+		return nil, fmt.Errorf("decode metadata: %w", err)
+	}
+	m, err := DecodeMetadata(data)
+	if err != nil {
+		return nil, err
+	}
+	if m.Identity != id {
+		return nil, fmt.Errorf("decode metadata: identity %q on the subject of %q: %w", m.Identity, id, ErrSubjectMismatch)
+	}
+	return m, nil
+}
+
+// DecodeEventFrom decodes a lifecycle event received on subject (without
+// an import prefix): its type, component and identity must be the ones
+// the subject names.
+func DecodeEventFrom(subject string, data []byte) (*Event, error) {
+	e, err := DecodeEvent(data)
+	if err != nil {
+		return nil, err
+	}
+	id, err := subjectIdentity(subject, LifecyclePrefix+"."+e.Type+"."+e.Component)
+	if err != nil {
+		return nil, fmt.Errorf("decode event: %w", err)
+	}
+	if e.Identity != id {
+		return nil, fmt.Errorf("decode event: identity %q on the subject of %q: %w", e.Identity, id, ErrSubjectMismatch)
+	}
+	return e, nil
+}
+
 // DecodeEvent decodes and validates a lifecycle event.
 func DecodeEvent(data []byte) (*Event, error) {
 	var e Event
@@ -501,7 +566,27 @@ func DecodeEvent(data []byte) (*Event, error) {
 	if e.Type == "" || e.Component == "" {
 		return nil, fmt.Errorf("decode event: type or component: %w", ErrMissingField)
 	}
+	// One subject token each, so the subject's identity part is never
+	// ambiguous (see DecodeEventFrom).
+	if !isToken(e.Type) || !isToken(e.Component) {
+		return nil, fmt.Errorf("decode event: type or component: %w", ErrBadField)
+	}
 	return &e, nil
+}
+
+// isToken reports whether s is a plain subject token: 1..64 of letters,
+// digits, '-' and '_'.
+func isToken(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 // NewReply builds a reply to req from sender with the given code and body.

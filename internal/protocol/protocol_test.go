@@ -128,7 +128,7 @@ func TestSubjects(t *testing.T) {
 	if s := BroadcastSubject(ProvisioningCollective, AgentDiscovery); s != "provisioning.broadcast.agent.discovery" {
 		t.Fatal(s)
 	}
-	if s := LifecycleSubject(EventStartup, AgentComponent); s != "choria.lifecycle.event.startup.muster-agent" {
+	if s := LifecycleSubject(EventStartup, AgentComponent, "n1.example.net"); s != "choria.lifecycle.event.startup.muster-agent.n1.example.net" {
 		t.Fatal(s)
 	}
 }
@@ -189,6 +189,26 @@ func FuzzValidateIdentity(f *testing.F) {
 		}
 		if strings.ContainsAny(id, "/\\ \n\r\t*>") || strings.Contains(id, "..") || len(id) > MaxIdentityLength {
 			t.Fatalf("identity %q accepted", id)
+		}
+	})
+}
+
+// FuzzDecodeFrom feeds arbitrary subjects and bodies to the decoders of
+// metadata and lifecycle events: what they accept names the identity its
+// subject ends in.
+func FuzzDecodeFrom(f *testing.F) {
+	m, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1.example.net", Facts: map[string]string{"a": "b"}})
+	e, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1.example.net", Type: EventStartup, Component: AgentComponent})
+	f.Add(MetadataSubjectFor("n1.example.net"), m)
+	f.Add(LifecycleSubject(EventStartup, AgentComponent, "n1.example.net"), e)
+	f.Add(LifecycleSubject(EventStartup, AgentComponent, "x.n1.example.net"), e)
+	f.Add(MetadataSubject, m)
+	f.Fuzz(func(t *testing.T, subject string, data []byte) {
+		if md, err := DecodeMetadataFrom(subject, data); err == nil && subject != MetadataSubjectFor(md.Identity) {
+			t.Fatalf("metadata of %q accepted on %q", md.Identity, subject)
+		}
+		if ev, err := DecodeEventFrom(subject, data); err == nil && subject != LifecycleSubject(ev.Type, ev.Component, ev.Identity) {
+			t.Fatalf("event of %q (%s %s) accepted on %q", ev.Identity, ev.Type, ev.Component, subject)
 		}
 	})
 }

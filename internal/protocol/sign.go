@@ -34,6 +34,33 @@ var (
 	ErrUntrustedKey = errors.New("request signed by an untrusted key")
 )
 
+// MaxNonce bounds a connection nonce SignNonce signs. nats-server sends 11
+// characters.
+const MaxNonce = 64
+
+// ErrBadNonce is returned by SignNonce for a nonce it will not sign.
+var ErrBadNonce = errors.New("refusing to sign a server nonce that is not a nonce")
+
+// SignNonce signs a broker's connection nonce with the provisioner's key,
+// which is also the key requests are signed with. The broker chooses the
+// nonce, so a rogue or compromised broker (or whoever sits between a
+// provisioner and a plaintext broker) could send a request's signing
+// payload as its "nonce" and get a valid request signature back. A real
+// nonce is a short run of base64 characters; a signing payload always has
+// newlines and colons, so SignNonce refuses anything that is not base64,
+// empty, or longer than MaxNonce.
+func SignNonce(kp KeySigner, nonce []byte) ([]byte, error) {
+	if len(nonce) == 0 || len(nonce) > MaxNonce {
+		return nil, fmt.Errorf("%w: %d bytes", ErrBadNonce, len(nonce))
+	}
+	for _, c := range nonce {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '+' || c == '/' || c == '=') {
+			return nil, fmt.Errorf("%w: byte %q", ErrBadNonce, c)
+		}
+	}
+	return kp.Sign(nonce)
+}
+
 // SigningPayload returns the bytes a request's signature covers.
 func (r *Request) SigningPayload() []byte {
 	sum := sha256.Sum256(r.Body)

@@ -3,6 +3,7 @@ package protocol
 import (
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -147,5 +148,28 @@ func TestSignerMatchesKeyPair(t *testing.T) {
 	pubOnly, _ := nkeys.FromPublicKey(pub)
 	if _, err := NewSigner(pubOnly); err == nil {
 		t.Fatal("NewSigner accepted a key pair without a seed")
+	}
+}
+
+// TestSignNonce: a broker can get the provisioner's key to sign its nonce,
+// never a request's signing payload.
+func TestSignNonce(t *testing.T) {
+	kp, _ := nkeys.CreateUser()
+	r := &Request{Protocol: RequestProtocol, ID: "x", Sender: "p", Target: "n1", Agent: AgentProvision, Action: ActionConfigure, Time: time.Now().UTC(), TTL: 60}
+	for name, nonce := range map[string][]byte{
+		"signing payload": r.SigningPayload(),
+		"empty":           nil,
+		"too long":        []byte(strings.Repeat("a", MaxNonce+1)),
+		"one line":        []byte("muster-request-signature:1"),
+	} {
+		if sig, err := SignNonce(kp, nonce); !errors.Is(err, ErrBadNonce) || sig != nil {
+			t.Errorf("%s: signed (%v)", name, err)
+		}
+	}
+	for _, nonce := range []string{"qHv7lmtmb1UHWak", "abc-_+/=", "AAAAAAAAAAA"} {
+		sig, err := SignNonce(kp, []byte(nonce))
+		if err != nil || kp.Verify([]byte(nonce), sig) != nil {
+			t.Errorf("nonce %q: %v", nonce, err)
+		}
 	}
 }

@@ -54,7 +54,9 @@ var (
 type Scope struct {
 	// Identity, when set, is the one identity the token is for.
 	Identity string `json:"identity,omitempty"`
-	// Pattern, when set, is a glob (path.Match syntax) identities must match.
+	// Pattern, when set, is a glob identities must match: path.Match syntax
+	// per DNS label, so '*' never crosses a '.' ("web-*.example.net" holds
+	// web-1.example.net, not web-1.evil.example.net).
 	Pattern string `json:"identity_pattern,omitempty"`
 	// Batch is a free label (a rack, an order number) passed to the helper.
 	Batch string `json:"batch,omitempty"`
@@ -120,11 +122,25 @@ func (s Scope) Allows(identity string) error {
 	case s.Identity != "" && s.Identity != identity:
 		return fmt.Errorf("%w: token is for %q", ErrOutOfScope, s.Identity)
 	case s.Pattern != "":
-		if ok, _ := path.Match(s.Pattern, identity); !ok {
+		if !matchLabels(s.Pattern, identity) {
 			return fmt.Errorf("%w: %q does not match %q", ErrOutOfScope, identity, s.Pattern)
 		}
 	}
 	return nil
+}
+
+// matchLabels matches identity against pattern label by label.
+func matchLabels(pattern, identity string) bool {
+	ps, is := strings.Split(pattern, "."), strings.Split(identity, ".")
+	if len(ps) != len(is) {
+		return false
+	}
+	for i := range ps {
+		if ok, err := path.Match(ps[i], is[i]); err != nil || !ok {
+			return false
+		}
+	}
+	return true
 }
 
 // Issuer signs tokens with an nkey account seed.

@@ -60,6 +60,10 @@ func TestCreateVerify(t *testing.T) {
 	}{
 		{"in pattern", good, "web-1.example.net", now, nil},
 		{"outside pattern", good, "db-1.example.net", now, ErrOutOfScope},
+		// '*' stands within one label, as in SAN patterns.
+		{"pattern, extra label", good, "web-1.evil.example.net", now, ErrOutOfScope},
+		{"pattern, label swallowed", mk(Scope{Pattern: "*.example.net"}, time.Hour), "a.b.example.net", now, ErrOutOfScope},
+		{"pattern, one label", mk(Scope{Pattern: "*.example.net"}, time.Hour), "a.example.net", now, nil},
 		{"exact identity", mk(Scope{Identity: "n1"}, time.Hour), "n1", now, nil},
 		{"other identity", mk(Scope{Identity: "n1"}, time.Hour), "n2", now, ErrOutOfScope},
 		{"unscoped", mk(Scope{}, time.Hour), "anything", now, nil},

@@ -2,7 +2,7 @@
 // tests. It is a real program exec'd by the provisioner, reading the request
 // on stdin like any helper. Its first argument picks the behaviour:
 //
-//	cfssl       run the real helper
+//	cfssl       check the token claims (jwt), then run the real helper
 //	defer-once  defer each identity the first time, then run the real helper
 //	sleep       never answer (the provisioner must time it out)
 //	garbage     print text that is not JSON
@@ -19,6 +19,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -60,6 +61,9 @@ func run() error {
 	}
 	switch mode {
 	case "cfssl":
+		if err := checkClaims(&req); err != nil {
+			return err
+		}
 		return realHelper(in)
 	case "defer-once":
 		marker := filepath.Join(os.Getenv("MUSTER_TEST_STATE"), req.Identity)
@@ -100,6 +104,30 @@ func run() error {
 	default:
 		return fmt.Errorf("unknown mode %q", mode)
 	}
+}
+
+// checkClaims insists on what COMPAT.md promises the helper: the verified
+// claims of the node's provisioning token as "jwt" (the demo fleet's tokens
+// are for one identity, batch "demo"), and never the token itself.
+func checkClaims(req *helper.Request) error {
+	var c struct {
+		Subject string `json:"sub"`
+		Issuer  string `json:"iss"`
+		Muster  struct {
+			Identity string `json:"identity"`
+			Batch    string `json:"batch"`
+		} `json:"muster"`
+	}
+	if err := json.Unmarshal(req.JWT, &c); err != nil {
+		return fmt.Errorf("jwt %s: %w", req.JWT, err)
+	}
+	if c.Subject != req.Identity || c.Muster.Identity != req.Identity || c.Muster.Batch != "demo" || c.Issuer == "" {
+		return fmt.Errorf("jwt claims %s do not fit %s", req.JWT, req.Identity)
+	}
+	if strings.Contains(req.Inventory, "eyJ") {
+		return fmt.Errorf("the inventory carries a token")
+	}
+	return nil
 }
 
 // realHelper replaces this process with the real built-in helper, feeding it
