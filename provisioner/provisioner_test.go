@@ -44,6 +44,10 @@ func TestFleetProvisionedOnce(t *testing.T) {
 	cfg := testConfig()
 	cfg.Workers = 8
 	cfg.Interval = Duration(time.Hour) // broadcast discovery only at start
+	// Every simulated node answers: a timeout long enough for a loaded
+	// machine keeps the RPC retry (which sends configure again, by design)
+	// out of the once-per-node counts below.
+	cfg.RPCTimeout = Duration(5 * time.Second)
 	r := startProvisioner(t, url, cfg, h, obs, nil)
 
 	// Announce two thirds; the rest are found by the initial broadcast.
