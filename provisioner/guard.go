@@ -636,10 +636,11 @@ func (p *Provisioner) applyHold(n *node, err error, now time.Time) bool {
 	return true
 }
 
-// recordProvisioned records a provisioned node's key and certificate serial
-// in the registry. The node is provisioned whatever happens here; a failed
-// write is logged.
-func (p *Provisioner) recordProvisioned(a *attempt) {
+// recordConfigured records a configured node's key, certificate serial and
+// token in the registry, once the node acknowledged configure (its disk
+// holds them from then on). The node is provisioned whatever happens here;
+// a failed write is logged.
+func (p *Provisioner) recordConfigured(a *attempt) {
 	now := time.Now().UTC()
 	p.mu.Lock()
 	if n := p.nodes[a.id]; n != nil {
@@ -652,6 +653,7 @@ func (p *Provisioner) recordProvisioned(a *attempt) {
 	if err := p.reg.Put(rec); err != nil {
 		a.log.WithError(err).Error("could not record the provisioned key in the identity registry")
 	}
+	p.recordTokenUse(a.tokenID, a.id)
 }
 
 // Hold holds a node for an operator's decision with reason (such as

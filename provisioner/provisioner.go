@@ -167,6 +167,10 @@ type NodeStatus struct {
 type node struct {
 	NodeStatus
 	queuedAt time.Time
+	// arrivedSerial and arrivedAt are the certificate serial and time of
+	// the node's last provisioned event from production.
+	arrivedSerial string
+	arrivedAt     time.Time
 	// heldCSR is the gencsr reply of a node held for a changed key.
 	heldCSR *approval
 	// approval is an operator's approval for the next attempt.
@@ -176,6 +180,9 @@ type node struct {
 type queueItem struct {
 	identity string
 	queuedAt time.Time
+	// startedAt is the time of the startup event that queued the node
+	// (zero for other sources).
+	startedAt time.Time
 }
 
 // Provisioner discovers and provisions nodes. Build it with New; run it
@@ -544,6 +551,13 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			p.leaderLoop(ctx)
+		}()
+	}
+	if p.shared != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p.arrivalsLoop(ctx)
 		}()
 	}
 	for i := 0; i < p.cfg.Workers; i++ {
