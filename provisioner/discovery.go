@@ -111,6 +111,12 @@ func (p *Provisioner) markProduction(ev *protocol.Event) {
 	}
 	if ev.Serial != "" {
 		n.arrivedSerial, n.arrivedAt = ev.Serial, ev.Time
+		if p.shared != nil {
+			select {
+			case p.seenArrivals <- ev:
+			default: // the arrivals stream has it too
+			}
+		}
 	}
 	switch n.State {
 	case StateInProgress, StateQueued, StateHeld, StateDenied:

@@ -104,22 +104,48 @@ func (p *Provisioner) openShared(ctx context.Context, nc *nats.Conn) error {
 	if lease == 0 {
 		lease = DefaultLease
 	}
-	octx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	octx, cancel := context.WithTimeout(ctx, sharedOpenTimeout)
 	defer cancel()
-	cs, err := claims.New(octx, js, claims.Config{Owner: p.cfg.Name, Lease: lease, Replicas: p.cfg.HA.Replicas})
-	if err != nil {
-		return fmt.Errorf("ha: %w", err)
+	var (
+		cs       *claims.Store
+		ns       *nodestate.Store
+		reg      *kvRegistry
+		arrivals jetstream.Consumer
+	)
+	opens := []struct {
+		what string
+		open func(context.Context) error
+	}{
+		{"claims bucket", func(ctx context.Context) (err error) {
+			cs, err = claims.New(ctx, js, claims.Config{Owner: p.cfg.Name, Lease: lease, Replicas: p.cfg.HA.Replicas})
+			return err
+		}},
+		{"node state bucket", func(ctx context.Context) (err error) {
+			ns, err = nodestate.New(ctx, js, "", p.cfg.HA.Replicas)
+			return err
+		}},
+		{"registry bucket", func(ctx context.Context) (err error) {
+			reg, err = openKVRegistry(ctx, js, p.cfg.HA.Replicas)
+			return err
+		}},
+		{"arrivals stream", func(ctx context.Context) (err error) {
+			arrivals, err = openArrivals(ctx, js, p.cfg.HA.Replicas)
+			return err
+		}},
 	}
-	ns, err := nodestate.New(octx, js, "", p.cfg.HA.Replicas)
-	if err != nil {
-		return fmt.Errorf("ha: %w", err)
+	// In parallel: a create that goes unanswered costs one attempt's
+	// timeout, not one per bucket.
+	errs := make([]error, len(opens))
+	var wg sync.WaitGroup
+	for i, o := range opens {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = p.retryOpen(octx, o.what, o.open)
+		}()
 	}
-	reg, err := openKVRegistry(octx, js, p.cfg.HA.Replicas)
-	if err != nil {
-		return fmt.Errorf("ha: %w", err)
-	}
-	arrivals, err := openArrivals(octx, js, p.cfg.HA.Replicas)
-	if err != nil {
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("ha: %w", err)
 	}
 	p.mu.Lock()
@@ -131,6 +157,39 @@ func (p *Provisioner) openShared(ctx context.Context, nc *nats.Conn) error {
 	}
 	p.log.WithFields(logrus.Fields{"mode": mode, "lease": lease.String(), "replicas": max(1, p.cfg.HA.Replicas)}).Info("sharing state through JetStream")
 	return nil
+}
+
+// sharedOpenTimeout bounds opening the shared state at start;
+// sharedOpenTry bounds one attempt.
+const (
+	sharedOpenTimeout = time.Minute
+	sharedOpenTry     = 3 * time.Second
+)
+
+// retryOpen runs open with a short timeout until it succeeds or ctx ends.
+// Creating a replicated bucket goes unanswered when several provisioners
+// create it at the same moment on a fresh cluster (measured with three:
+// none of them got a reply, although the bucket was made; the next
+// request succeeds at once), so each attempt is short and is repeated.
+func (p *Provisioner) retryOpen(ctx context.Context, what string, open func(context.Context) error) error {
+	for try := 1; ; try++ {
+		tctx, cancel := context.WithTimeout(ctx, sharedOpenTry)
+		err := open(tctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		p.log.WithError(err).WithFields(logrus.Fields{"what": what, "attempt": try}).Warn("opening the shared state; retrying")
+		t := time.NewTimer(200 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+		case <-t.C:
+		}
+	}
 }
 
 // openArrivals creates (or updates) the arrivals stream and its shared
@@ -196,6 +255,25 @@ func (p *Provisioner) arrivalsLoop(ctx context.Context) {
 	}
 	<-ctx.Done()
 	cc.Stop()
+}
+
+// seenArrivalsBuffer bounds the arrivals waiting for seenArrivalsLoop.
+const seenArrivalsBuffer = 1024
+
+// seenArrivalsLoop records the arrivals markProduction queued, until ctx
+// ends. Each costs a read of the node's record; a write only when it
+// completes or moves the record.
+func (p *Provisioner) seenArrivalsLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-p.seenArrivals:
+			if err := p.recordArrival(ctx, ev); err != nil && ctx.Err() == nil {
+				p.log.WithError(err).WithField("identity", ev.Identity).Debug("could not record a node's arrival (the arrivals stream has it too)")
+			}
+		}
+	}
 }
 
 // recordArrival records in the shared node state that a node came to
@@ -368,12 +446,18 @@ func (p *Provisioner) recordShared(a *attempt, err error, abandoned bool) error 
 	ctx, cancel := context.WithTimeout(context.Background(), sh.claims.Lease())
 	defer cancel()
 	arrived := false
+	var done *nodestate.Pending
 	_, werr := sh.nodes.Update(ctx, a.id, func(r *nodestate.Record) (bool, error) {
 		now := time.Now()
-		arrived = false
+		arrived, done = false, nil
 		r.ClaimedBy = ""
 		var he *holdError
 		switch {
+		case err != nil && !arrivedAt.IsZero():
+			// This provisioner saw the node arrive with the certificate
+			// it sent, whatever the attempt's last request got.
+			done = r.Complete(a.serial, now, arrivedAt)
+			arrived = true
 		case err == nil && a.outcome == OutcomeProvisioned && a.serial == "":
 			r.Provisions++
 			r.State, r.Stage, r.LastError = string(StateProvisioned), "", ""
@@ -403,6 +487,11 @@ func (p *Provisioner) recordShared(a *attempt, err error, abandoned bool) error 
 	})
 	if werr != nil {
 		a.log.WithError(werr).Warn("could not record node state")
+	}
+	if done != nil && !a.configured {
+		// Counted from the arrival, configure was never acknowledged:
+		// record the key now.
+		p.recordConfigured(a)
 	}
 	if arrived {
 		a.log.WithField("stage", string(stage)).WithError(err).Info("node arrived in production with the certificate it was sent; provisioned although the attempt did not see it through")

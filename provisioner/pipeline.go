@@ -50,10 +50,12 @@ type attempt struct {
 	// approval is the operator approval this attempt consumed, if any.
 	approval *approval
 	// hold is the node's claim (ha modes; nil in single mode).
-	hold    *heldClaim
-	keyFP   string // fingerprint of the node's key
-	serial  string // serial of the certificate sent
-	tokenID string // jti of the node's provisioning token
+	hold *heldClaim
+	// configured is set once the node acknowledged configure.
+	configured bool
+	keyFP      string // fingerprint of the node's key
+	serial     string // serial of the certificate sent
+	tokenID    string // jti of the node's provisioning token
 }
 
 // process runs one node through the pipeline and records the result.
@@ -206,13 +208,24 @@ func (a *attempt) run(ctx context.Context) error {
 		OPAPolicies:    hrep.OPAPolicies,
 	}
 	if _, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionConfigure, StageConfigure, creq); err != nil {
-		return failAt(StageConfigure, err)
+		// A node killed right after writing its files loses the reply;
+		// back in production with the new certificate, its arrival says
+		// that configure took.
+		if p.arrivedWith(a.id, a.serial).IsZero() {
+			return failAt(StageConfigure, err)
+		}
+		a.log.WithError(err).Info("configure not acknowledged, but the node arrived in production with its new certificate")
 	}
 	// The node's disk now holds its key and certificate: record them at
 	// once, so that whatever happens before the restart is confirmed (this
 	// provisioner or the node dies), the next attempt finds the key the
 	// node really has and does not hold it as changed.
+	a.configured = true
 	p.recordConfigured(a)
+	if !p.arrivedWith(a.id, a.serial).IsZero() {
+		a.outcome = OutcomeProvisioned // in production already
+		return nil
+	}
 	a.setStage(StageRestart)
 	rreq := protocol.RestartRequest{SplayMillis: int(p.cfg.RestartSplay.D() / time.Millisecond)}
 	if _, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionRestart, StageRestart, rreq); err != nil {

@@ -171,6 +171,7 @@ type node struct {
 	// the node's last provisioned event from production.
 	arrivedSerial string
 	arrivedAt     time.Time
+
 	// heldCSR is the gencsr reply of a node held for a changed key.
 	heldCSR *approval
 	// approval is an operator's approval for the next attempt.
@@ -222,6 +223,13 @@ type Provisioner struct {
 	tokenUses map[string]map[string]struct{}
 	// ready is closed once Run has subscribed and started its workers.
 	ready chan struct{}
+	// seenArrivals are the arrivals this provisioner's subscription saw,
+	// to be recorded in the shared state (ha modes). arrivalsLoop records
+	// them too, from the arrivals stream: either is enough, and each
+	// covers a loss of the other (the stream misses events while its
+	// leader changes; subscriptions miss events while no provisioner
+	// runs).
+	seenArrivals chan *protocol.Event
 }
 
 type logThrottle struct {
@@ -297,6 +305,7 @@ func New(opts Options) (*Provisioner, error) {
 		tokens:       tokens,
 		tokenUses:    map[string]map[string]struct{}{},
 		ready:        make(chan struct{}),
+		seenArrivals: make(chan *protocol.Event, seenArrivalsBuffer),
 	}
 	if cfg.InsecureTokenless {
 		log.Warn("INSECURE: insecure_tokenless is on; any node that reaches the broker is provisioned without a provisioning token")
@@ -554,10 +563,14 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		}()
 	}
 	if p.shared != nil {
-		wg.Add(1)
+		wg.Add(2)
 		go func() {
 			defer wg.Done()
 			p.arrivalsLoop(ctx)
+		}()
+		go func() {
+			defer wg.Done()
+			p.seenArrivalsLoop(ctx)
 		}()
 	}
 	for i := 0; i < p.cfg.Workers; i++ {

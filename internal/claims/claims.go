@@ -138,7 +138,9 @@ func (s *Store) Claim(ctx context.Context, key string) (*Claim, error) {
 		return nil, err
 	}
 	rev, err := s.kv.Create(ctx, key, val)
-	if errors.Is(err, jetstream.ErrKeyExists) {
+	if isConflict(err) {
+		// The key exists (the server may also say so as a failed
+		// compare-and-set when claims race).
 		return nil, ErrClaimed
 	}
 	if err != nil {
