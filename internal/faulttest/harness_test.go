@@ -103,9 +103,19 @@ type proc struct {
 // spawn starts bin with args; its output goes to logFile.
 func spawn(t *testing.T, name, bin string, args, env []string, logFile string) *proc {
 	t.Helper()
-	out, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	p, err := spawnErr(t, name, bin, args, env, logFile)
 	if err != nil {
 		t.Fatal(err)
+	}
+	return p
+}
+
+// spawnErr is spawn for goroutines other than the test's: it returns its
+// error.
+func spawnErr(t *testing.T, name, bin string, args, env []string, logFile string) (*proc, error) {
+	out, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
 	}
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
@@ -115,7 +125,7 @@ func spawn(t *testing.T, name, bin string, args, env []string, logFile string) *
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		out.Close()
-		t.Fatalf("start %s: %v", name, err)
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
 	t.Cleanup(func() {
@@ -129,7 +139,7 @@ func spawn(t *testing.T, name, bin string, args, env []string, logFile string) *
 		close(p.done)
 	}()
 	t.Cleanup(p.kill)
-	return p
+	return p, nil
 }
 
 // cpu is the user+system CPU the process used (once it has exited).
@@ -259,10 +269,14 @@ type deployment struct {
 	victims map[string]bool
 	arr     *arrivals
 	// procs are every process started, for the CPU figures.
-	procs   []*proc
-	kv      *nats.Conn
-	js      jetstream.JetStream
-	started time.Time
+	mu    sync.Mutex
+	procs []*proc
+	// beforeDisks, when set, runs in verify before the state directories
+	// are read (to stop processes the fleet does not own).
+	beforeDisks func()
+	kv          *nats.Conn
+	js          jetstream.JetStream
+	started     time.Time
 }
 
 // provOpts choose a provisioner's helper.
@@ -282,6 +296,8 @@ func newDeployment(t *testing.T, provisioners int) *deployment {
 	d := &deployment{t: t, dir: t.TempDir(), victims: map[string]bool{}}
 	t.Cleanup(func() {
 		cpu := map[string]time.Duration{}
+		d.mu.Lock()
+		defer d.mu.Unlock()
 		for _, p := range d.procs {
 			cpu[strings.TrimRight(strings.SplitN(p.name, "-", 2)[0], "0123456789")] += p.cpu()
 		}
@@ -423,9 +439,16 @@ func (d *deployment) writeBrokers(free *ports) {
 	}
 }
 
+// track records a process for the CPU figures.
+func (d *deployment) track(p *proc) {
+	d.mu.Lock()
+	d.procs = append(d.procs, p)
+	d.mu.Unlock()
+}
+
 func (d *deployment) startBroker(b *brokerNode) {
 	b.proc = spawn(d.t, b.name, bins.muster, []string{"broker", "--config", b.config}, nil, b.logFile+".out")
-	d.procs = append(d.procs, b.proc)
+	d.track(b.proc)
 }
 
 func (d *deployment) writeProvisioner(p *provNode, o provOpts) {
@@ -494,7 +517,7 @@ func (d *deployment) startProvisioners(names ...string) {
 			continue
 		}
 		p.proc = spawn(t, p.name, bins.muster, []string{"provisioner", "--config", p.config}, nil, p.logFile+".out")
-		d.procs = append(d.procs, p.proc)
+		d.track(p.proc)
 		started = append(started, p)
 	}
 	waitFor(t, 60*time.Second, "the provisioners ready", func() bool {
@@ -559,18 +582,19 @@ func (d *deployment) startFleet(first, count int) {
 	}
 	d.started = time.Now()
 	d.fleet = spawn(t, "fleetsim", bins.fleetsim, args, nil, filepath.Join(d.dir, "fleet.out"))
-	d.procs = append(d.procs, d.fleet)
+	d.track(d.fleet)
 }
 
 // nodeDir is a node's state directory.
 func (d *deployment) nodeDir(id string) string { return filepath.Join(d.dir, "nodes", id) }
 
-// startVictim starts node id as its own muster-agent process.
-func (d *deployment) startVictim(id string) *proc {
+// startVictim starts node id as its own muster-agent process (safe from
+// any goroutine).
+func (d *deployment) startVictim(id string) (*proc, error) {
 	t := d.t
 	tok, _, err := d.pki.issuer.Create(token.Scope{Identity: id, Batch: "faulttest"}, time.Now(), 24*time.Hour)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	args := []string{"run", "--identity", id, "--state-dir", d.nodeDir(id), "--ca", d.pki.caFile, "--provision",
 		"--alive-interval", aliveInterval.String(), "--reconnect-wait", "100ms", "--reconnect-max-wait", "2s",
@@ -582,11 +606,14 @@ func (d *deployment) startVictim(id string) *proc {
 		args = append(args, "--provisioner-key", k)
 	}
 	if err := os.MkdirAll(filepath.Join(d.dir, "victims"), 0o700); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	p := spawn(t, "agent-"+id, bins.agent, args, []string{"MUSTER_TOKEN=" + tok}, filepath.Join(d.dir, "victims", id+".out"))
-	d.procs = append(d.procs, p)
-	return p
+	p, err := spawnErr(t, "agent-"+id, bins.agent, args, []string{"MUSTER_TOKEN=" + tok}, filepath.Join(d.dir, "victims", id+".out"))
+	if err != nil {
+		return nil, err
+	}
+	d.track(p)
+	return p, nil
 }
 
 // arrival is a node's provisioned event, as the test's subscribers saw it.
@@ -829,6 +856,9 @@ func (d *deployment) verify() map[string]int {
 	// Stop the fleet (and victims) before reading the disks.
 	stopping := time.Now()
 	d.fleet.stop(30 * time.Second)
+	if d.beforeDisks != nil {
+		d.beforeDisks()
+	}
 	t.Logf("fleet stopped in %.1fs", time.Since(stopping).Seconds())
 	var sum struct {
 		Production map[string]int    `json:"production"`
