@@ -265,3 +265,42 @@ func TestRecordSharedSkipsLostClaims(t *testing.T) {
 		t.Fatalf("state written for a lost claim: %v", err)
 	}
 }
+
+// flakyRegistry refuses the first failures writes, as a replicated
+// registry does while it elects a leader.
+type flakyRegistry struct {
+	Registry
+	failures atomic.Int32
+}
+
+func (f *flakyRegistry) Put(rec Record) error {
+	if f.failures.Add(-1) >= 0 {
+		return errors.New("nats: no responders available for request")
+	}
+	return f.Registry.Put(rec)
+}
+
+// TestConfiguredKeyRecordedDespiteRegistryOutage: the registry refuses the
+// first writes after configure; the provisioner retries before restarting
+// the node, so the node is never in production without its key recorded.
+func TestConfiguredKeyRecordedDespiteRegistryOutage(t *testing.T) {
+	const id = "flaky.example.net"
+	url := natstest.Server(t, false)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	node := keyReusingNode(fleet, id, nil)
+	reg := &flakyRegistry{Registry: NewMemoryRegistry()}
+	reg.failures.Store(3)
+	startProvisioner(t, url, testConfig(), newTestHelper(c, nil), nil, func(p *Provisioner) { p.reg = reg })
+	announceUntil(t, fleet, id, 30*time.Second, "the node restarted", func() bool {
+		_, restarted, _ := node.stats()
+		return restarted > 0
+	})
+	rec, ok, err := reg.Get(id)
+	if err != nil || !ok || rec.KeyFingerprint != node.keyFingerprint(t) || rec.Serial != node.configuredSerials()[0] {
+		t.Fatalf("registry after the outage: %+v %t %v", rec, ok, err)
+	}
+	if configured, _, _ := node.stats(); configured != 1 {
+		t.Fatalf("configured %d times", configured)
+	}
+}

@@ -288,8 +288,24 @@ func (p *Provisioner) recordArrival(ctx context.Context, ev *protocol.Event) err
 	}
 	rctx, cancel := context.WithTimeout(ctx, sh.claims.Lease())
 	defer cancel()
+	cur, err := sh.nodes.Get(rctx, ev.Identity)
+	if errors.Is(err, nodestate.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if pd := cur.Pending; pd != nil && pd.Serial == ev.Serial {
+		// The key first, then the count: a failure here leaves the
+		// certificate pending, and the arrival is tried again.
+		if err := p.registerArrival(ev, pd); err != nil {
+			return fmt.Errorf("identity registry: %w", err)
+		}
+	} else if cur.Serial != ev.Serial || cur.State == nodestate.StateProduction {
+		return nil // unknown certificate, or recorded already
+	}
 	var done *nodestate.Pending
-	_, err := sh.nodes.Update(rctx, ev.Identity, func(r *nodestate.Record) (bool, error) {
+	_, err = sh.nodes.Update(rctx, ev.Identity, func(r *nodestate.Record) (bool, error) {
 		done = nil
 		pending := r.Pending != nil && r.Pending.Serial == ev.Serial
 		if !pending && (r.Serial != ev.Serial || r.State == nodestate.StateProduction) {
@@ -306,12 +322,19 @@ func (p *Provisioner) recordArrival(ctx context.Context, ev *protocol.Event) err
 	}
 	p.m.completedOnArrival.Inc()
 	p.log.WithFields(logrus.Fields{"identity": ev.Identity, "configured_by": done.By}).Info("node arrived in production before its restart was confirmed; counted provisioned")
-	rec := Record{Identity: ev.Identity, KeyFingerprint: done.KeyFingerprint, Serial: ev.Serial, ProvisionedAt: time.Now().UTC(), TokenID: done.TokenID}
-	if err := p.reg.Put(rec); err != nil {
-		return fmt.Errorf("identity registry: %w", err)
-	}
 	p.recordTokenUse(done.TokenID, ev.Identity)
 	return nil
+}
+
+// registerArrival records in the identity registry the key of the pending
+// certificate a node arrived with, unless the registry has it already
+// (the provisioner that configured the node wrote it when configure was
+// acknowledged).
+func (p *Provisioner) registerArrival(ev *protocol.Event, pd *nodestate.Pending) error {
+	if have, ok, err := p.reg.Get(ev.Identity); err == nil && ok && have.Serial == ev.Serial && have.KeyFingerprint == pd.KeyFingerprint {
+		return nil
+	}
+	return p.reg.Put(Record{Identity: ev.Identity, KeyFingerprint: pd.KeyFingerprint, Serial: ev.Serial, ProvisionedAt: time.Now().UTC(), TokenID: pd.TokenID})
 }
 
 // errElsewhere: the node is another provisioner's (claimed, or finished
@@ -491,7 +514,11 @@ func (p *Provisioner) recordShared(a *attempt, err error, abandoned bool) error 
 	if done != nil && !a.configured {
 		// Counted from the arrival, configure was never acknowledged:
 		// record the key now.
-		p.recordConfigured(a)
+		rctx, rcancel := context.WithTimeout(context.Background(), registryRetryFor)
+		if rerr := p.recordConfigured(rctx, a); rerr != nil {
+			a.log.WithError(rerr).Error("the node is provisioned, but its key is not in the identity registry")
+		}
+		rcancel()
 	}
 	if arrived {
 		a.log.WithField("stage", string(stage)).WithError(err).Info("node arrived in production with the certificate it was sent; provisioned although the attempt did not see it through")

@@ -221,7 +221,9 @@ func (a *attempt) run(ctx context.Context) error {
 	// provisioner or the node dies), the next attempt finds the key the
 	// node really has and does not hold it as changed.
 	a.configured = true
-	p.recordConfigured(a)
+	if err := p.recordConfigured(ctx, a); err != nil {
+		return failAt(StageConfigure, err)
+	}
 	if !p.arrivedWith(a.id, a.serial).IsZero() {
 		a.outcome = OutcomeProvisioned // in production already
 		return nil
