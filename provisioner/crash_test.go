@@ -176,9 +176,13 @@ func TestClaimsModeArrivalCompletesUnconfirmedRestart(t *testing.T) {
 	url := natstest.Server(t, true)
 	c := newCA(t)
 	fleet := newSimFleet(t, url, c.CertificatePEM())
+	var gone atomic.Bool // the node left provisioning mode
 	node := keyReusingNode(fleet, id, func(action string, n int) (bool, protocol.Code) {
-		return action == protocol.ActionRestart, ""
+		return action == protocol.ActionRestart || gone.Load(), ""
 	})
+	node.mu.Lock()
+	node.silent = true // found only through the metadata announceUntil sends
+	node.mu.Unlock()
 	a := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
 	kv := openKV(t, url)
 	announceUntil(t, fleet, id, 30*time.Second, "A's attempt to fail at restart", func() bool {
@@ -192,7 +196,9 @@ func TestClaimsModeArrivalCompletesUnconfirmedRestart(t *testing.T) {
 	}
 	a.stop(t)
 
-	// Back in production on its own; no provisioner is running.
+	// Back in production on its own (it answers nothing on the
+	// provisioning side any more); no provisioner is running.
+	gone.Store(true)
 	eventID := nuid.Next()
 	fleet.publishArrival(id, eventID, serials[0])
 	fleet.publishArrival(id, nuid.Next(), "abcdef0123") // forged: not its certificate
