@@ -142,19 +142,22 @@ func TestClaimsModeProvisionerDiesBetweenConfigureAndRestart(t *testing.T) {
 		_, restarted, _ := node.stats()
 		return restarted == 1
 	})
-	configured, restarted, _ := node.stats()
-	serials := node.configuredSerials()
-	if configured != 2 || restarted != 1 || len(serials) != 2 {
-		t.Fatalf("configured %d, restarted %d", configured, restarted)
+	// (A request may be sent twice when its reply is late: an RPC retry
+	// of one provisioner, not a second provisioning.)
+	cfg, rst := node.sendersOf(protocol.ActionConfigure), node.sendersOf(protocol.ActionRestart)
+	if len(cfg) != 2 || cfg["prov-a"] == 0 || cfg["prov-b"] == 0 || len(rst) != 2 || rst["prov-a"] != 1 || rst["prov-b"] == 0 {
+		t.Fatalf("configure from %v, restart from %v", cfg, rst)
 	}
+	serials := node.configuredSerials()
+	last := serials[len(serials)-1]
 	waitFor(t, 10*time.Second, "B's outcome in the shared state", func() bool {
 		return kv.record(id).Provisions == 1
 	})
 	r := kv.record(id)
-	if r.State != string(StateProvisioned) || r.ProvisionedBy != "prov-b" || r.Serial != serials[1] || r.Pending != nil {
-		t.Fatalf("shared state %+v, want provisioned once by prov-b with %s", r, serials[1])
+	if r.State != string(StateProvisioned) || r.ProvisionedBy != "prov-b" || r.Serial != last || r.Pending != nil {
+		t.Fatalf("shared state %+v, want provisioned once by prov-b with %s", r, last)
 	}
-	if rec, _, _ := kv.reg.Get(id); rec.KeyFingerprint != node.keyFingerprint(t) || rec.Serial != serials[1] {
+	if rec, _, _ := kv.reg.Get(id); rec.KeyFingerprint != node.keyFingerprint(t) || rec.Serial != last {
 		t.Fatalf("registry %+v", rec)
 	}
 	for _, n := range b.p.Nodes() {
@@ -223,8 +226,11 @@ func TestClaimsModeArrivalCompletesUnconfirmedRestart(t *testing.T) {
 	if r := kv.record(id); r.Provisions != 1 || r.State != string(StateProduction) {
 		t.Fatalf("after the repeated arrival: %+v", r)
 	}
-	if configured, restarted, _ := node.stats(); configured != 1 || restarted != 0 {
-		t.Fatalf("configured %d, restarted %d", configured, restarted)
+	if cfg := node.sendersOf(protocol.ActionConfigure); len(cfg) != 1 || cfg["prov-a"] == 0 {
+		t.Fatalf("configure from %v", cfg)
+	}
+	if _, restarted, _ := node.stats(); restarted != 0 {
+		t.Fatalf("restarted %d times", restarted)
 	}
 }
 
@@ -246,11 +252,9 @@ func TestClaimsModeReprovisionAfterProduction(t *testing.T) {
 
 	fleet.publishStartup(id) // reprovisioned: it starts in provisioning mode again
 	waitFor(t, 30*time.Second, "the second provisioning", func() bool { return kv.record(id).Provisions == 2 })
-	if configured, restarted, _ := node.stats(); configured != 2 || restarted != 2 {
-		t.Fatalf("configured %d, restarted %d", configured, restarted)
-	}
-	if r := kv.record(id); r.Serial != node.configuredSerials()[1] {
-		t.Fatalf("state %+v", r)
+	serials := node.configuredSerials()
+	if r := kv.record(id); r.Serial != serials[len(serials)-1] {
+		t.Fatalf("state %+v, configured %v", r, serials)
 	}
 }
 
