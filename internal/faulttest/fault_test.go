@@ -112,6 +112,9 @@ func (d *deployment) waitClaimsLapsed(owner string, t0 time.Time) time.Duration 
 // waitArrived waits until every node of ids arrived in production and
 // returns how long after t0 the last one did.
 func (d *deployment) waitArrived(ids []string, t0 time.Time) time.Duration {
+	if len(ids) == 0 {
+		d.t.Fatal("no node was in flight at the fault: the test did not test it")
+	}
 	waitFor(d.t, convergeTimeout, fmt.Sprintf("the %d nodes in flight at the fault in production", len(ids)), func() bool {
 		for _, id := range ids {
 			if d.arr.firstAt(id).IsZero() {
@@ -139,10 +142,19 @@ func TestKillProvisionerMidStorm(t *testing.T) {
 	d.startFleet(0, fleetSize)
 	d.midStorm(0.3)
 
-	victim := d.provs[0]
-	inFlight := d.claimsOf(victim.name)
+	// The provisioner with the most nodes in hand.
+	var victim *provNode
+	most := -1
+	for _, p := range d.provs {
+		if n := len(d.claimsOf(p.name)); n > most {
+			victim, most = p, n
+		}
+	}
 	killed := time.Now()
 	victim.proc.kill()
+	// Its claims left in the bucket are the attempts the kill cut short
+	// (a dead provisioner releases nothing); they live for a lease.
+	inFlight := d.claimsOf(victim.name)
 	lapsed := d.waitClaimsLapsed(victim.name, killed)
 	replaced := d.waitArrived(inFlight, killed)
 	d.verify()
@@ -165,13 +177,14 @@ func TestRestartProvisionerSetMidStorm(t *testing.T) {
 	d.startFleet(0, fleetSize)
 	d.midStorm(0.3)
 
-	var inFlight []string
-	for _, p := range d.provs {
-		inFlight = append(inFlight, d.claimsOf(p.name)...)
-	}
 	killed := time.Now()
 	for _, p := range d.provs {
 		p.proc.kill()
+	}
+	// The claims left are the attempts the kills cut short.
+	var inFlight []string
+	for _, p := range d.provs {
+		inFlight = append(inFlight, d.claimsOf(p.name)...)
 	}
 	d.startProvisioners()
 	ready := time.Since(killed)
