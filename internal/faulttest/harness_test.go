@@ -257,6 +257,7 @@ type provNode struct {
 // deployment is one fault test's cluster, provisioners and fleet.
 type deployment struct {
 	t       *testing.T
+	bin     programs
 	dir     string
 	pki     *testPKI
 	brokers []*brokerNode
@@ -293,7 +294,7 @@ type provOpts struct {
 func newDeployment(t *testing.T, provisioners int) *deployment {
 	t.Helper()
 	begin := time.Now()
-	d := &deployment{t: t, dir: t.TempDir(), victims: map[string]bool{}}
+	d := &deployment{t: t, bin: bins(t), dir: t.TempDir(), victims: map[string]bool{}}
 	t.Cleanup(func() {
 		cpu := map[string]time.Duration{}
 		d.mu.Lock()
@@ -447,7 +448,7 @@ func (d *deployment) track(p *proc) {
 }
 
 func (d *deployment) startBroker(b *brokerNode) {
-	b.proc = spawn(d.t, b.name, bins.muster, []string{"broker", "--config", b.config}, nil, b.logFile+".out")
+	b.proc = spawn(d.t, b.name, d.bin.muster, []string{"broker", "--config", b.config}, nil, b.logFile+".out")
 	d.track(b.proc)
 }
 
@@ -516,7 +517,7 @@ func (d *deployment) startProvisioners(names ...string) {
 		if len(names) > 0 && !slices.Contains(names, p.name) {
 			continue
 		}
-		p.proc = spawn(t, p.name, bins.muster, []string{"provisioner", "--config", p.config}, nil, p.logFile+".out")
+		p.proc = spawn(t, p.name, d.bin.muster, []string{"provisioner", "--config", p.config}, nil, p.logFile+".out")
 		d.track(p.proc)
 		started = append(started, p)
 	}
@@ -581,7 +582,7 @@ func (d *deployment) startFleet(first, count int) {
 		args = append(args, "--provisioner-key", k)
 	}
 	d.started = time.Now()
-	d.fleet = spawn(t, "fleetsim", bins.fleetsim, args, nil, filepath.Join(d.dir, "fleet.out"))
+	d.fleet = spawn(t, "fleetsim", d.bin.fleetsim, args, nil, filepath.Join(d.dir, "fleet.out"))
 	d.track(d.fleet)
 }
 
@@ -608,7 +609,7 @@ func (d *deployment) startVictim(id string) (*proc, error) {
 	if err := os.MkdirAll(filepath.Join(d.dir, "victims"), 0o700); err != nil {
 		return nil, err
 	}
-	p, err := spawnErr(t, "agent-"+id, bins.agent, args, []string{"MUSTER_TOKEN=" + tok}, filepath.Join(d.dir, "victims", id+".out"))
+	p, err := spawnErr(t, "agent-"+id, d.bin.agent, args, []string{"MUSTER_TOKEN=" + tok}, filepath.Join(d.dir, "victims", id+".out"))
 	if err != nil {
 		return nil, err
 	}

@@ -32,7 +32,7 @@ func TestHelperFaultsMidStorm(t *testing.T) {
 	d := newDeployment(t, 3)
 	// The helper's command line needs the brokers, known only now.
 	cmd := fmt.Sprintf("%s --ca-dir %s --middleware-hosts %s --state %s --hang %d --crash %d --garbage %d --alive-interval %s",
-		bins.faulthelper, d.pki.caDir, strings.Join(d.brokerURLs(), ","), state, hangPct, crashPct, garbagePct, aliveInterval)
+		d.bin.faulthelper, d.pki.caDir, strings.Join(d.brokerURLs(), ","), state, hangPct, crashPct, garbagePct, aliveInterval)
 	for i, p := range d.provs {
 		o := provOpts{helper: cmd}
 		if i == 2 {

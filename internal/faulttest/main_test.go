@@ -5,13 +5,22 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 )
 
-// bins are the programs TestMain builds (without the race detector: they
-// are the deployment under test, not the test).
-var bins struct {
+// programs are the commands the tests run, built once (without the race
+// detector: they are the deployment under test, not the test) into the
+// directory TestMain makes and removes.
+type programs struct {
 	muster, agent, fleetsim, faulthelper string
+}
+
+var build struct {
+	dir  string
+	once sync.Once
+	bins programs
+	err  error
 }
 
 func TestMain(m *testing.M) {
@@ -20,18 +29,32 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	cmd := exec.Command("go", "build", "-o", dir+string(filepath.Separator),
-		"../../cmd/muster", "../../cmd/muster-agent", "./fleetsim", "./faulthelper")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build the fault test programs: %v\n%s", err, out)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	bins.muster = filepath.Join(dir, "muster")
-	bins.agent = filepath.Join(dir, "muster-agent")
-	bins.fleetsim = filepath.Join(dir, "fleetsim")
-	bins.faulthelper = filepath.Join(dir, "faulthelper")
+	build.dir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
+}
+
+// bins builds the programs on first use (a run that selects no test, such
+// as a benchmark run, builds nothing).
+func bins(t *testing.T) programs {
+	t.Helper()
+	build.once.Do(func() {
+		cmd := exec.Command("go", "build", "-o", build.dir+string(filepath.Separator),
+			"../../cmd/muster", "../../cmd/muster-agent", "./fleetsim", "./faulthelper")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			build.err = fmt.Errorf("build the fault test programs: %w\n%s", err, out)
+			return
+		}
+		build.bins = programs{
+			muster:      filepath.Join(build.dir, "muster"),
+			agent:       filepath.Join(build.dir, "muster-agent"),
+			fleetsim:    filepath.Join(build.dir, "fleetsim"),
+			faulthelper: filepath.Join(build.dir, "faulthelper"),
+		}
+	})
+	if build.err != nil {
+		t.Fatal(build.err)
+	}
+	return build.bins
 }
