@@ -13,5 +13,5 @@
 //
 // The package has no code of its own outside tests; the simulator and the
 // fault-injecting helper are the commands in fleetsim/ and faulthelper/,
-// built by TestMain.
+// built with muster and muster-agent by the first test that needs them.
 package faulttest
