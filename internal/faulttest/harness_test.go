@@ -100,19 +100,26 @@ type proc struct {
 	done chan struct{}
 }
 
-// spawn starts bin with args; its output goes to logFile.
+// spawn starts bin with args; its output goes to logFile. It is killed at
+// cleanup, and its output's end logged when the test failed.
 func spawn(t *testing.T, name, bin string, args, env []string, logFile string) *proc {
 	t.Helper()
-	p, err := spawnErr(t, name, bin, args, env, logFile)
+	p, err := spawnErr(name, bin, args, env, logFile)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		p.kill()
+		if t.Failed() {
+			logTail(t, name, logFile)
+		}
+	})
 	return p
 }
 
-// spawnErr is spawn for goroutines other than the test's: it returns its
-// error.
-func spawnErr(t *testing.T, name, bin string, args, env []string, logFile string) (*proc, error) {
+// spawnErr starts a process without registering its cleanup (for
+// goroutines other than the test's: the deployment kills what it tracks).
+func spawnErr(name, bin string, args, env []string, logFile string) (*proc, error) {
 	out, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
@@ -128,17 +135,11 @@ func spawnErr(t *testing.T, name, bin string, args, env []string, logFile string
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	p := &proc{name: name, cmd: cmd, done: make(chan struct{})}
-	t.Cleanup(func() {
-		if t.Failed() {
-			logTail(t, name, logFile)
-		}
-	})
 	go func() {
 		_ = cmd.Wait()
 		out.Close()
 		close(p.done)
 	}()
-	t.Cleanup(p.kill)
 	return p, nil
 }
 
@@ -269,9 +270,11 @@ type deployment struct {
 	// victims are nodes run as muster-agent processes (agent kill test).
 	victims map[string]bool
 	arr     *arrivals
-	// procs are every process started, for the CPU figures.
-	mu    sync.Mutex
-	procs []*proc
+	// procs are every process started, for the CPU figures and the final
+	// kill; closed is set when the deployment is torn down.
+	mu     sync.Mutex
+	procs  []*proc
+	closed bool
 	// beforeDisks, when set, runs in verify before the state directories
 	// are read (to stop processes the fleet does not own).
 	beforeDisks func()
@@ -296,10 +299,17 @@ func newDeployment(t *testing.T, provisioners int) *deployment {
 	begin := time.Now()
 	d := &deployment{t: t, bin: bins(t), dir: t.TempDir(), victims: map[string]bool{}}
 	t.Cleanup(func() {
-		cpu := map[string]time.Duration{}
+		// Last of the cleanups: kill whatever is still running, also
+		// processes started from other goroutines (restarted victims).
 		d.mu.Lock()
-		defer d.mu.Unlock()
-		for _, p := range d.procs {
+		d.closed = true
+		procs := append([]*proc(nil), d.procs...)
+		d.mu.Unlock()
+		for _, p := range procs {
+			p.kill()
+		}
+		cpu := map[string]time.Duration{}
+		for _, p := range procs {
 			cpu[strings.TrimRight(strings.SplitN(p.name, "-", 2)[0], "0123456789")] += p.cpu()
 		}
 		t.Logf("CPU used (user+system): %v", cpu)
@@ -440,11 +450,16 @@ func (d *deployment) writeBrokers(free *ports) {
 	}
 }
 
-// track records a process for the CPU figures.
+// track records a process for the CPU figures and the final kill; one
+// started once the deployment is torn down is killed at once.
 func (d *deployment) track(p *proc) {
 	d.mu.Lock()
+	closed := d.closed
 	d.procs = append(d.procs, p)
 	d.mu.Unlock()
+	if closed {
+		p.kill()
+	}
 }
 
 func (d *deployment) startBroker(b *brokerNode) {
@@ -592,7 +607,6 @@ func (d *deployment) nodeDir(id string) string { return filepath.Join(d.dir, "no
 // startVictim starts node id as its own muster-agent process (safe from
 // any goroutine).
 func (d *deployment) startVictim(id string) (*proc, error) {
-	t := d.t
 	tok, _, err := d.pki.issuer.Create(token.Scope{Identity: id, Batch: "faulttest"}, time.Now(), 24*time.Hour)
 	if err != nil {
 		return nil, err
@@ -609,7 +623,7 @@ func (d *deployment) startVictim(id string) (*proc, error) {
 	if err := os.MkdirAll(filepath.Join(d.dir, "victims"), 0o700); err != nil {
 		return nil, err
 	}
-	p, err := spawnErr(t, "agent-"+id, d.bin.agent, args, []string{"MUSTER_TOKEN=" + tok}, filepath.Join(d.dir, "victims", id+".out"))
+	p, err := spawnErr("agent-"+id, d.bin.agent, args, []string{"MUSTER_TOKEN=" + tok}, filepath.Join(d.dir, "victims", id+".out"))
 	if err != nil {
 		return nil, err
 	}
