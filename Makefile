@@ -17,7 +17,7 @@ AGENT_LDFLAGS := $(LDFLAGS) -X main.provisionBrokers=$(AGENT_BROKERS) -X main.pr
 	-X main.provisionDefault=$(AGENT_PROVISION)
 FUZZTIME  ?= 5s
 
-.PHONY: help build test lint fuzz fuzz-short bench demo clean
+.PHONY: help build test lint fuzz fuzz-short bench faults demo clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ fuzz-short: ## run every fuzz target briefly (FUZZTIME each, default 5s)
 
 fuzz: ## run every fuzz target for longer (FUZZTIME=2m by default here)
 	./scripts/fuzz.sh $(if $(filter 5s,$(FUZZTIME)),2m,$(FUZZTIME))
+
+faults: ## the HA fault suite alone (docs/ha.md § Fault tests), verbose, failover figures in fault-report.txt
+	MUSTER_FAULT_REPORT=$(CURDIR)/fault-report.txt $(GO) test -race -count=1 -v -run . ./internal/faulttest/
 
 bench: ## go test benchmarks of the hot paths
 	$(GO) test -run '^$$' -bench . -benchmem ./...

@@ -20,6 +20,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/sirupsen/logrus"
 
+	"github.com/muster-io/muster/internal/fsutil"
 	"github.com/muster-io/muster/internal/logging"
 	"github.com/muster-io/muster/internal/pki"
 	"github.com/muster-io/muster/internal/protocol"
@@ -420,6 +421,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := os.Chmod(a.stateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
 	}
+	a.removeTemps()
 	forceProvisioning := false
 	for {
 		if ctx.Err() != nil {
@@ -499,4 +501,31 @@ func copyMap(m map[string]string) map[string]string {
 		out[k] = v
 	}
 	return out
+}
+
+// removeTemps deletes the temporary files an earlier run of the agent left
+// when it was killed in the middle of an atomic write (configure,
+// reprovision, shutdown): the files being replaced are intact, the
+// temporaries are garbage, some holding key material. Every write happens on
+// the Run goroutine, so none is in progress here. The state directory, the
+// ssldir and the policies directory are the agent's own; in a configuration
+// file's directory elsewhere only that file's temporaries are touched.
+func (a *Agent) removeTemps() {
+	dirs := []struct{ dir, target string }{
+		{a.stateDir, ""},
+		{a.sslDir, ""},
+		{filepath.Join(a.stateDir, PoliciesDir), ""},
+	}
+	if d := filepath.Dir(a.configFile); d != a.stateDir {
+		dirs = append(dirs, struct{ dir, target string }{d, filepath.Base(a.configFile)})
+	}
+	for _, d := range dirs {
+		removed, err := fsutil.RemoveTemps(d.dir, d.target)
+		if len(removed) > 0 {
+			a.log.WithFields(logrus.Fields{"dir": d.dir, "files": removed}).Warn("removed temporary files left by an interrupted write")
+		}
+		if err != nil {
+			a.log.WithError(err).Warn("could not remove temporary files")
+		}
+	}
 }

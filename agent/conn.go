@@ -237,12 +237,13 @@ func (l link) backoff(n int) time.Duration {
 }
 
 // baseOptions are the NATS options every connection of the agent uses.
-// connected receives a signal when the connection is established. The
+// connected receives a signal when the connection is established,
+// reconnected each time it is established again after a loss. The
 // client tries every broker of the list in turn (shuffled unless turned
 // off, plus the brokers the cluster advertises) and waits l.backoff between
 // rounds; it pings so that a broker that stops answering is given up within
 // l.alive.
-func (a *Agent) baseOptions(l link, connected chan<- struct{}, closed chan<- struct{}) []nats.Option {
+func (a *Agent) baseOptions(l link, connected, reconnected, closed chan<- struct{}) []nats.Option {
 	log := a.log
 	opts := []nats.Option{
 		nats.Name(a.id),
@@ -260,6 +261,7 @@ func (a *Agent) baseOptions(l link, connected chan<- struct{}, closed chan<- str
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			log.WithField("broker", nc.ConnectedUrlRedacted()).Info("reconnected to broker")
+			signal(reconnected)
 		}),
 		nats.ReconnectErrHandler(func(_ *nats.Conn, err error) {
 			log.WithError(err).Debug("connection attempt failed")

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"crypto/sha256"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"os"
@@ -22,6 +23,9 @@ type Decision struct {
 	Config *config.Config
 	// NotAfter is the expiry of the production certificate (production only).
 	NotAfter time.Time
+	// Serial is the production certificate's serial number in lowercase
+	// hex, as the provisioner records it (production only).
+	Serial string
 	// Err, wrapping ErrNoMode, says why neither mode is possible.
 	Err error
 }
@@ -58,9 +62,9 @@ func decideMode(identity, configFile string, provisioningEnabled bool, now time.
 	if provision {
 		return Decision{Mode: ModeProvisioning, Reason: config.KeyProvision + " = true", Config: cfg}
 	}
-	notAfter, why := completeness(cfg, identity, now, known)
+	leaf, why := completeness(cfg, identity, now, known)
 	if why == "" {
-		return Decision{Mode: ModeProduction, Reason: "configuration complete", Config: cfg, NotAfter: notAfter}
+		return Decision{Mode: ModeProduction, Reason: "configuration complete", Config: cfg, NotAfter: leaf.notAfter, Serial: leaf.serial}
 	}
 	if !provSet && provisioningEnabled {
 		return Decision{Mode: ModeProvisioning, Reason: "configuration incomplete: " + why, Config: cfg}
@@ -78,14 +82,24 @@ type verifiedFiles struct {
 	identity            string
 	cert, ca, key       [sha256.Size]byte
 	notBefore, notAfter time.Time // the whole chain's validity
-	leafNotAfter        time.Time
+	leaf                leafInfo
+}
+
+// leafInfo is what the agent keeps of its production certificate.
+type leafInfo struct {
+	notAfter time.Time
+	serial   string
+}
+
+func leafOf(c *x509.Certificate) leafInfo {
+	return leafInfo{notAfter: c.NotAfter, serial: c.SerialNumber.Text(16)}
 }
 
 func newVerifiedFiles(identity string, cert, ca, key []byte, v *pki.Verified) *verifiedFiles {
 	return &verifiedFiles{
 		identity: identity,
 		cert:     sha256.Sum256(cert), ca: sha256.Sum256(ca), key: sha256.Sum256(key),
-		notBefore: v.NotBefore, notAfter: v.NotAfter, leafNotAfter: v.Leaf.NotAfter,
+		notBefore: v.NotBefore, notAfter: v.NotAfter, leaf: leafOf(v.Leaf),
 	}
 }
 
@@ -97,39 +111,39 @@ func (k *verifiedFiles) covers(identity string, cert, ca, key []byte, now time.T
 		sha256.Sum256(cert) == k.cert && sha256.Sum256(ca) == k.ca && sha256.Sum256(key) == k.key
 }
 
-// completeness returns the certificate expiry, or why the configuration
-// cannot run production mode. Files byte-for-byte equal to the ones known
+// completeness returns the certificate's expiry and serial, or why the
+// configuration cannot run production mode. Files byte-for-byte equal to the ones known
 // verified (by this agent's configure, inside their validity window) are
 // not parsed and verified again.
-func completeness(cfg *config.Config, identity string, now time.Time, known *verifiedFiles) (time.Time, string) {
+func completeness(cfg *config.Config, identity string, now time.Time, known *verifiedFiles) (leafInfo, string) {
 	if cfg.Value(config.KeyMiddlewareHosts) == "" {
-		return time.Time{}, config.KeyMiddlewareHosts + " is not set"
+		return leafInfo{}, config.KeyMiddlewareHosts + " is not set"
 	}
 	if id := cfg.Value(config.KeyIdentity); id != "" && id != identity {
-		return time.Time{}, fmt.Sprintf("configured identity %q is not %q", id, identity)
+		return leafInfo{}, fmt.Sprintf("configured identity %q is not %q", id, identity)
 	}
 	files := map[string][]byte{}
 	for _, k := range []string{config.KeyCertificate, config.KeyKey, config.KeyCA} {
 		p := cfg.Value(k)
 		if p == "" {
-			return time.Time{}, k + " is not set"
+			return leafInfo{}, k + " is not set"
 		}
 		b, err := os.ReadFile(p)
 		if err != nil {
-			return time.Time{}, fmt.Sprintf("%s: %v", k, err)
+			return leafInfo{}, fmt.Sprintf("%s: %v", k, err)
 		}
 		files[k] = b
 	}
 	if known.covers(identity, files[config.KeyCertificate], files[config.KeyCA], files[config.KeyKey], now) {
-		return known.leafNotAfter, ""
+		return known.leaf, ""
 	}
 	key, err := pki.ParsePrivateKey(files[config.KeyKey])
 	if err != nil {
-		return time.Time{}, fmt.Sprintf("%s: %v", config.KeyKey, err)
+		return leafInfo{}, fmt.Sprintf("%s: %v", config.KeyKey, err)
 	}
 	leaf, err := pki.VerifyLeaf(files[config.KeyCertificate], files[config.KeyCA], key.Public(), identity, now)
 	if err != nil {
-		return time.Time{}, fmt.Sprintf("certificate: %v", err)
+		return leafInfo{}, fmt.Sprintf("certificate: %v", err)
 	}
-	return leaf.NotAfter, ""
+	return leafOf(leaf), ""
 }

@@ -46,6 +46,10 @@ type session struct {
 	mainCollective string
 	nodeSubject    string
 	agents         []string
+	// arrivalID and serial are the ID and certificate serial of the
+	// provisioned event of a production session.
+	arrivalID string
+	serial    string
 }
 
 // outcome of an action handler: the reply code, message and body.

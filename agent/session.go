@@ -35,8 +35,8 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 		nodeSubject:    protocol.NodeSubject(protocol.ProvisioningCollective, a.id),
 		agents:         []string{protocol.AgentDiscovery, protocol.AgentRPCUtil, protocol.AgentProvision},
 	}
-	connected := make(chan struct{}, 1)
-	opts := append(a.baseOptions(a.provisioningLink(), connected, nil), nats.RetryOnFailedConnect(true))
+	connected, reconnected := make(chan struct{}, 1), make(chan struct{}, 1)
+	opts := append(a.baseOptions(a.provisioningLink(), connected, reconnected, nil), nats.RetryOnFailedConnect(true))
 	if a.prov.Token != "" {
 		// The broker admits unprovisioned nodes only with a valid token.
 		opts = append(opts, nats.Token(a.prov.Token))
@@ -73,7 +73,7 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 			return 0, fmt.Errorf("subscribe %s: %w", subj, err)
 		}
 	}
-	return s.loop(ctx, nc, msgs, connected, nil, nil), nil
+	return s.loop(ctx, nc, msgs, connected, reconnected, nil, nil), nil
 }
 
 func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) {
@@ -95,6 +95,8 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 		mainCollective: main,
 		nodeSubject:    protocol.NodeSubject(main, a.id),
 		agents:         []string{protocol.AgentRPCUtil, protocol.AgentProvision},
+		arrivalID:      nuid.Next(),
+		serial:         d.Serial,
 	}
 	urls, err := urlList([]string{cfg.Value(config.KeyMiddlewareHosts)})
 	if err != nil {
@@ -116,9 +118,9 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 			a.log.Warn("certificate expired; falling back to provisioning mode")
 			return outFallback, nil
 		}
-		connected := make(chan struct{}, 1)
+		connected, reconnected := make(chan struct{}, 1), make(chan struct{}, 1)
 		closed := make(chan struct{}, 1)
-		opts := append(a.baseOptions(link, connected, closed), nats.MaxReconnects(10))
+		opts := append(a.baseOptions(link, connected, reconnected, closed), nats.MaxReconnects(10))
 		if a.inProcess != nil {
 			opts = append(opts, nats.InProcessServer(a.inProcess))
 		}
@@ -169,7 +171,7 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 			continue
 		}
 		refused, rounds = 0, 0
-		out, err := s.serveProduction(ctx, nc, connected, closed, expiry)
+		out, err := s.serveProduction(ctx, nc, connected, reconnected, closed, expiry)
 		nc.Close()
 		if err != nil {
 			return 0, err
@@ -181,19 +183,26 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 	}
 }
 
-func (s *session) serveProduction(ctx context.Context, nc *nats.Conn, connected, closed <-chan struct{}, expiry <-chan time.Time) (outcome, error) {
+func (s *session) serveProduction(ctx context.Context, nc *nats.Conn, connected, reconnected, closed <-chan struct{}, expiry <-chan time.Time) (outcome, error) {
 	msgs := make(chan *nats.Msg, msgBuffer)
 	for _, subj := range []string{s.nodeSubject, protocol.BroadcastSubject(s.mainCollective, protocol.AgentRPCUtil)} {
 		if _, err := nc.ChanSubscribe(subj, msgs); err != nil {
 			return 0, fmt.Errorf("subscribe %s: %w", subj, err)
 		}
 	}
-	return s.loop(ctx, nc, msgs, connected, closed, expiry), nil
+	return s.loop(ctx, nc, msgs, connected, reconnected, closed, expiry), nil
 }
 
 // loop serves one connection until the context ends, a restart or shutdown
 // is due, or (production) the connection closes.
-func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg, connected, closed <-chan struct{}, expiry <-chan time.Time) outcome {
+//
+// Announcements are core NATS messages: a broker that dies holding one in
+// its buffers loses it. So after every reconnection the agent announces
+// itself again: a waiting node its metadata (provisioners pick it up again
+// without waiting for the next interval), a production node its
+// provisioned event with the same ID as before (one arrival, counted once
+// by consumers that go by the ID).
+func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg, connected, reconnected, closed <-chan struct{}, expiry <-chan time.Time) outcome {
 	a := s.a
 	var mdC <-chan time.Time
 	var mdTimer *time.Timer
@@ -226,16 +235,25 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 			announced = true
 			now := time.Now()
 			if s.mode == ModeProvisioning {
-				a.publishEvent(nc, protocol.EventStartup, now)
+				a.publishEvent(nc, protocol.Event{ID: nuid.Next(), Type: protocol.EventStartup, Time: now})
 				a.publishMetadata(nc, s.facts, now)
 				mdTimer = time.NewTimer(jitter(a.mdInterval, 0.25))
 				mdC = mdTimer.C
 			} else {
-				a.publishEvent(nc, protocol.EventProvisioned, now)
+				a.publishEvent(nc, s.arrival(now))
 			}
 			a.log.WithField("broker", nc.ConnectedUrlRedacted()).Infof("connected in %s mode", s.mode)
 			if a.observer != nil {
 				a.observer.ModeChanged(a.id, s.mode, now)
+			}
+		case <-reconnected:
+			if !announced {
+				continue
+			}
+			if s.mode == ModeProvisioning {
+				a.publishMetadata(nc, s.facts, time.Now())
+			} else {
+				a.publishEvent(nc, s.arrival(time.Now()))
 			}
 		case <-mdC:
 			a.publishMetadata(nc, s.facts, time.Now())
@@ -265,7 +283,7 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 					mdTimer.Reset(jitter(res.splay, 0.1))
 				}
 			case actShutdown:
-				a.publishEvent(nc, protocol.EventShutdown, time.Now())
+				a.publishEvent(nc, protocol.Event{ID: nuid.Next(), Type: protocol.EventShutdown, Time: time.Now()})
 				_ = nc.FlushTimeout(flushTimeout)
 				return outShutdown
 			}
@@ -273,22 +291,26 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 	}
 }
 
-func (a *Agent) publishEvent(nc *nats.Conn, typ string, now time.Time) {
-	ev := protocol.Event{
-		Protocol:  protocol.EventProtocol,
-		ID:        nuid.Next(),
-		Identity:  a.id,
-		Component: protocol.AgentComponent,
-		Type:      typ,
-		Time:      now.UTC(),
-		Version:   a.version,
-	}
+// arrival is the provisioned event of this production session: the same ID
+// every time it is announced.
+func (s *session) arrival(now time.Time) protocol.Event {
+	return protocol.Event{ID: s.arrivalID, Type: protocol.EventProvisioned, Time: now, Serial: s.serial}
+}
+
+// publishEvent publishes ev (its ID, Type, Time and Serial set) as this
+// agent's lifecycle event.
+func (a *Agent) publishEvent(nc *nats.Conn, ev protocol.Event) {
+	ev.Protocol = protocol.EventProtocol
+	ev.Identity = a.id
+	ev.Component = protocol.AgentComponent
+	ev.Time = ev.Time.UTC()
+	ev.Version = a.version
 	data, err := protocol.Marshal(ev)
 	if err == nil {
-		err = nc.Publish(protocol.LifecycleSubject(typ, protocol.AgentComponent, a.id), data)
+		err = nc.Publish(protocol.LifecycleSubject(ev.Type, protocol.AgentComponent, a.id), data)
 	}
 	if err != nil {
-		a.log.WithError(err).WithField("event", typ).Warn("could not publish lifecycle event")
+		a.log.WithError(err).WithField("event", ev.Type).Warn("could not publish lifecycle event")
 	}
 }
 

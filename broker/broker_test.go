@@ -973,3 +973,36 @@ func TestRunReturnsWhenServerStops(t *testing.T) {
 		t.Fatal("Run did not return after the server stopped")
 	}
 }
+
+// TestProductionEventsInProvisioningJetStream: a JetStream stream in the
+// provisioning account keeps the production lifecycle events it imports, so
+// provisioners can consume node arrivals durably (docs/ha.md).
+func TestProductionEventsInProvisioningJetStream(t *testing.T) {
+	b := startBroker(t)
+	prov := connect(t, b, provisionerOpt(t, b))
+	js, err := jetstream.New(prov)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st, err := js.CreateStream(ctx, jetstream.StreamConfig{Name: "ARRIVALS_TEST", Subjects: []string{"production.choria.lifecycle.event.provisioned.>"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := connect(t, b, issueClient(t, devCA(t, b), t.TempDir(), "node", "node1.example.net"))
+	if err := node.Publish("choria.lifecycle.event.provisioned.muster-agent", []byte(`{"id":"e1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if err := node.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, 10*time.Second, "the event in the stream", func() bool {
+		info, err := st.Info(ctx)
+		return err == nil && info.State.Msgs == 1
+	})
+	m, err := st.GetLastMsgForSubject(ctx, "production.choria.lifecycle.event.provisioned.muster-agent")
+	if err != nil || string(m.Data) != `{"id":"e1"}` {
+		t.Fatalf("stored %+v %v", m, err)
+	}
+}

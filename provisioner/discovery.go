@@ -69,7 +69,7 @@ func (p *Provisioner) handleMessage(m *nats.Msg) {
 			return
 		}
 		p.m.arrivals.Inc()
-		p.markProduction(ev.Identity)
+		p.markProduction(ev)
 	default:
 		ev, err := protocol.DecodeEventFrom(m.Subject, m.Data)
 		if err != nil || ev.Type != protocol.EventStartup {
@@ -103,14 +103,26 @@ func (p *Provisioner) invalid(source string, err error) {
 	p.log.WithFields(logrus.Fields{"source": source, "suppressed": suppressed}).WithError(err).Debug("dropped malformed message")
 }
 
-// markProduction records a node's arrival on the production side.
-func (p *Provisioner) markProduction(id string) {
+// markProduction records a node's arrival on the production side, with the
+// certificate serial its event names (an attempt in progress whose restart
+// cannot be confirmed looks at it).
+func (p *Provisioner) markProduction(ev *protocol.Event) {
+	id := ev.Identity
 	now := time.Now()
 	p.mu.Lock()
 	n := p.nodes[id]
 	if n == nil {
 		n = &node{NodeStatus: NodeStatus{Identity: id}}
 		p.nodes[id] = n
+	}
+	if ev.Serial != "" {
+		n.arrivedSerial, n.arrivedAt = ev.Serial, ev.Time
+		if p.shared != nil {
+			select {
+			case p.seenArrivals <- ev:
+			default: // the arrivals stream has it too
+			}
+		}
 	}
 	switch n.State {
 	case StateInProgress, StateQueued, StateHeld, StateDenied:
@@ -151,7 +163,7 @@ func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
 		}
 	}
 	select {
-	case p.queue <- queueItem{identity: id, queuedAt: now}:
+	case p.queue <- queueItem{identity: id, queuedAt: now, startedAt: startedAt}:
 	default:
 		p.m.shed.Inc()
 		if n.State == "" {

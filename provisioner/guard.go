@@ -18,6 +18,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/pki"
 	"github.com/muster-io/muster/internal/protocol"
@@ -644,10 +646,14 @@ func (p *Provisioner) applyHold(n *node, err error, now time.Time) bool {
 	return true
 }
 
-// recordProvisioned records a provisioned node's key and certificate serial
-// in the registry. The node is provisioned whatever happens here; a failed
-// write is logged.
-func (p *Provisioner) recordProvisioned(a *attempt) {
+// recordConfigured records a configured node's key, certificate serial and
+// token in the registry, once the node acknowledged configure (its disk
+// holds them from then on). A failed write is retried (a replicated
+// registry refuses writes while it elects a leader) until ctx ends or
+// registryRetryFor passed; then the attempt must not go on to restart the
+// node: left waiting in provisioning mode, it is run again and recorded
+// then.
+func (p *Provisioner) recordConfigured(ctx context.Context, a *attempt) error {
 	now := time.Now().UTC()
 	p.mu.Lock()
 	if n := p.nodes[a.id]; n != nil {
@@ -657,8 +663,38 @@ func (p *Provisioner) recordProvisioned(a *attempt) {
 	}
 	p.mu.Unlock()
 	rec := Record{Identity: a.id, KeyFingerprint: a.keyFP, Serial: a.serial, ProvisionedAt: now, TokenID: a.tokenID}
-	if err := p.reg.Put(rec); err != nil {
-		a.log.WithError(err).Error("could not record the provisioned key in the identity registry")
+	if err := p.putRegistry(ctx, rec, a.log); err != nil {
+		return fmt.Errorf("identity registry: record the configured key: %w", err)
+	}
+	p.recordTokenUse(a.tokenID, a.id)
+	return nil
+}
+
+// registryRetryFor bounds the retries of a registry write.
+const registryRetryFor = 30 * time.Second
+
+// putRegistry writes rec, retrying with backoff until ctx ends or
+// registryRetryFor passed.
+func (p *Provisioner) putRegistry(ctx context.Context, rec Record, log *logrus.Entry) error {
+	deadline := time.Now().Add(registryRetryFor)
+	wait := rpcBackoffBase
+	for {
+		err := p.reg.Put(rec)
+		if err == nil {
+			return nil
+		}
+		if rec.validate() != nil || time.Now().Add(wait).After(deadline) {
+			return err
+		}
+		log.WithError(err).Warn("identity registry write failed; retrying")
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		wait = min(2*wait, 2*time.Second)
 	}
 }
 

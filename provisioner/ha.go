@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/muster-io/muster/internal/claims"
 	"github.com/muster-io/muster/internal/nodestate"
+	"github.com/muster-io/muster/internal/protocol"
 )
 
 // HA modes (config key ha.mode).
@@ -64,13 +66,32 @@ func (h *HAConfig) validate(bad func(key string, val any, why string)) {
 // shared is a provisioner's view of the JetStream state it shares with its
 // peers (nil in single mode).
 type shared struct {
-	mode   string
-	claims *claims.Store
-	nodes  *nodestate.Store
-	grace  time.Duration
+	mode     string
+	claims   *claims.Store
+	nodes    *nodestate.Store
+	arrivals jetstream.Consumer
+	grace    time.Duration
 }
 
-// openShared opens the claims, node state and registry buckets.
+// ArrivalsStream is the JetStream stream (ha modes claims and leader) that
+// keeps the provisioned lifecycle events nodes publish from production, as
+// the provisioning account sees them. Provisioners share one durable
+// consumer of it (ArrivalsConsumer), so each arrival is recorded in the
+// shared node state by one of them, including arrivals while every
+// provisioner was down.
+const (
+	ArrivalsStream   = "MUSTER_ARRIVALS"
+	ArrivalsConsumer = "muster-provisioners"
+	// arrivalsSubject is what the stream keeps.
+	arrivalsSubject = "production." + protocol.LifecyclePrefix + "." + protocol.EventProvisioned + ".>"
+	// arrivalsMaxAge and arrivalsMaxBytes bound the stream: long enough
+	// for a provisioner set to be down a while, small for the events.
+	arrivalsMaxAge   = 24 * time.Hour
+	arrivalsMaxBytes = 256 << 20
+)
+
+// openShared opens the claims, node state and registry buckets and the
+// arrivals stream.
 func (p *Provisioner) openShared(ctx context.Context, nc *nats.Conn) error {
 	mode := p.cfg.HA.Mode
 	if mode == "" || mode == HASingle {
@@ -84,22 +105,52 @@ func (p *Provisioner) openShared(ctx context.Context, nc *nats.Conn) error {
 	if lease == 0 {
 		lease = DefaultLease
 	}
-	octx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	octx, cancel := context.WithTimeout(ctx, sharedOpenTimeout)
 	defer cancel()
-	cs, err := claims.New(octx, js, claims.Config{Owner: p.cfg.Name, Lease: lease, Replicas: p.cfg.HA.Replicas})
-	if err != nil {
-		return fmt.Errorf("ha: %w", err)
+	var (
+		cs       *claims.Store
+		ns       *nodestate.Store
+		reg      *kvRegistry
+		arrivals jetstream.Consumer
+	)
+	opens := []struct {
+		what string
+		open func(context.Context) error
+	}{
+		{"claims bucket", func(ctx context.Context) (err error) {
+			cs, err = claims.New(ctx, js, claims.Config{Owner: p.cfg.Name, Lease: lease, Replicas: p.cfg.HA.Replicas})
+			return err
+		}},
+		{"node state bucket", func(ctx context.Context) (err error) {
+			ns, err = nodestate.New(ctx, js, "", p.cfg.HA.Replicas)
+			return err
+		}},
+		{"registry bucket", func(ctx context.Context) (err error) {
+			reg, err = openKVRegistry(ctx, js, p.cfg.HA.Replicas)
+			return err
+		}},
+		{"arrivals stream", func(ctx context.Context) (err error) {
+			arrivals, err = openArrivals(ctx, js, p.cfg.HA.Replicas)
+			return err
+		}},
 	}
-	ns, err := nodestate.New(octx, js, "", p.cfg.HA.Replicas)
-	if err != nil {
-		return fmt.Errorf("ha: %w", err)
+	// In parallel: a create that goes unanswered costs one attempt's
+	// timeout, not one per bucket.
+	errs := make([]error, len(opens))
+	var wg sync.WaitGroup
+	for i, o := range opens {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = p.retryOpen(octx, o.what, o.open)
+		}()
 	}
-	reg, err := openKVRegistry(octx, js, p.cfg.HA.Replicas)
-	if err != nil {
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("ha: %w", err)
 	}
 	p.mu.Lock()
-	p.shared = &shared{mode: mode, claims: cs, nodes: ns, grace: p.cfg.Grace.D()}
+	p.shared = &shared{mode: mode, claims: cs, nodes: ns, arrivals: arrivals, grace: p.cfg.Grace.D()}
 	p.reg = reg
 	p.mu.Unlock()
 	if err := p.loadDenied(); err != nil {
@@ -109,95 +160,401 @@ func (p *Provisioner) openShared(ctx context.Context, nc *nats.Conn) error {
 	return nil
 }
 
+// sharedOpenTimeout bounds opening the shared state at start;
+// sharedOpenTry bounds one attempt.
+const (
+	sharedOpenTimeout = time.Minute
+	sharedOpenTry     = 3 * time.Second
+)
+
+// retryOpen runs open with a short timeout until it succeeds or ctx ends.
+// Creating a replicated bucket goes unanswered when several provisioners
+// create it at the same moment on a fresh cluster (measured with three:
+// none of them got a reply, although the bucket was made; the next
+// request succeeds at once), so each attempt is short and is repeated.
+func (p *Provisioner) retryOpen(ctx context.Context, what string, open func(context.Context) error) error {
+	for try := 1; ; try++ {
+		tctx, cancel := context.WithTimeout(ctx, sharedOpenTry)
+		err := open(tctx)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		p.log.WithError(err).WithFields(logrus.Fields{"what": what, "attempt": try}).Warn("opening the shared state; retrying")
+		t := time.NewTimer(200 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+		case <-t.C:
+		}
+	}
+}
+
+// openArrivals creates (or updates) the arrivals stream and its shared
+// durable consumer.
+func openArrivals(ctx context.Context, js jetstream.JetStream, replicas int) (jetstream.Consumer, error) {
+	st, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
+		Name:        ArrivalsStream,
+		Description: "Muster: provisioned lifecycle events from production, recorded in the node state by one provisioner each",
+		Subjects:    []string{arrivalsSubject},
+		Retention:   jetstream.LimitsPolicy,
+		Discard:     jetstream.DiscardOld,
+		MaxAge:      arrivalsMaxAge,
+		MaxBytes:    arrivalsMaxBytes,
+		MaxMsgSize:  protocol.MaxMessageSize,
+		Storage:     jetstream.FileStorage,
+		Replicas:    max(1, replicas),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("arrivals stream %s: %w", ArrivalsStream, err)
+	}
+	c, err := st.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
+		Durable:       ArrivalsConsumer,
+		Description:   "Muster provisioners recording node arrivals",
+		AckPolicy:     jetstream.AckExplicitPolicy,
+		AckWait:       30 * time.Second,
+		MaxDeliver:    20,
+		MaxAckPending: 1024,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+		Replicas:      max(1, replicas),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("arrivals consumer %s: %w", ArrivalsConsumer, err)
+	}
+	return c, nil
+}
+
+// arrivalsLoop records node arrivals from the arrivals stream until ctx
+// ends.
+func (p *Provisioner) arrivalsLoop(ctx context.Context) {
+	sh := p.shared
+	cc, err := sh.arrivals.Consume(func(m jetstream.Msg) {
+		// Bound to its subject like every lifecycle event: the broker lets
+		// a production node publish only as its certificate's identity.
+		ev, err := protocol.DecodeEventFrom(strings.TrimPrefix(m.Subject(), productionPrefix), m.Data())
+		if err != nil || ev.Type != protocol.EventProvisioned {
+			_ = m.Term()
+			return
+		}
+		if err := p.recordArrival(ctx, ev); err != nil {
+			if ctx.Err() == nil {
+				p.log.WithError(err).WithField("identity", ev.Identity).Warn("could not record a node's arrival; retrying")
+			}
+			_ = m.NakWithDelay(time.Second)
+			return
+		}
+		_ = m.Ack()
+	}, jetstream.PullMaxMessages(64), jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
+		if ctx.Err() == nil {
+			p.log.WithError(err).Debug("arrivals consumer")
+		}
+	}))
+	if err != nil {
+		p.log.WithError(err).Error("cannot consume node arrivals; arrivals of nodes whose restart was not confirmed go unrecorded")
+		return
+	}
+	<-ctx.Done()
+	cc.Stop()
+}
+
+// seenArrivalsBuffer bounds the arrivals waiting for seenArrivalsLoop.
+const seenArrivalsBuffer = 1024
+
+// seenArrivalsLoop records the arrivals markProduction queued, until ctx
+// ends. Each costs a read of the node's record; a write only when it
+// completes or moves the record.
+func (p *Provisioner) seenArrivalsLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-p.seenArrivals:
+			if err := p.recordArrival(ctx, ev); err != nil && ctx.Err() == nil {
+				p.log.WithError(err).WithField("identity", ev.Identity).Debug("could not record a node's arrival (the arrivals stream has it too)")
+			}
+		}
+	}
+}
+
+// recordArrival records in the shared node state that a node came to
+// production with the certificate its event names. When that completes a
+// certificate that was configured but whose completion was unknown (the
+// provisioner, or the node, died before restart was confirmed), the node
+// is counted provisioned and its key recorded in the identity registry.
+func (p *Provisioner) recordArrival(ctx context.Context, ev *protocol.Event) error {
+	sh := p.shared
+	if ev.Serial == "" {
+		return nil
+	}
+	rctx, cancel := context.WithTimeout(ctx, sh.claims.Lease())
+	defer cancel()
+	cur, err := sh.nodes.Get(rctx, ev.Identity)
+	if errors.Is(err, nodestate.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if pd := cur.Pending; pd != nil && pd.Serial == ev.Serial {
+		// The key first, then the count: a failure here leaves the
+		// certificate pending, and the arrival is tried again.
+		if err := p.registerArrival(ev, pd); err != nil {
+			return fmt.Errorf("identity registry: %w", err)
+		}
+	} else if cur.Serial != ev.Serial || cur.State == nodestate.StateProduction {
+		return nil // unknown certificate, or recorded already
+	}
+	var done *nodestate.Pending
+	_, err = sh.nodes.Update(rctx, ev.Identity, func(r *nodestate.Record) (bool, error) {
+		done = nil
+		pending := r.Pending != nil && r.Pending.Serial == ev.Serial
+		if !pending && (r.Serial != ev.Serial || r.State == nodestate.StateProduction) {
+			return false, nil
+		}
+		done = r.Complete(ev.Serial, time.Now(), ev.Time)
+		return true, nil
+	})
+	if err != nil {
+		return err
+	}
+	if done == nil {
+		return nil
+	}
+	p.m.completedOnArrival.Inc()
+	p.log.WithFields(logrus.Fields{"identity": ev.Identity, "configured_by": done.By}).Info("node arrived in production before its restart was confirmed; counted provisioned")
+	p.recordTokenUse(done.TokenID, ev.Identity)
+	return nil
+}
+
+// registerArrival records in the identity registry the key of the pending
+// certificate a node arrived with, unless the registry has it already
+// (the provisioner that configured the node wrote it when configure was
+// acknowledged).
+func (p *Provisioner) registerArrival(ev *protocol.Event, pd *nodestate.Pending) error {
+	if have, ok, err := p.reg.Get(ev.Identity); err == nil && ok && have.Serial == ev.Serial && have.KeyFingerprint == pd.KeyFingerprint {
+		return nil
+	}
+	return p.reg.Put(Record{Identity: ev.Identity, KeyFingerprint: pd.KeyFingerprint, Serial: ev.Serial, ProvisionedAt: time.Now().UTC(), TokenID: pd.TokenID})
+}
+
 // errElsewhere: the node is another provisioner's (claimed, or finished
 // within the grace period).
 var errElsewhere = errors.New("node handled by another provisioner")
 
-// claimNode claims identity for this provisioner. It returns a context
-// that ends when the claim is lost (the attempt must stop) and a release
-// function; errElsewhere when another provisioner has the node.
-func (p *Provisioner) claimNode(ctx context.Context, identity string) (context.Context, func(), error) {
+// heldClaim is a node claim held for one attempt.
+type heldClaim struct {
+	c *claims.Claim
+	// ctx ends when the claim is lost (cause wraps claims.ErrLost) or the
+	// attempt is released.
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+	wg     sync.WaitGroup
+}
+
+// lost reports whether the claim was lost (another provisioner may hold
+// the node now).
+func (h *heldClaim) lost() bool { return errors.Is(context.Cause(h.ctx), claims.ErrLost) }
+
+// claimNode claims identity for this provisioner and records the attempt in
+// the shared state. The claim's context ends when the claim is lost (the
+// attempt must stop). errElsewhere when another provisioner has the node,
+// or finished it: provisioned within grace, or in production, unless the
+// node announced a startup (startedAt) after it arrived there (it was
+// reprovisioned).
+func (p *Provisioner) claimNode(ctx context.Context, identity string, startedAt time.Time) (*heldClaim, error) {
 	sh := p.shared
 	c, err := sh.claims.Claim(ctx, identity)
 	if errors.Is(err, claims.ErrClaimed) {
-		return nil, nil, errElsewhere
+		return nil, errElsewhere
 	}
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	rec, err := sh.nodes.Get(ctx, identity)
-	switch {
-	case errors.Is(err, nodestate.ErrNotFound):
-		rec = &nodestate.Record{Identity: identity}
-	case err != nil:
-		_ = c.Release(context.WithoutCancel(ctx))
-		return nil, nil, err
-	case rec.State == string(StateProvisioned) && time.Since(rec.ProvisionedAt) < sh.grace,
-		rec.State == string(StateProduction):
-		_ = c.Release(context.WithoutCancel(ctx))
-		return nil, nil, errElsewhere
+	octx, ocancel := context.WithTimeout(ctx, sh.claims.Lease())
+	_, err = sh.nodes.Update(octx, identity, func(r *nodestate.Record) (bool, error) {
+		switch {
+		case r.State == string(StateProvisioned) && time.Since(r.ProvisionedAt) < sh.grace,
+			r.State == string(StateProduction) && !startedAt.After(r.ArrivedAt):
+			return false, errElsewhere
+		}
+		r.State, r.Stage, r.ClaimedBy, r.LastError = string(StateInProgress), string(StageInventory), sh.claims.Owner(), ""
+		r.Attempts++
+		if r.DiscoveredAt.IsZero() {
+			r.DiscoveredAt = time.Now().UTC()
+		}
+		return true, nil
+	})
+	ocancel()
+	if err != nil {
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), sh.claims.Lease())
+		_ = c.Release(rctx)
+		rcancel()
+		return nil, err
 	}
 	hctx, cancel := context.WithCancelCause(ctx)
-	var wg sync.WaitGroup
-	wg.Add(1)
+	h := &heldClaim{c: c, ctx: hctx, cancel: cancel}
+	h.wg.Add(1)
 	go func() {
-		defer wg.Done()
+		defer h.wg.Done()
 		c.Hold(hctx, func(err error) {
 			p.log.WithField("identity", identity).WithError(err).Warn("claim lost; stopping this node's attempt")
 			cancel(err)
 		})
 	}()
-	rec.State, rec.Stage, rec.ClaimedBy = string(StateInProgress), string(StageInventory), sh.claims.Owner()
-	rec.Attempts++
-	if rec.DiscoveredAt.IsZero() {
-		rec.DiscoveredAt = time.Now().UTC()
-	}
-	if err := sh.nodes.Put(ctx, *rec); err != nil {
-		p.log.WithError(err).WithField("identity", identity).Warn("could not record node state")
-	}
-	release := func() {
-		cancel(nil)
-		wg.Wait()
-		rctx, rcancel := context.WithTimeout(context.Background(), sh.claims.Lease())
-		defer rcancel()
-		if err := c.Release(rctx); err != nil {
-			p.log.WithError(err).WithField("identity", identity).Debug("release claim")
-		}
-	}
-	return hctx, release, nil
+	return h, nil
 }
 
-// recordShared writes the node's outcome to the shared node state; called
-// while this provisioner still holds the claim.
-func (p *Provisioner) recordShared(identity string) {
+// releaseClaim ends an attempt's claim: renewals stop and the claim is
+// deleted unless it was lost (the delete is a compare-and-set on this
+// holder's revision, so it never removes another's).
+func (p *Provisioner) releaseClaim(identity string, h *heldClaim) {
+	h.cancel(nil)
+	h.wg.Wait()
+	rctx, rcancel := context.WithTimeout(context.Background(), p.shared.claims.Lease())
+	defer rcancel()
+	if err := h.c.Release(rctx); err != nil {
+		p.log.WithError(err).WithField("identity", identity).Debug("release claim")
+	}
+}
+
+// confirmClaim runs just before configure: it renews the claim (so it is
+// this provisioner's for a lease from now, and the node is not configured
+// by two provisioners at once) and records the certificate about to be
+// sent as pending, so that the node's arrival in production with it
+// completes the provisioning even if this provisioner dies before restart.
+func (p *Provisioner) confirmClaim(ctx context.Context, a *attempt) error {
 	sh := p.shared
-	p.mu.Lock()
-	n := p.nodes[identity]
-	var st NodeStatus
-	if n != nil {
-		st = n.NodeStatus
+	rctx, cancel := context.WithTimeout(ctx, sh.claims.Lease()/3)
+	err := a.hold.c.Renew(rctx)
+	cancel()
+	if err != nil {
+		if errors.Is(err, claims.ErrLost) {
+			a.hold.cancel(err)
+		}
+		return fmt.Errorf("confirm the claim before configure: %w", err)
 	}
-	p.mu.Unlock()
-	if n == nil {
-		return
+	if a.serial == "" {
+		return nil
 	}
+	octx, ocancel := context.WithTimeout(ctx, sh.claims.Lease())
+	defer ocancel()
+	_, err = sh.nodes.Update(octx, a.id, func(r *nodestate.Record) (bool, error) {
+		r.State, r.Stage, r.ClaimedBy = string(StateInProgress), string(StageConfigure), sh.claims.Owner()
+		r.Pending = &nodestate.Pending{Serial: a.serial, KeyFingerprint: a.keyFP, TokenID: a.tokenID, By: sh.claims.Owner(), At: time.Now().UTC()}
+		return true, nil
+	})
+	if err != nil {
+		return fmt.Errorf("record the certificate before configure: %w", err)
+	}
+	return nil
+}
+
+// recordShared writes the outcome of an attempt to the shared node state,
+// while this provisioner still holds the claim (nothing is written when the
+// claim was lost: the node is someone else's now). It returns the attempt's
+// error, or nil when the attempt failed after configure but the node has
+// meanwhile arrived in production with the certificate it was sent (its
+// restart could not be confirmed, but it is provisioned).
+func (p *Provisioner) recordShared(a *attempt, err error, abandoned bool) error {
+	sh := p.shared
+	if a.hold.lost() {
+		return err
+	}
+	stage := a.stage
+	var se *stageError
+	if errors.As(err, &se) {
+		stage = se.stage
+	}
+	arrivedAt := p.arrivedWith(a.id, a.serial)
 	ctx, cancel := context.WithTimeout(context.Background(), sh.claims.Lease())
 	defer cancel()
-	rec, err := sh.nodes.Get(ctx, identity)
-	if err != nil {
-		rec = &nodestate.Record{Identity: identity, Attempts: 1}
-	}
-	rec.State, rec.Stage, rec.LastError, rec.ClaimedBy = string(st.State), string(st.Stage), st.LastError, ""
-	if st.State == StateProvisioned || st.State == StateProduction {
-		rec.ProvisionedAt = st.ProvisionedAt.UTC()
-		rec.ProvisionedBy = sh.claims.Owner()
-		if r, ok, _ := p.reg.Get(identity); ok {
-			rec.Serial = r.Serial
+	arrived := false
+	var done *nodestate.Pending
+	_, werr := sh.nodes.Update(ctx, a.id, func(r *nodestate.Record) (bool, error) {
+		now := time.Now()
+		arrived, done = false, nil
+		r.ClaimedBy = ""
+		var he *holdError
+		switch {
+		case err != nil && !arrivedAt.IsZero():
+			// This provisioner saw the node arrive with the certificate
+			// it sent, whatever the attempt's last request got.
+			done = r.Complete(a.serial, now, arrivedAt)
+			arrived = true
+		case err == nil && a.outcome == OutcomeProvisioned && a.serial == "":
+			r.Provisions++
+			r.State, r.Stage, r.LastError = string(StateProvisioned), "", ""
+			r.ProvisionedAt, r.ProvisionedBy = now.UTC(), sh.claims.Owner()
+		case err == nil && a.outcome == OutcomeProvisioned:
+			if r.Complete(a.serial, now, arrivedAt) == nil && r.Serial != a.serial {
+				// The pending record was lost (an operator edited the
+				// bucket): count the provisioning all the same.
+				r.Pending = &nodestate.Pending{Serial: a.serial, By: sh.claims.Owner()}
+				r.Complete(a.serial, now, arrivedAt)
+			}
+		case err == nil:
+			r.State, r.Stage, r.LastError = string(stateOf(a.outcome)), string(stage), ""
+		case r.Arrived(a.serial):
+			arrived = true
+		case errors.As(err, &he):
+			r.State, r.Stage, r.LastError = string(StateHeld), string(stage), he.Error()
+			if he.denied {
+				r.State = string(StateDenied)
+			}
+		case abandoned:
+			r.State, r.Stage, r.LastError = string(StateAbandoned), string(stage), ErrAbandoned.Error()
+		default:
+			r.State, r.Stage, r.LastError = string(StateFailed), string(stage), err.Error()
 		}
+		return true, nil
+	})
+	if werr != nil {
+		a.log.WithError(werr).Warn("could not record node state")
 	}
-	if err := sh.nodes.Put(ctx, *rec); err != nil {
-		p.log.WithError(err).WithField("identity", identity).Warn("could not record node state")
+	if done != nil && !a.configured {
+		// Counted from the arrival, configure was never acknowledged:
+		// record the key now.
+		rctx, rcancel := context.WithTimeout(context.Background(), registryRetryFor)
+		if rerr := p.recordConfigured(rctx, a); rerr != nil {
+			a.log.WithError(rerr).Error("the node is provisioned, but its key is not in the identity registry")
+		}
+		rcancel()
 	}
+	if arrived {
+		a.log.WithField("stage", string(stage)).WithError(err).Info("node arrived in production with the certificate it was sent; provisioned although the attempt did not see it through")
+		a.outcome = OutcomeProvisioned
+		return nil
+	}
+	return err
+}
+
+// stateOf is the node state an attempt's outcome (without error) leaves.
+func stateOf(o Outcome) State {
+	switch o {
+	case OutcomeDeferred:
+		return StateDeferred
+	case OutcomeShutdown:
+		return StateShutdown
+	}
+	return StateProvisioned
+}
+
+// arrivedWith returns the time of the provisioned event in which the node
+// reported the certificate serial, as this provisioner saw it; zero when it
+// did not.
+func (p *Provisioner) arrivedWith(identity, serial string) time.Time {
+	if serial == "" {
+		return time.Time{}
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if n := p.nodes[identity]; n != nil && n.arrivedSerial == serial {
+		return n.arrivedAt
+	}
+	return time.Time{}
 }
 
 // markElsewhere parks a node another provisioner has: looked at again after

@@ -444,6 +444,11 @@ func TestFileRegistryRoundTrip(t *testing.T) {
 	if err := r.Put(Record{Identity: "d.example.net", Denied: true, DeniedKey: fp, DeniedAt: now}); err != nil {
 		t.Fatal(err)
 	}
+	// A provisioner killed while writing the registry leaves a temporary;
+	// the next one to open the state_dir removes it.
+	if err := os.WriteFile(filepath.Join(dir, "."+RegistryFile+".tmp-4242"), []byte(`{"version":1,"rec`), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	r2, err := OpenFileRegistry(dir)
 	if err != nil {
 		t.Fatal(err)

@@ -46,9 +46,10 @@ type metrics struct {
 	queueWait    prometheus.Histogram
 	nodeDuration prometheus.Histogram
 
-	tokenRefusals    *prometheus.CounterVec
-	standby          prometheus.Gauge
-	policyRejections *prometheus.CounterVec
+	tokenRefusals      *prometheus.CounterVec
+	standby            prometheus.Gauge
+	policyRejections   *prometheus.CounterVec
+	completedOnArrival prometheus.Counter
 }
 
 func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metrics, error) {
@@ -85,6 +86,8 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 		m.tokenRefusals.WithLabelValues(r)
 	}
 	m.standby = prometheus.NewGauge(prometheus.GaugeOpts(opts("standby", "1 while a provisioner in leader mode is not the leader.")))
+	m.completedOnArrival = prometheus.NewCounter(prometheus.CounterOpts(opts("completed_on_arrival_total",
+		"Provisionings counted from the node's arrival in production because their restart was never confirmed (ha modes).")))
 	m.policyRejections = prometheus.NewCounterVec(prometheus.CounterOpts(opts("policy_rejections_total", "CSRs and certificates refused by the provisioner's policy, by reason.")), []string{"reason"})
 	heldG := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("held_nodes", "Nodes held for an operator's approval.")), held)
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
@@ -121,7 +124,7 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
-		m.queueWait, m.nodeDuration, m.tokenRefusals, m.policyRejections, heldG, m.standby,
+		m.queueWait, m.nodeDuration, m.tokenRefusals, m.policyRejections, heldG, m.standby, m.completedOnArrival,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err

@@ -49,9 +49,13 @@ type attempt struct {
 	outcome Outcome
 	// approval is the operator approval this attempt consumed, if any.
 	approval *approval
-	keyFP    string // fingerprint of the node's key
-	serial   string // serial of the certificate sent
-	tokenID  string // jti of the node's provisioning token
+	// hold is the node's claim (ha modes; nil in single mode).
+	hold *heldClaim
+	// configured is set once the node acknowledged configure.
+	configured bool
+	keyFP      string // fingerprint of the node's key
+	serial     string // serial of the certificate sent
+	tokenID    string // jti of the node's provisioning token
 }
 
 // process runs one node through the pipeline and records the result.
@@ -74,9 +78,11 @@ func (p *Provisioner) process(ctx context.Context, it queueItem) {
 	p.m.busy.Inc()
 	defer p.m.busy.Dec()
 
+	a := &attempt{p: p, id: it.identity, started: now, stage: StageInventory,
+		log: p.log.WithField("identity", it.identity)}
 	if p.shared != nil {
 		// Several provisioners: work on the node only under its claim.
-		cctx, release, err := p.claimNode(ctx, it.identity)
+		h, err := p.claimNode(ctx, it.identity, it.startedAt)
 		if err != nil {
 			if !errors.Is(err, errElsewhere) {
 				p.log.WithError(err).WithField("identity", it.identity).Warn("could not claim node")
@@ -84,15 +90,16 @@ func (p *Provisioner) process(ctx context.Context, it queueItem) {
 			p.markElsewhere(it.identity)
 			return
 		}
-		defer release()
-		defer p.recordShared(it.identity)
-		ctx = cctx
+		defer p.releaseClaim(it.identity, h)
+		a.hold = h
+		ctx = h.ctx
 	}
-
-	a := &attempt{p: p, id: it.identity, started: now, stage: StageInventory,
-		log: p.log.WithField("identity", it.identity)}
 	err := a.run(ctx)
-	p.finish(a, err, ctx.Err() != nil)
+	abandoned := ctx.Err() != nil
+	if a.hold != nil {
+		err = p.recordShared(a, err, abandoned)
+	}
+	p.finish(a, err, abandoned)
 }
 
 // setStage records the stage a node is in.
@@ -187,6 +194,11 @@ func (a *attempt) run(ctx context.Context) error {
 		return failAt(StageValidate, err)
 	}
 	a.setStage(StageConfigure)
+	if a.hold != nil {
+		if err := p.confirmClaim(ctx, a); err != nil {
+			return failAt(StageConfigure, err)
+		}
+	}
 	creq := protocol.ConfigureRequest{
 		Configuration:  hrep.Configuration,
 		Certificate:    hrep.Certificate,
@@ -196,16 +208,39 @@ func (a *attempt) run(ctx context.Context) error {
 		OPAPolicies:    hrep.OPAPolicies,
 	}
 	if _, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionConfigure, StageConfigure, creq); err != nil {
+		// A node killed right after writing its files loses the reply;
+		// back in production with the new certificate, its arrival says
+		// that configure took.
+		if p.arrivedWith(a.id, a.serial).IsZero() {
+			return failAt(StageConfigure, err)
+		}
+		a.log.WithError(err).Info("configure not acknowledged, but the node arrived in production with its new certificate")
+	}
+	// The node's disk now holds its key and certificate: record them at
+	// once, so that whatever happens before the restart is confirmed (this
+	// provisioner or the node dies), the next attempt finds the key the
+	// node really has and does not hold it as changed.
+	a.configured = true
+	if err := p.recordConfigured(ctx, a); err != nil {
 		return failAt(StageConfigure, err)
+	}
+	if !p.arrivedWith(a.id, a.serial).IsZero() {
+		a.outcome = OutcomeProvisioned // in production already
+		return nil
 	}
 	a.setStage(StageRestart)
 	rreq := protocol.RestartRequest{SplayMillis: int(p.cfg.RestartSplay.D() / time.Millisecond)}
 	if _, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionRestart, StageRestart, rreq); err != nil {
-		return failAt(StageRestart, err)
+		// A node that restarted by itself (killed, rebooted) after
+		// configure runs in production already and no longer answers on
+		// the provisioning side: its arrival with the new certificate is
+		// the confirmation.
+		if p.arrivedWith(a.id, a.serial).IsZero() {
+			return failAt(StageRestart, err)
+		}
+		a.log.WithError(err).Info("restart not confirmed, but the node arrived in production with its new certificate")
 	}
-	p.recordProvisioned(a)
 	a.outcome = OutcomeProvisioned
-	p.recordTokenUse(a.tokenID, a.id)
 	return nil
 }
 
@@ -338,6 +373,9 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 	case outcome == OutcomeProvisioned:
 		if n.State != StateProduction {
 			n.State = StateProvisioned
+		}
+		if a.serial != "" && n.arrivedSerial == a.serial {
+			n.State = StateProduction
 		}
 		n.LastError = ""
 		n.ProvisionedAt = now

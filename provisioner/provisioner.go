@@ -168,6 +168,11 @@ type NodeStatus struct {
 type node struct {
 	NodeStatus
 	queuedAt time.Time
+	// arrivedSerial and arrivedAt are the certificate serial and time of
+	// the node's last provisioned event from production.
+	arrivedSerial string
+	arrivedAt     time.Time
+
 	// heldCSR is the gencsr reply of a node held for a changed key.
 	heldCSR *approval
 	// approval is an operator's approval for the next attempt.
@@ -177,6 +182,9 @@ type node struct {
 type queueItem struct {
 	identity string
 	queuedAt time.Time
+	// startedAt is the time of the startup event that queued the node
+	// (zero for other sources).
+	startedAt time.Time
 }
 
 // Provisioner discovers and provisions nodes. Build it with New; run it
@@ -216,6 +224,13 @@ type Provisioner struct {
 	tokenUses map[string]map[string]struct{}
 	// ready is closed once Run has subscribed and started its workers.
 	ready chan struct{}
+	// seenArrivals are the arrivals this provisioner's subscription saw,
+	// to be recorded in the shared state (ha modes). arrivalsLoop records
+	// them too, from the arrivals stream: either is enough, and each
+	// covers a loss of the other (the stream misses events while its
+	// leader changes; subscriptions miss events while no provisioner
+	// runs).
+	seenArrivals chan *protocol.Event
 }
 
 type logThrottle struct {
@@ -291,6 +306,7 @@ func New(opts Options) (*Provisioner, error) {
 		tokens:       tokens,
 		tokenUses:    map[string]map[string]struct{}{},
 		ready:        make(chan struct{}),
+		seenArrivals: make(chan *protocol.Event, seenArrivalsBuffer),
 	}
 	if cfg.InsecureTokenless {
 		log.Warn("INSECURE: insecure_tokenless is on; any node that reaches the broker is provisioned without a provisioning token")
@@ -550,6 +566,17 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		go func() {
 			defer wg.Done()
 			p.leaderLoop(ctx)
+		}()
+	}
+	if p.shared != nil {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			p.arrivalsLoop(ctx)
+		}()
+		go func() {
+			defer wg.Done()
+			p.seenArrivalsLoop(ctx)
 		}()
 	}
 	for i := 0; i < p.cfg.Workers; i++ {

@@ -179,9 +179,14 @@ type registryDoc struct {
 
 // OpenFileRegistry opens (or creates, with mode 0700) dir and reads
 // dir/registry.json if it exists. A file that cannot be decoded is an error
-// wrapping ErrRegistryCorrupt; it is never overwritten.
+// wrapping ErrRegistryCorrupt; it is never overwritten. Temporaries of
+// registry.json that a provisioner killed while writing it left in dir are
+// removed (one use per state_dir).
 func OpenFileRegistry(dir string) (*FileRegistry, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("identity registry: %w", err)
+	}
+	if _, err := fsutil.RemoveTemps(dir, RegistryFile); err != nil {
 		return nil, fmt.Errorf("identity registry: %w", err)
 	}
 	r := &FileRegistry{path: filepath.Join(dir, RegistryFile), recs: map[string]Record{}, enc: map[string][]byte{}}

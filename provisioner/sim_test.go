@@ -95,6 +95,24 @@ type simNode struct {
 	// or unusual node); default: a key of the requested type and a CSR
 	// from pki.CreateCSR.
 	makeCSR func(id string) (crypto.Signer, []byte, error)
+	// reuseKey makes gencsr keep the node's key once it has one, as
+	// Muster's agent does.
+	reuseKey bool
+	// serials are the serials of the certificates configured, in order.
+	serials []string
+	// senders counts configure and restart requests per provisioner.
+	senders map[string]map[string]int
+}
+
+// sendersOf returns how many requests for action each provisioner sent.
+func (n *simNode) sendersOf(action string) map[string]int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	out := map[string]int{}
+	for k, v := range n.senders[action] {
+		out[k] = v
+	}
+	return out
 }
 
 func (n *simNode) count(action string) int {
@@ -181,6 +199,15 @@ func (n *simNode) handle(m *nats.Msg) {
 	}
 	n.mu.Lock()
 	n.counts[req.Action]++
+	if req.Action == protocol.ActionConfigure || req.Action == protocol.ActionRestart {
+		if n.senders == nil {
+			n.senders = map[string]map[string]int{}
+		}
+		if n.senders[req.Action] == nil {
+			n.senders[req.Action] = map[string]int{}
+		}
+		n.senders[req.Action][req.Sender]++
+	}
 	c := n.counts[req.Action]
 	n.mu.Unlock()
 	if n.behave != nil && !broadcast {
@@ -214,9 +241,16 @@ func (n *simNode) handle(m *nats.Msg) {
 			n.respond(m, req, protocol.CodeBadRequest, "body", nil)
 			return
 		}
-		var key crypto.Signer
+		n.mu.Lock()
+		key := n.key
+		if !n.reuseKey {
+			key = nil
+		}
+		n.mu.Unlock()
 		var csr []byte
-		if n.makeCSR != nil {
+		if key != nil {
+			csr, err = pki.CreateCSR(key, n.id, pki.CSRSubject{})
+		} else if n.makeCSR != nil {
 			key, csr, err = n.makeCSR(n.id)
 		} else if key, err = pki.GenerateKey(g.KeyType, 0); err == nil {
 			csr, err = pki.CreateCSR(key, n.id, pki.CSRSubject{})
@@ -243,7 +277,8 @@ func (n *simNode) handle(m *nats.Msg) {
 			n.respond(m, req, protocol.CodeConflict, "no key", nil)
 			return
 		}
-		if _, err := pki.VerifyLeaf([]byte(c.Certificate), n.caPEM, key.Public(), n.id, time.Now()); err != nil {
+		leaf, err := pki.VerifyLeaf([]byte(c.Certificate), n.caPEM, key.Public(), n.id, time.Now())
+		if err != nil {
 			n.mu.Lock()
 			n.badConfig = append(n.badConfig, err.Error())
 			n.mu.Unlock()
@@ -252,6 +287,7 @@ func (n *simNode) handle(m *nats.Msg) {
 		}
 		n.mu.Lock()
 		n.configured++
+		n.serials = append(n.serials, leaf.SerialNumber.Text(16))
 		n.mu.Unlock()
 		n.respond(m, req, protocol.CodeOK, "", nil)
 	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionRestart:

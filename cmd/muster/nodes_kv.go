@@ -113,13 +113,13 @@ func kvList(cmd *cobra.Command, k *kvFlags, state string, asJSON bool) error {
 		return writeIndented(cmd.OutOrStdout(), recs)
 	}
 	tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "IDENTITY\tSTATE\tSTAGE\tATTEMPTS\tCLAIMED BY\tPROVISIONED BY\tUPDATED\tLAST ERROR")
+	fmt.Fprintln(tw, "IDENTITY\tSTATE\tSTAGE\tATTEMPTS\tPROVISIONS\tCLAIMED BY\tPROVISIONED BY\tUPDATED\tLAST ERROR")
 	for _, r := range recs {
 		lastErr := r.LastError
 		if len(lastErr) > 80 {
 			lastErr = lastErr[:77] + "..."
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", r.Identity, r.State, r.Stage, r.Attempts, r.ClaimedBy, r.ProvisionedBy,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\n", r.Identity, r.State, r.Stage, r.Attempts, r.Provisions, r.ClaimedBy, r.ProvisionedBy,
 			r.Updated.Local().Format(time.DateTime), lastErr)
 	}
 	if bad > 0 {

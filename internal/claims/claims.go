@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -109,11 +110,18 @@ func (s *Store) Lease() time.Duration { return s.lease }
 // Owner is this holder's name.
 func (s *Store) Owner() string { return s.owner }
 
-// Claim is a held claim.
+// Claim is a held claim. It is safe for concurrent use (Hold renews it
+// while the holder may renew it too).
 type Claim struct {
 	s   *Store
 	key string
+
+	mu  sync.Mutex
 	rev uint64
+	// validUntil is the earliest moment the server may drop the key: one
+	// lease after the last successful write was sent (the server stamps
+	// the write later than that, so it cannot expire it earlier).
+	validUntil time.Time
 }
 
 // Claim takes key (a node identity or LeaderKey) for this holder. It
@@ -124,18 +132,21 @@ func (s *Store) Claim(ctx context.Context, key string) (*Claim, error) {
 			return nil, err
 		}
 	}
-	val, err := json.Marshal(Record{Owner: s.owner, Claimed: time.Now().UTC()})
+	sent := time.Now()
+	val, err := json.Marshal(Record{Owner: s.owner, Claimed: sent.UTC()})
 	if err != nil {
 		return nil, err
 	}
 	rev, err := s.kv.Create(ctx, key, val)
-	if errors.Is(err, jetstream.ErrKeyExists) {
+	if isConflict(err) {
+		// The key exists (the server may also say so as a failed
+		// compare-and-set when claims race).
 		return nil, ErrClaimed
 	}
 	if err != nil {
 		return nil, fmt.Errorf("claim %s: %w", key, err)
 	}
-	return &Claim{s: s, key: key, rev: rev}, nil
+	return &Claim{s: s, key: key, rev: rev, validUntil: sent.Add(s.lease)}, nil
 }
 
 // Holder returns who holds key, or "" when nobody does.
@@ -158,9 +169,14 @@ func (s *Store) Holder(ctx context.Context, key string) (string, error) {
 func (c *Claim) Key() string { return c.key }
 
 // Renew extends the claim by a lease. ErrLost means it lapsed or was taken:
-// the holder must stop working on the key.
+// the holder must stop working on the key. A holder about to do something
+// that must not happen twice (configure a node) renews first: when Renew
+// returns nil the claim is its own for a lease minus the time Renew took.
 func (c *Claim) Renew(ctx context.Context) error {
-	val, err := json.Marshal(Record{Owner: c.s.owner, Claimed: time.Now().UTC()})
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sent := time.Now()
+	val, err := json.Marshal(Record{Owner: c.s.owner, Claimed: sent.UTC()})
 	if err != nil {
 		return err
 	}
@@ -172,11 +188,23 @@ func (c *Claim) Renew(ctx context.Context) error {
 		return fmt.Errorf("renew %s: %w", c.key, err)
 	}
 	c.rev = rev
+	c.validUntil = sent.Add(c.s.lease)
 	return nil
+}
+
+// ValidFor is how long the claim is certainly still this holder's: until
+// one lease after the last successful write was sent (zero or negative once
+// that has passed).
+func (c *Claim) ValidFor() time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Until(c.validUntil)
 }
 
 // Release gives the claim up (only if it is still this holder's).
 func (c *Claim) Release(ctx context.Context) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	err := c.s.kv.Delete(ctx, c.key, jetstream.LastRevision(c.rev))
 	if err != nil && !isConflict(err) {
 		return fmt.Errorf("release %s: %w", c.key, err)
@@ -185,34 +213,61 @@ func (c *Claim) Release(ctx context.Context) error {
 }
 
 // Hold keeps the claim renewed every Lease/3 until ctx ends or the claim is
-// lost; it calls lost (if not nil) once when renewal reports ErrLost or keeps
-// failing for a whole lease. It returns when ctx ends or the claim is lost.
+// lost; it calls lost (if not nil) once when renewal reports ErrLost, or
+// when renewals kept failing (retried every Lease/12) until only a sixth of
+// a lease of certain validity is left: the holder stops before the server
+// can drop the key and another holder take it, not after. It returns when
+// ctx ends or the claim is lost.
 func (c *Claim) Hold(ctx context.Context, lost func(error)) {
-	t := time.NewTicker(c.s.lease / 3)
-	defer t.Stop()
-	lastOK := time.Now()
-	for {
-		select {
-		case <-ctx.Done():
+	margin := c.s.lease / 6
+	every, retry := c.s.lease/3, c.s.lease/12
+	next := every
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	<-timer.C
+	report := func(err error) {
+		if lost == nil {
 			return
-		case <-t.C:
 		}
-		rctx, cancel := context.WithTimeout(ctx, c.s.lease/3)
+		if !errors.Is(err, ErrLost) {
+			err = fmt.Errorf("%w: not renewed within a lease: %w", ErrLost, err)
+		}
+		lost(err)
+	}
+	var lastErr error = context.DeadlineExceeded
+	for {
+		// Wake for the next renewal, or in time to give up before the
+		// claim can lapse.
+		if wait := min(next, c.ValidFor()-margin); wait > 0 {
+			timer.Reset(wait)
+			select {
+			case <-ctx.Done():
+				return
+			case <-timer.C:
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		left := c.ValidFor() - margin
+		if left <= 0 {
+			report(lastErr)
+			return
+		}
+		// A renewal must not outlast the claim's certain validity.
+		rctx, cancel := context.WithTimeout(ctx, min(every, left))
 		err := c.Renew(rctx)
 		cancel()
 		switch {
 		case err == nil:
-			lastOK = time.Now()
+			next = every
 		case ctx.Err() != nil:
 			return
-		case errors.Is(err, ErrLost) || time.Since(lastOK) >= c.s.lease:
-			if lost != nil {
-				if !errors.Is(err, ErrLost) {
-					err = fmt.Errorf("%w: no renewal for a lease: %v", ErrLost, err)
-				}
-				lost(err)
-			}
+		case errors.Is(err, ErrLost):
+			report(err)
 			return
+		default:
+			lastErr, next = err, retry
 		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/muster-io/muster/internal/natstest"
@@ -134,5 +135,61 @@ func TestConfigValidation(t *testing.T) {
 		if _, err := New(context.Background(), js, c); !errors.Is(err, ErrConfig) {
 			t.Errorf("New(%+v) = %v", c, err)
 		}
+	}
+}
+
+// TestHoldStopsBeforeTheLeaseCanLapse cuts a holder off from the store:
+// Hold reports the loss while the claim is still certainly its own, so the
+// holder stops before the server could drop the key and another holder
+// take it.
+func TestHoldStopsBeforeTheLeaseCanLapse(t *testing.T) {
+	url := natstest.Server(t, true)
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const lease = 6 * time.Second
+	a := store(t, js, "prov-a", lease)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	c, err := a.Claim(ctx, "n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := c.ValidFor(); v <= 0 || v > lease {
+		t.Fatalf("ValidFor after Claim = %s", v)
+	}
+	before := c.ValidFor()
+	if err := c.Renew(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if c.ValidFor() < before {
+		t.Fatalf("Renew did not extend the claim: %s < %s", c.ValidFor(), before)
+	}
+	left := make(chan time.Duration, 1)
+	var lostErr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.Hold(ctx, func(err error) { lostErr = err; left <- c.ValidFor() })
+	}()
+	nc.Close() // the store is unreachable from now on
+	select {
+	case v := <-left:
+		if v <= 0 {
+			t.Fatalf("loss reported %s after the claim could have lapsed", -v)
+		}
+		t.Logf("loss reported with %s of the lease left", v.Round(time.Millisecond))
+	case <-time.After(3 * lease):
+		t.Fatal("Hold did not report the loss")
+	}
+	<-done
+	if !errors.Is(lostErr, ErrLost) {
+		t.Fatalf("lost with %v, want ErrLost", lostErr)
 	}
 }

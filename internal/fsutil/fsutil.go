@@ -4,18 +4,74 @@
 package fsutil
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 )
+
+// tempMarker separates a target's name from the random suffix in the name
+// of a temporary file: "." + base + tempMarker + digits.
+const tempMarker = ".tmp-"
+
+// tempPattern is the os.CreateTemp pattern of path's temporary files.
+func tempPattern(path string) string { return "." + filepath.Base(path) + tempMarker + "*" }
+
+// IsTemp reports whether name (a base name) is a temporary file of
+// WriteFileAtomic or WriteFilesAtomic: "." + target + ".tmp-" + digits. When
+// target is not empty, only temporaries of that target match.
+func IsTemp(name, target string) bool {
+	if !strings.HasPrefix(name, ".") {
+		return false
+	}
+	i := strings.LastIndex(name, tempMarker)
+	if i < 2 {
+		return false
+	}
+	digits := name[i+len(tempMarker):]
+	if digits == "" || strings.Trim(digits, "0123456789") != "" {
+		return false
+	}
+	return target == "" || name[1:i] == target
+}
+
+// RemoveTemps deletes the temporary files a writer killed in the middle of
+// WriteFileAtomic or WriteFilesAtomic left in dir (never the files they
+// were replacing, which are intact: temporaries only become files by
+// rename). With target set, only that target's temporaries are removed,
+// for directories shared with other programs. A missing dir is not an
+// error. It returns the names it removed.
+func RemoveTemps(dir, target string) ([]string, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("remove temporaries in %s: %w", dir, err)
+	}
+	var removed []string
+	var errs []error
+	for _, e := range entries {
+		if !e.Type().IsRegular() || !IsTemp(e.Name(), target) {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove temporary %s: %w", filepath.Join(dir, e.Name()), err))
+			continue
+		}
+		removed = append(removed, e.Name())
+	}
+	return removed, errors.Join(errs...)
+}
 
 // WriteFileAtomic replaces path with data. The data is written to a temporary
 // file in the same directory with mode perm, synced, renamed over path, and
 // the directory is synced. On any error path is left as it was.
 func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	tmp, err := os.CreateTemp(dir, tempPattern(path))
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
@@ -92,7 +148,7 @@ func WriteFilesAtomic(files []File) error {
 		}
 	}
 	for _, f := range files {
-		tmp, err := os.CreateTemp(filepath.Dir(f.Path), "."+filepath.Base(f.Path)+".tmp-*")
+		tmp, err := os.CreateTemp(filepath.Dir(f.Path), tempPattern(f.Path))
 		if err != nil {
 			cleanup()
 			return fmt.Errorf("write %s: %w", f.Path, err)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -102,4 +103,95 @@ func TestWriteFilesAtomicDirs(t *testing.T) {
 	if err := WriteFilesAtomic(nil); err != nil {
 		t.Errorf("empty batch: %v", err)
 	}
+}
+
+func TestIsTemp(t *testing.T) {
+	for _, tc := range []struct {
+		name, target string
+		want         bool
+	}{
+		{".agent.cfg.tmp-123456", "", true},
+		{".agent.cfg.tmp-123456", "agent.cfg", true},
+		{".agent.cfg.tmp-123456", "private.pem", false},
+		{".private.pem.tmp-9", "private.pem", true},
+		{"agent.cfg", "", false},
+		{".agent.cfg", "", false},
+		{".agent.cfg.tmp-", "", false},
+		{".agent.cfg.tmp-12a", "", false},
+		{".tmp-123", "", false},
+		{"x.tmp-123", "", false},
+		{".a.tmp-1.tmp-2", "a.tmp-1", true},
+	} {
+		if got := IsTemp(tc.name, tc.target); got != tc.want {
+			t.Errorf("IsTemp(%q, %q) = %t, want %t", tc.name, tc.target, got, tc.want)
+		}
+	}
+}
+
+// TestRemoveTempsAfterKilledWriter recreates what a writer killed between
+// writing its temporaries and renaming them leaves behind, and checks that
+// RemoveTemps removes the temporaries and nothing else.
+func TestRemoveTempsAfterKilledWriter(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "agent.cfg")
+	if err := WriteFileAtomic(cfg, []byte("old"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var temps []string
+	for _, target := range []string{cfg, filepath.Join(dir, "private.pem"), cfg} {
+		f, err := os.CreateTemp(dir, tempPattern(target))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteString("half a fi"); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		temps = append(temps, filepath.Base(f.Name()))
+	}
+	keep := []string{"agent.cfg", ".hidden", ".x.tmp-abc", "y.tmp-1"}
+	for _, k := range keep[1:] {
+		if err := os.WriteFile(filepath.Join(dir, k), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, ".d.tmp-1"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	keep = append(keep, ".d.tmp-1")
+
+	removed, err := RemoveTemps(dir, "agent.cfg")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(removed) != 2 {
+		t.Fatalf("removed %v, want the two agent.cfg temporaries", removed)
+	}
+	removed, err = RemoveTemps(dir, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(removed) != 1 || removed[0] != temps[1] {
+		t.Fatalf("removed %v, want %s", removed, temps[1])
+	}
+	entries, _ := os.ReadDir(dir)
+	var left []string
+	for _, e := range entries {
+		left = append(left, e.Name())
+	}
+	if strings.Join(left, ",") != strings.Join(sorted(keep), ",") {
+		t.Fatalf("left %v, want %v", left, sorted(keep))
+	}
+	if b, _ := os.ReadFile(cfg); string(b) != "old" {
+		t.Fatalf("the file being replaced changed: %q", b)
+	}
+	if removed, err := RemoveTemps(filepath.Join(dir, "missing"), ""); err != nil || removed != nil {
+		t.Fatalf("missing dir: %v %v", removed, err)
+	}
+}
+
+func sorted(s []string) []string {
+	out := append([]string(nil), s...)
+	slices.Sort(out)
+	return out
 }

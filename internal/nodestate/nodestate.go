@@ -1,8 +1,14 @@
 // Package nodestate keeps the provisioners' shared per-node state in a
-// JetStream key-value bucket: one JSON record per node identity, written by
-// the provisioner that holds the node's claim (internal/claims), read by
+// JetStream key-value bucket: one JSON record per node identity, read by
 // every provisioner (to skip nodes another one finished) and by operators
 // (`muster nodes ls|show --kv`). A restarted provisioner resumes from it.
+//
+// Every write is a compare-and-set on the revision read (Store.Update), so
+// writers never lose each other's changes: the provisioner holding the
+// node's claim (internal/claims) writes its attempt, and any provisioner
+// records the node's arrival in production (Record.Complete), which is how
+// a provisioning whose restart was never confirmed (the provisioner or the
+// node died in between) is still counted exactly once.
 package nodestate
 
 import (
@@ -24,8 +30,21 @@ const DefaultBucket = "MUSTER_NODES"
 // MaxRecordSize bounds one record.
 const MaxRecordSize = 16 * 1024
 
-// ErrNotFound is returned by Get for an unknown identity.
-var ErrNotFound = errors.New("no state for node")
+// Sentinel errors.
+var (
+	// ErrNotFound is returned by Get for an unknown identity.
+	ErrNotFound = errors.New("no state for node")
+	// ErrContended is returned by Update when other writers kept changing
+	// the record.
+	ErrContended = errors.New("node state changed by others on every try")
+)
+
+// States the package itself sets (the provisioner sets the others).
+const (
+	StateProvisioned = "provisioned"
+	StateProduction  = "production"
+	StateFailed      = "failed"
+)
 
 // Record is one node's shared state.
 type Record struct {
@@ -38,8 +57,87 @@ type Record struct {
 	DiscoveredAt  time.Time `json:"discovered_at,omitzero"`
 	ProvisionedAt time.Time `json:"provisioned_at,omitzero"`
 	ProvisionedBy string    `json:"provisioned_by,omitempty"`
-	Serial        string    `json:"serial,omitempty"`
-	Updated       time.Time `json:"updated"`
+	// Serial is the serial of the certificate the node was provisioned
+	// with (counted in Provisions).
+	Serial string `json:"serial,omitempty"`
+	// Provisions counts completed provisionings: a certificate configured
+	// on the node and then its restart confirmed or the node seen in
+	// production with it. Each certificate is counted once.
+	Provisions int `json:"provisions,omitempty"`
+	// Pending is a certificate a provisioner is configuring, or configured
+	// without its completion being known yet.
+	Pending *Pending `json:"pending,omitempty"`
+	// ArrivedAt is the time (the node's clock) of the provisioned event in
+	// which the node last came to production with a known certificate.
+	ArrivedAt time.Time `json:"arrived_at,omitzero"`
+	Updated   time.Time `json:"updated"`
+}
+
+// Pending is a certificate on its way to a node.
+type Pending struct {
+	// Serial of the certificate.
+	Serial string `json:"serial"`
+	// KeyFingerprint of the node's key the certificate is for.
+	KeyFingerprint string `json:"key_fingerprint,omitempty"`
+	// TokenID is the id of the node's provisioning token.
+	TokenID string `json:"token_id,omitempty"`
+	// By is the provisioner configuring it.
+	By string `json:"by"`
+	// At is when the provisioner sent configure.
+	At time.Time `json:"at"`
+	// Configured is set once the node acknowledged configure (the
+	// provisioner then recorded the key in the identity registry).
+	Configured bool `json:"configured,omitempty"`
+}
+
+// Complete records at now that the certificate serial reached the node:
+// its restart into production was confirmed (arrivedAt zero) or the node
+// was seen in production with it (arrivedAt: the time of its provisioned
+// event). It returns the pending certificate it completed, or nil when
+// serial was not pending: already counted (an arrival then only marks the
+// node in production) or unknown (nothing changes, so a forged event cannot
+// mark a node provisioned without knowing its new certificate's serial). A
+// pending certificate is counted in Provisions exactly once, however many
+// times and by however many provisioners its completion is recorded.
+func (r *Record) Complete(serial string, now, arrivedAt time.Time) *Pending {
+	if serial == "" {
+		return nil
+	}
+	arrived := !arrivedAt.IsZero()
+	p := r.Pending
+	switch {
+	case p != nil && p.Serial == serial:
+		r.Provisions++
+		r.Serial = serial
+		r.ProvisionedBy = p.By
+		r.ProvisionedAt = now.UTC()
+		r.Pending = nil
+		r.LastError = ""
+		r.ClaimedBy = ""
+	case r.Serial == serial:
+		p = nil
+		if !arrived {
+			return nil
+		}
+	default:
+		return nil
+	}
+	if arrived {
+		r.State = StateProduction
+		r.Stage = ""
+		r.ArrivedAt = arrivedAt.UTC()
+	} else if r.State != StateProduction {
+		r.State = StateProvisioned
+		r.Stage = ""
+	}
+	return p
+}
+
+// Arrived reports whether the node was seen in production with the
+// certificate serial (so an attempt that configured it succeeded, whatever
+// its restart did).
+func (r *Record) Arrived(serial string) bool {
+	return serial != "" && r.Serial == serial && r.State == StateProduction
 }
 
 // Store reads and writes records.
@@ -81,23 +179,97 @@ func Open(ctx context.Context, js jetstream.JetStream, bucket string) (*Store, e
 	return &Store{kv: kv}, nil
 }
 
-// Put writes r (its Updated is set to now).
+// Put writes r (its Updated is set to now), whatever the record held.
+// Writers that share a record use Update.
 func (s *Store) Put(ctx context.Context, r Record) error {
-	if err := protocol.ValidateIdentity(r.Identity); err != nil {
-		return err
-	}
-	r.Updated = time.Now().UTC()
-	b, err := json.Marshal(r)
+	b, err := encode(&r)
 	if err != nil {
 		return err
-	}
-	if len(b) > MaxRecordSize {
-		return fmt.Errorf("node state %s: %d bytes: %w", r.Identity, len(b), protocol.ErrTooLarge)
 	}
 	if _, err := s.kv.Put(ctx, r.Identity, b); err != nil {
 		return fmt.Errorf("node state %s: %w", r.Identity, err)
 	}
 	return nil
+}
+
+// encode validates r, sets its Updated to now and marshals it.
+func encode(r *Record) ([]byte, error) {
+	if err := protocol.ValidateIdentity(r.Identity); err != nil {
+		return nil, err
+	}
+	r.Updated = time.Now().UTC()
+	b, err := json.Marshal(r)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > MaxRecordSize {
+		return nil, fmt.Errorf("node state %s: %d bytes: %w", r.Identity, len(b), protocol.ErrTooLarge)
+	}
+	return b, nil
+}
+
+// updateTries bounds Update's compare-and-set attempts.
+const updateTries = 16
+
+// Update reads identity's record (a fresh one, with only the identity,
+// when there is none), lets change modify it and writes it back only if
+// nobody wrote the record in between; otherwise it reads it again and
+// retries. change returns false to write nothing, or an error to stop
+// (returned as is). Update returns the record as written (or as read, when
+// unchanged). A record that does not decode is replaced.
+func (s *Store) Update(ctx context.Context, identity string, change func(r *Record) (bool, error)) (*Record, error) {
+	if err := protocol.ValidateIdentity(identity); err != nil {
+		return nil, err
+	}
+	for try := 0; try < updateTries; try++ {
+		var rev uint64
+		rec := &Record{Identity: identity}
+		e, err := s.kv.Get(ctx, identity)
+		switch {
+		case errors.Is(err, jetstream.ErrKeyNotFound):
+		case err != nil:
+			return nil, fmt.Errorf("node state %s: %w", identity, err)
+		default:
+			rev = e.Revision()
+			if r, err := Decode(e.Value()); err == nil && r.Identity == identity {
+				rec = r
+			}
+		}
+		ok, err := change(rec)
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return rec, nil
+		}
+		rec.Identity = identity
+		b, err := encode(rec)
+		if err != nil {
+			return nil, err
+		}
+		if rev == 0 {
+			_, err = s.kv.Create(ctx, identity, b)
+		} else {
+			_, err = s.kv.Update(ctx, identity, b, rev)
+		}
+		if err == nil {
+			return rec, nil
+		}
+		if !conflict(err) {
+			return nil, fmt.Errorf("node state %s: %w", identity, err)
+		}
+	}
+	return nil, fmt.Errorf("node state %s: %w", identity, ErrContended)
+}
+
+// conflict reports a failed compare-and-set.
+func conflict(err error) bool {
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+		return true
+	}
+	return errors.Is(err, jetstream.ErrKeyExists)
 }
 
 // Get reads one record.
@@ -122,8 +294,11 @@ func Decode(data []byte) (*Record, error) {
 	if err := protocol.ValidateIdentity(r.Identity); err != nil {
 		return nil, fmt.Errorf("decode node state: %w", err)
 	}
-	if r.Attempts < 0 {
-		return nil, errors.New("decode node state: negative attempts")
+	if r.Attempts < 0 || r.Provisions < 0 {
+		return nil, errors.New("decode node state: negative count")
+	}
+	if !protocol.ValidSerial(r.Serial) || r.Pending != nil && (r.Pending.Serial == "" || !protocol.ValidSerial(r.Pending.Serial)) {
+		return nil, fmt.Errorf("decode node state: serial: %w", protocol.ErrBadField)
 	}
 	return &r, nil
 }

@@ -3,6 +3,7 @@ package nodestate
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -49,10 +50,127 @@ func TestPutGetList(t *testing.T) {
 func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"identity":"n1","state":"provisioned","attempts":1}`))
 	f.Add([]byte(`{"identity":"a/b"}`))
+	f.Add([]byte(`{"identity":"n1","state":"production","provisions":1,"serial":"5c","pending":{"serial":"6d","by":"p1"}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		r, err := Decode(data)
-		if err == nil && (r.Identity == "" || r.Attempts < 0) {
+		if err == nil && (r.Identity == "" || r.Attempts < 0 || r.Provisions < 0) {
 			t.Fatalf("accepted %+v", r)
 		}
 	})
+}
+
+// TestUpdateConcurrent: writers that update one record at the same time
+// never lose each other's changes.
+func TestUpdateConcurrent(t *testing.T) {
+	js := natstest.JetStream(t)
+	ctx := context.Background()
+	s, err := New(ctx, js, "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const writers = 12
+	var wg sync.WaitGroup
+	for range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := s.Update(ctx, "n1", func(r *Record) (bool, error) {
+				r.Attempts++
+				return true, nil
+			}); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	r, err := s.Get(ctx, "n1")
+	if err != nil || r.Attempts != writers {
+		t.Fatalf("after %d concurrent increments: %+v %v", writers, r, err)
+	}
+	// change returning false writes nothing; an error is returned as is.
+	before, _ := s.Get(ctx, "n1")
+	if _, err := s.Update(ctx, "n1", func(r *Record) (bool, error) { r.Attempts = 99; return false, nil }); err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("boom")
+	if _, err := s.Update(ctx, "n1", func(*Record) (bool, error) { return true, boom }); !errors.Is(err, boom) {
+		t.Fatalf("Update = %v, want the change's error", err)
+	}
+	if after, _ := s.Get(ctx, "n1"); after.Attempts != writers || !after.Updated.Equal(before.Updated) {
+		t.Fatalf("an unchanged update wrote: %+v", after)
+	}
+	if _, err := s.Update(ctx, "../x", func(*Record) (bool, error) { return true, nil }); err == nil {
+		t.Fatal("invalid identity updated")
+	}
+}
+
+// TestCompleteCountsOnce: a configured certificate is counted once whether
+// its restart is confirmed, the node is seen arriving with it, or both, in
+// either order, repeatedly; an unknown serial changes nothing.
+func TestCompleteCountsOnce(t *testing.T) {
+	at := time.Date(2026, 11, 22, 8, 0, 0, 0, time.UTC)
+	pending := func() *Record {
+		return &Record{Identity: "n1", State: "in_progress", Stage: "restart", ClaimedBy: "p1", LastError: "x",
+			Pending: &Pending{Serial: "5c", KeyFingerprint: "sha256:ab", By: "p1", At: at}}
+	}
+	type step struct {
+		serial  string
+		arrived bool
+	}
+	for _, tc := range []struct {
+		name      string
+		steps     []step
+		state     string
+		counted   int // steps that returned the pending certificate
+		arrivedAt bool
+	}{
+		{"restart confirmed", []step{{"5c", false}}, StateProvisioned, 1, false},
+		{"restart then arrival", []step{{"5c", false}, {"5c", true}, {"5c", true}}, StateProduction, 1, true},
+		{"arrival then restart", []step{{"5c", true}, {"5c", false}}, StateProduction, 1, true},
+		{"arrival only, repeated", []step{{"5c", true}, {"5c", true}}, StateProduction, 1, true},
+		{"unknown serial", []step{{"77", true}, {"77", false}, {"", true}}, "in_progress", 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := pending()
+			counted := 0
+			for _, st := range tc.steps {
+				var arrivedAt time.Time
+				if st.arrived {
+					arrivedAt = at.Add(time.Second)
+				}
+				if p := r.Complete(st.serial, at, arrivedAt); p != nil {
+					counted++
+					if p.KeyFingerprint != "sha256:ab" || p.By != "p1" {
+						t.Fatalf("completed %+v", p)
+					}
+				}
+			}
+			wantProvisions := min(tc.counted, 1)
+			if counted != tc.counted || r.Provisions != wantProvisions || r.State != tc.state || r.ArrivedAt.IsZero() == tc.arrivedAt {
+				t.Fatalf("counted %d, record %+v", counted, r)
+			}
+			if tc.counted > 0 && (r.Pending != nil || r.Serial != "5c" || r.ProvisionedBy != "p1" || r.LastError != "" || r.ClaimedBy != "") {
+				t.Fatalf("completed record %+v", r)
+			}
+			if tc.counted == 0 && (r.Pending == nil || r.Serial != "") {
+				t.Fatalf("unknown serial changed the record: %+v", r)
+			}
+			if r.Arrived("5c") != (tc.state == StateProduction) {
+				t.Fatalf("Arrived = %t for %+v", r.Arrived("5c"), r)
+			}
+		})
+	}
+}
+
+func TestDecodeRejectsBadSerials(t *testing.T) {
+	for _, data := range []string{
+		`{"identity":"n1","serial":"XYZ"}`,
+		`{"identity":"n1","pending":{"serial":""}}`,
+		`{"identity":"n1","pending":{"serial":"5C"}}`,
+		`{"identity":"n1","provisions":-1}`,
+	} {
+		if r, err := Decode([]byte(data)); err == nil {
+			t.Errorf("Decode(%s) accepted %+v", data, r)
+		}
+	}
 }

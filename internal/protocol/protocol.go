@@ -254,13 +254,19 @@ type Metadata struct {
 
 // Event is a lifecycle event, published on LifecycleSubject(Type, Component).
 type Event struct {
-	Protocol  string    `json:"protocol"`
+	Protocol string `json:"protocol"`
+	// ID names the event. A provisioned event is published again with the
+	// same ID after every reconnection of one production session, so
+	// consumers count arrivals by ID.
 	ID        string    `json:"id"`
 	Identity  string    `json:"identity"`
 	Component string    `json:"component"`
 	Type      string    `json:"type"`
 	Time      time.Time `json:"time"`
 	Version   string    `json:"version,omitempty"`
+	// Serial is, in a provisioned event, the serial number (lowercase hex)
+	// of the certificate the node connected to production with.
+	Serial string `json:"serial,omitempty"`
 }
 
 // PingReply is the body of a discovery or rpcutil ping reply.
@@ -571,6 +577,9 @@ func DecodeEvent(data []byte) (*Event, error) {
 	if !isToken(e.Type) || !isToken(e.Component) {
 		return nil, fmt.Errorf("decode event: type or component: %w", ErrBadField)
 	}
+	if !ValidSerial(e.Serial) {
+		return nil, fmt.Errorf("decode event: serial: %w", ErrBadField)
+	}
 	return &e, nil
 }
 
@@ -583,6 +592,24 @@ func isToken(s string) bool {
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
+}
+
+// MaxSerialHex bounds a certificate serial in hex (RFC 5280: at most 20
+// octets; some CAs use a little more).
+const MaxSerialHex = 64
+
+// ValidSerial reports whether s is empty or a certificate serial number in
+// lowercase hex of at most MaxSerialHex digits.
+func ValidSerial(s string) bool {
+	if len(s) > MaxSerialHex {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
 			return false
 		}
 	}

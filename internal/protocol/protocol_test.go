@@ -165,16 +165,46 @@ func FuzzDecodeReply(f *testing.F) {
 	})
 }
 
+func TestDecodeEventSerial(t *testing.T) {
+	for _, tc := range []struct {
+		serial string
+		ok     bool
+	}{
+		{"", true},
+		{"1f0a9c", true},
+		{strings.Repeat("f", MaxSerialHex), true},
+		{strings.Repeat("f", MaxSerialHex+1), false},
+		{"1F0A", false},
+		{"12 34", false},
+		{"-1", false},
+	} {
+		data, _ := json.Marshal(Event{Protocol: EventProtocol, ID: "e1", Identity: "n1", Type: EventProvisioned, Component: AgentComponent, Serial: tc.serial})
+		ev, err := DecodeEvent(data)
+		if tc.ok != (err == nil) {
+			t.Errorf("serial %q: %v", tc.serial, err)
+			continue
+		}
+		if err == nil && ev.Serial != tc.serial {
+			t.Errorf("serial %q decoded as %q", tc.serial, ev.Serial)
+		}
+		if err != nil && !errors.Is(err, ErrBadField) {
+			t.Errorf("serial %q: %v, want ErrBadField", tc.serial, err)
+		}
+	}
+}
+
 func FuzzDecodeMetadataEvent(f *testing.F) {
 	m, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Facts: map[string]string{"a": "b"}})
 	e, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventStartup, Component: AgentComponent})
+	p, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventProvisioned, Component: AgentComponent, Serial: "1f0a"})
 	f.Add(m)
 	f.Add(e)
+	f.Add(p)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		if md, err := DecodeMetadata(data); err == nil && ValidateIdentity(md.Identity) != nil {
 			t.Fatal("metadata with invalid identity accepted")
 		}
-		if ev, err := DecodeEvent(data); err == nil && (ValidateIdentity(ev.Identity) != nil || ev.Type == "") {
+		if ev, err := DecodeEvent(data); err == nil && (ValidateIdentity(ev.Identity) != nil || ev.Type == "" || !ValidSerial(ev.Serial)) {
 			t.Fatal("invalid event accepted")
 		}
 	})

@@ -1,0 +1,316 @@
+package provisioner
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/muster-io/muster/internal/claims"
+	"github.com/muster-io/muster/internal/natstest"
+	"github.com/muster-io/muster/internal/nodestate"
+	"github.com/muster-io/muster/internal/protocol"
+)
+
+// kvView reads the shared node state and identity registry.
+type kvView struct {
+	t     *testing.T
+	nodes *nodestate.Store
+	reg   *kvRegistry
+}
+
+func openKV(t *testing.T, url string) *kvView {
+	t.Helper()
+	js, err := jetstream.New(connect(t, url))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	ns, err := nodestate.New(ctx, js, "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, err := openKVRegistry(ctx, js, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &kvView{t: t, nodes: ns, reg: reg}
+}
+
+func (v *kvView) record(id string) *nodestate.Record {
+	v.t.Helper()
+	r, err := v.nodes.Get(context.Background(), id)
+	if err != nil {
+		return &nodestate.Record{Identity: id}
+	}
+	return r
+}
+
+// publishArrival publishes a node's provisioned event from production (as
+// the broker imports it into the provisioning account).
+func (f *simFleet) publishArrival(id, eventID, serial string) {
+	f.t.Helper()
+	b, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: eventID, Identity: id, Component: protocol.AgentComponent,
+		Type: protocol.EventProvisioned, Time: time.Now().UTC(), Serial: serial})
+	if err := f.nc.Publish("production."+protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, id), b); err != nil {
+		f.t.Fatal(err)
+	}
+}
+
+// announceUntil publishes the node's metadata every 100 ms until cond
+// holds (a waiting node announces itself on an interval).
+func announceUntil(t *testing.T, fleet *simFleet, id string, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		fleet.publishMetadata(id)
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// keyReusingNode adds a simulated node that keeps its key across gencsr
+// requests, as Muster's agent does.
+func keyReusingNode(fleet *simFleet, id string, behave nodeBehaviour) *simNode {
+	n := fleet.add(id, behave)
+	n.mu.Lock()
+	n.reuseKey = true
+	n.mu.Unlock()
+	return n
+}
+
+func (n *simNode) keyFingerprint(t *testing.T) string {
+	t.Helper()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	fp, err := Fingerprint(n.key.Public())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fp
+}
+
+func (n *simNode) configuredSerials() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]string(nil), n.serials...)
+}
+
+// TestClaimsModeProvisionerDiesBetweenConfigureAndRestart: provisioner A
+// is killed the moment its restart request leaves, after the node
+// acknowledged configure. The node stays in provisioning mode; B takes it
+// when A's claim lapses, runs it again with the same key (not held: A had
+// recorded the key the node really has), configures and restarts it. The
+// shared state counts one provisioning, by B, with B's certificate.
+func TestClaimsModeProvisionerDiesBetweenConfigureAndRestart(t *testing.T) {
+	const id = "crash1.example.net"
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	a := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	var killed atomic.Bool
+	node := keyReusingNode(fleet, id, func(action string, n int) (bool, protocol.Code) {
+		if action == protocol.ActionRestart && killed.CompareAndSwap(false, true) {
+			a.nc.Close() // A dies; its restart request is never answered
+			return true, ""
+		}
+		return false, ""
+	})
+	announceUntil(t, fleet, id, 30*time.Second, "A configured the node and died", killed.Load)
+	if configured, restarted, _ := node.stats(); configured != 1 || restarted != 0 {
+		t.Fatalf("after A: configured %d, restarted %d", configured, restarted)
+	}
+	kv := openKV(t, url)
+	if r := kv.record(id); r.Pending == nil || r.Pending.By != "prov-a" || r.Provisions != 0 {
+		t.Fatalf("state after A died: %+v", r)
+	}
+	if rec, ok, _ := kv.reg.Get(id); !ok || rec.KeyFingerprint != node.keyFingerprint(t) {
+		t.Fatalf("A did not record the configured key: %+v", rec)
+	}
+
+	b := startHA(t, url, "prov-b", HAClaims, newTestHelper(c, nil))
+	announceUntil(t, fleet, id, 60*time.Second, "B restarted the node", func() bool {
+		_, restarted, _ := node.stats()
+		return restarted == 1
+	})
+	// (A request may be sent twice when its reply is late: an RPC retry
+	// of one provisioner, not a second provisioning.)
+	cfg, rst := node.sendersOf(protocol.ActionConfigure), node.sendersOf(protocol.ActionRestart)
+	if len(cfg) != 2 || cfg["prov-a"] == 0 || cfg["prov-b"] == 0 || len(rst) != 2 || rst["prov-a"] != 1 || rst["prov-b"] == 0 {
+		t.Fatalf("configure from %v, restart from %v", cfg, rst)
+	}
+	serials := node.configuredSerials()
+	last := serials[len(serials)-1]
+	waitFor(t, 10*time.Second, "B's outcome in the shared state", func() bool {
+		return kv.record(id).Provisions == 1
+	})
+	r := kv.record(id)
+	if r.State != string(StateProvisioned) || r.ProvisionedBy != "prov-b" || r.Serial != last || r.Pending != nil {
+		t.Fatalf("shared state %+v, want provisioned once by prov-b with %s", r, last)
+	}
+	if rec, _, _ := kv.reg.Get(id); rec.KeyFingerprint != node.keyFingerprint(t) || rec.Serial != last {
+		t.Fatalf("registry %+v", rec)
+	}
+	for _, n := range b.p.Nodes() {
+		if n.Identity == id && (n.State == StateHeld || n.HoldReason != "") {
+			t.Fatalf("B held the node: %+v", n)
+		}
+	}
+}
+
+// TestClaimsModeArrivalCompletesUnconfirmedRestart: the node acknowledges
+// configure and then goes away without answering restart (killed, then
+// back in production on its own). A's attempt fails at restart with the
+// certificate still pending; A stops. The node's provisioned event arrives
+// while no provisioner runs; B, started later, reads it from the arrivals
+// stream and completes the provisioning: counted once, the key recorded. A
+// repeated event and one with an unknown serial change nothing.
+func TestClaimsModeArrivalCompletesUnconfirmedRestart(t *testing.T) {
+	const id = "crash2.example.net"
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	var gone atomic.Bool // the node left provisioning mode
+	node := keyReusingNode(fleet, id, func(action string, n int) (bool, protocol.Code) {
+		return action == protocol.ActionRestart || gone.Load(), ""
+	})
+	node.mu.Lock()
+	node.silent = true // found only through the metadata announceUntil sends
+	node.mu.Unlock()
+	a := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	kv := openKV(t, url)
+	announceUntil(t, fleet, id, 30*time.Second, "A's attempt to fail at restart", func() bool {
+		r := kv.record(id)
+		return r.State == string(StateFailed) && r.Stage == string(StageRestart)
+	})
+	r := kv.record(id)
+	serials := node.configuredSerials()
+	if len(serials) != 1 || r.Pending == nil || r.Pending.Serial != serials[0] || r.Provisions != 0 {
+		t.Fatalf("after the failed restart: %+v (configured %v)", r, serials)
+	}
+	a.stop(t)
+
+	// Back in production on its own (it answers nothing on the
+	// provisioning side any more); no provisioner is running.
+	gone.Store(true)
+	eventID := nuid.Next()
+	fleet.publishArrival(id, eventID, serials[0])
+	fleet.publishArrival(id, nuid.Next(), "abcdef0123") // forged: not its certificate
+	b := startHA(t, url, "prov-b", HAClaims, newTestHelper(c, nil))
+	waitFor(t, 20*time.Second, "the arrival recorded", func() bool { return kv.record(id).Provisions == 1 })
+	r = kv.record(id)
+	if r.State != string(StateProduction) || r.Serial != serials[0] || r.ProvisionedBy != "prov-a" || r.Pending != nil || r.ArrivedAt.IsZero() {
+		t.Fatalf("after the arrival: %+v", r)
+	}
+	if rec, _, _ := kv.reg.Get(id); rec.KeyFingerprint != node.keyFingerprint(t) || rec.Serial != serials[0] {
+		t.Fatalf("registry %+v", rec)
+	}
+	if got := testutil.ToFloat64(b.p.m.completedOnArrival); got != 1 {
+		t.Fatalf("completed_on_arrival_total = %v", got)
+	}
+	// The node announces the same arrival again after a reconnection.
+	fleet.publishArrival(id, eventID, serials[0])
+	waitFor(t, 20*time.Second, "the repeated arrival consumed", func() bool {
+		info, err := b.p.shared.arrivals.Info(context.Background())
+		return err == nil && info.AckFloor.Stream >= 3 && info.NumAckPending == 0
+	})
+	if r := kv.record(id); r.Provisions != 1 || r.State != string(StateProduction) {
+		t.Fatalf("after the repeated arrival: %+v", r)
+	}
+	if cfg := node.sendersOf(protocol.ActionConfigure); len(cfg) != 1 || cfg["prov-a"] == 0 {
+		t.Fatalf("configure from %v", cfg)
+	}
+	if _, restarted, _ := node.stats(); restarted != 0 {
+		t.Fatalf("restarted %d times", restarted)
+	}
+}
+
+// TestClaimsModeReprovisionAfterProduction: a node in production is not
+// taken again when it merely announces itself, but is when it starts up in
+// provisioning mode after it arrived (reprovisioned); the second
+// provisioning is counted as such.
+func TestClaimsModeReprovisionAfterProduction(t *testing.T) {
+	const id = "reprov.example.net"
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	node := keyReusingNode(fleet, id, nil)
+	startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	kv := openKV(t, url)
+	announceUntil(t, fleet, id, 30*time.Second, "the first provisioning", func() bool { return kv.record(id).Provisions == 1 })
+	fleet.publishArrival(id, nuid.Next(), node.configuredSerials()[0])
+	waitFor(t, 20*time.Second, "the node in production", func() bool { return kv.record(id).State == string(StateProduction) })
+
+	fleet.publishStartup(id) // reprovisioned: it starts in provisioning mode again
+	waitFor(t, 30*time.Second, "the second provisioning", func() bool { return kv.record(id).Provisions == 2 })
+	serials := node.configuredSerials()
+	if r := kv.record(id); r.Serial != serials[len(serials)-1] {
+		t.Fatalf("state %+v, configured %v", r, serials)
+	}
+}
+
+// TestRecordSharedSkipsLostClaims: an attempt whose claim was lost writes
+// nothing to the shared state (the node is someone else's now).
+func TestRecordSharedSkipsLostClaims(t *testing.T) {
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	r := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	kv := openKV(t, url)
+	ctx, cancel := context.WithCancelCause(context.Background())
+	cancel(fmt.Errorf("%w: renewal conflict", claims.ErrLost))
+	a := &attempt{p: r.p, id: "lost.example.net", hold: &heldClaim{ctx: ctx, cancel: cancel}, log: r.p.log}
+	if err := r.p.recordShared(a, errors.New("boom"), true); err == nil {
+		t.Fatal("error dropped")
+	}
+	if _, err := kv.nodes.Get(context.Background(), "lost.example.net"); !errors.Is(err, nodestate.ErrNotFound) {
+		t.Fatalf("state written for a lost claim: %v", err)
+	}
+}
+
+// flakyRegistry refuses the first failures writes, as a replicated
+// registry does while it elects a leader.
+type flakyRegistry struct {
+	Registry
+	failures atomic.Int32
+}
+
+func (f *flakyRegistry) Put(rec Record) error {
+	if f.failures.Add(-1) >= 0 {
+		return errors.New("nats: no responders available for request")
+	}
+	return f.Registry.Put(rec)
+}
+
+// TestConfiguredKeyRecordedDespiteRegistryOutage: the registry refuses the
+// first writes after configure; the provisioner retries before restarting
+// the node, so the node is never in production without its key recorded.
+func TestConfiguredKeyRecordedDespiteRegistryOutage(t *testing.T) {
+	const id = "flaky.example.net"
+	url := natstest.Server(t, false)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	node := keyReusingNode(fleet, id, nil)
+	reg := &flakyRegistry{Registry: NewMemoryRegistry()}
+	reg.failures.Store(3)
+	startProvisioner(t, url, testConfig(), newTestHelper(c, nil), nil, func(p *Provisioner) { p.reg = reg })
+	announceUntil(t, fleet, id, 30*time.Second, "the node restarted", func() bool {
+		_, restarted, _ := node.stats()
+		return restarted > 0
+	})
+	rec, ok, err := reg.Get(id)
+	if err != nil || !ok || rec.KeyFingerprint != node.keyFingerprint(t) || rec.Serial != node.configuredSerials()[0] {
+		t.Fatalf("registry after the outage: %+v %t %v", rec, ok, err)
+	}
+	if configured, _, _ := node.stats(); configured != 1 {
+		t.Fatalf("configured %d times", configured)
+	}
+}
