@@ -139,7 +139,7 @@ func TestConfiguredNeverRestarted(t *testing.T) {
 	e := newEnv(t)
 	nc := e.client(t)
 	events := record(t, nc, protocol.LifecyclePrefix+".>")
-	metadata := record(t, nc, protocol.MetadataSubject)
+	metadata := record(t, nc, protocol.MetadataSubjectFor(id))
 	stateDir := filepath.Join(t.TempDir(), "state")
 	r := startAgent(t, agentOptions(e, id, stateDir))
 	eventually(t, "startup event", func() bool { return events.count(eventsOf(protocol.EventStartup, id)) == 1 })

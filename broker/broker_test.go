@@ -991,7 +991,7 @@ func TestProductionEventsInProvisioningJetStream(t *testing.T) {
 		t.Fatal(err)
 	}
 	node := connect(t, b, issueClient(t, devCA(t, b), t.TempDir(), "node", "node1.example.net"))
-	if err := node.Publish("choria.lifecycle.event.provisioned.muster-agent", []byte(`{"id":"e1"}`)); err != nil {
+	if err := node.Publish("choria.lifecycle.event.provisioned.muster-agent.node1.example.net", []byte(`{"id":"e1"}`)); err != nil {
 		t.Fatal(err)
 	}
 	if err := node.Flush(); err != nil {
@@ -1001,7 +1001,7 @@ func TestProductionEventsInProvisioningJetStream(t *testing.T) {
 		info, err := st.Info(ctx)
 		return err == nil && info.State.Msgs == 1
 	})
-	m, err := st.GetLastMsgForSubject(ctx, "production.choria.lifecycle.event.provisioned.muster-agent")
+	m, err := st.GetLastMsgForSubject(ctx, "production.choria.lifecycle.event.provisioned.muster-agent.node1.example.net")
 	if err != nil || string(m.Data) != `{"id":"e1"}` {
 		t.Fatalf("stored %+v %v", m, err)
 	}
