@@ -258,6 +258,37 @@ func TestClaimsModeReprovisionAfterProduction(t *testing.T) {
 	}
 }
 
+// TestClaimsModeStaleStartupKeepsProduction: a startup announcement taken
+// after the node arrived in production (a stale or replayed one) gets a
+// claim, but the node does not listen on the provisioning side any more:
+// the attempt ends at inventory with no responders and leaves the node's
+// shared record as it was (found by the fault suite: the record became
+// "failed" for a node that was in production).
+func TestClaimsModeStaleStartupKeepsProduction(t *testing.T) {
+	const id = "stale.example.net"
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	node := keyReusingNode(fleet, id, nil)
+	startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	kv := openKV(t, url)
+	announceUntil(t, fleet, id, 30*time.Second, "the first provisioning", func() bool { return kv.record(id).Provisions == 1 })
+	fleet.publishArrival(id, nuid.Next(), node.configuredSerials()[0])
+	waitFor(t, 20*time.Second, "the node in production", func() bool { return kv.record(id).State == string(StateProduction) })
+	before := kv.record(id)
+
+	node.leave(t)
+	fleet.publishStartup(id)
+	waitFor(t, 30*time.Second, "the stale attempt over", func() bool {
+		r := kv.record(id)
+		return r.Attempts == before.Attempts+1 && r.ClaimedBy == ""
+	})
+	r := kv.record(id)
+	if r.State != string(StateProduction) || r.LastError != "" || r.Provisions != 1 || r.Serial != before.Serial || !r.ArrivedAt.Equal(before.ArrivedAt) {
+		t.Fatalf("after a stale attempt: %+v (before %+v)", r, before)
+	}
+}
+
 // TestRecordSharedSkipsLostClaims: an attempt whose claim was lost writes
 // nothing to the shared state (the node is someone else's now).
 func TestRecordSharedSkipsLostClaims(t *testing.T) {

@@ -340,6 +340,13 @@ func (p *Provisioner) registerArrival(ev *protocol.Event, pd *nodestate.Pending)
 	return p.reg.Put(Record{Identity: ev.Identity, KeyFingerprint: pd.KeyFingerprint, Serial: ev.Serial, ProvisionedAt: time.Now().UTC(), TokenID: pd.TokenID})
 }
 
+// notListening reports whether an RPC error says nothing listens on the
+// node's provisioning subject (no responders, which NATS knows for sure; a
+// timeout could be a slow node): the node is not in provisioning mode.
+func notListening(err error) bool {
+	return errors.Is(err, nats.ErrNoResponders)
+}
+
 // errElsewhere: the node is another provisioner's (claimed, or finished
 // within the grace period).
 var errElsewhere = errors.New("node handled by another provisioner")
@@ -352,6 +359,9 @@ type heldClaim struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 	wg     sync.WaitGroup
+	// prior is the shared record's state and stage before the claim set
+	// them to in progress.
+	prior, priorStage string
 }
 
 // lost reports whether the claim was lost (another provisioner may hold
@@ -374,7 +384,9 @@ func (p *Provisioner) claimNode(ctx context.Context, identity string, startedAt 
 		return nil, err
 	}
 	octx, ocancel := context.WithTimeout(ctx, sh.claims.Lease())
+	var prior, priorStage string
 	_, err = sh.nodes.Update(octx, identity, func(r *nodestate.Record) (bool, error) {
+		prior, priorStage = r.State, r.Stage
 		switch {
 		case r.State == string(StateProvisioned) && time.Since(r.ProvisionedAt) < sh.grace,
 			r.State == string(StateProduction) && !startedAt.After(r.ArrivedAt):
@@ -395,7 +407,7 @@ func (p *Provisioner) claimNode(ctx context.Context, identity string, startedAt 
 		return nil, err
 	}
 	hctx, cancel := context.WithCancelCause(ctx)
-	h := &heldClaim{c: c, ctx: hctx, cancel: cancel}
+	h := &heldClaim{c: c, ctx: hctx, cancel: cancel, prior: prior, priorStage: priorStage}
 	h.wg.Add(1)
 	go func() {
 		defer h.wg.Done()
@@ -506,6 +518,11 @@ func (p *Provisioner) recordShared(a *attempt, err error, abandoned bool) error 
 			}
 		case abandoned:
 			r.State, r.Stage, r.LastError = string(StateAbandoned), string(stage), ErrAbandoned.Error()
+		case a.hold.prior == nodestate.StateProduction && stage == StageInventory && notListening(err):
+			// Taken on a stale announcement: the node is in production
+			// (its arrival recorded) and does not listen in provisioning
+			// mode. Nothing was sent to it; its record stays what it was.
+			r.State, r.Stage, r.LastError = a.hold.prior, a.hold.priorStage, ""
 		default:
 			r.State, r.Stage, r.LastError = string(StateFailed), string(stage), err.Error()
 		}

@@ -102,6 +102,19 @@ type simNode struct {
 	serials []string
 	// senders counts configure and restart requests per provisioner.
 	senders map[string]map[string]int
+	// subs are its subscriptions on the provisioning side.
+	subs []*nats.Subscription
+}
+
+// leave ends the node's provisioning-side subscriptions, as a node that
+// went to production does: requests to it find no responders.
+func (n *simNode) leave(t *testing.T) {
+	t.Helper()
+	for _, sub := range n.subs {
+		if err := sub.Unsubscribe(); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // sendersOf returns how many requests for action each provisioner sent.
@@ -149,9 +162,11 @@ func (f *simFleet) add(id string, behave nodeBehaviour) *simNode {
 		protocol.NodeSubject(protocol.ProvisioningCollective, id),
 		protocol.BroadcastSubject(protocol.ProvisioningCollective, protocol.AgentDiscovery),
 	} {
-		if _, err := f.nc.Subscribe(subj, n.handle); err != nil {
+		sub, err := f.nc.Subscribe(subj, n.handle)
+		if err != nil {
 			f.t.Fatal(err)
 		}
+		n.subs = append(n.subs, sub)
 	}
 	if err := f.nc.Flush(); err != nil {
 		f.t.Fatal(err)
