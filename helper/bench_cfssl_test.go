@@ -62,13 +62,13 @@ func benchCfssl(b *testing.B, h helper.Helper, parallel bool) {
 	}
 }
 
-// BenchmarkExecCfsslRoundTrip is one exec'd `muster helper cfssl` per
-// request: process start, CA load, signing, reply decode and validation.
-func BenchmarkExecCfsslRoundTrip(b *testing.B) {
-	bin := musterBin(b)
+// benchExecHelper runs one exec'd helper program per request: process
+// start, CA load, signing, reply decode and validation. program is the
+// command line before its flags.
+func benchExecHelper(b *testing.B, program string) {
 	_, caDir := newCA(b)
 	e, err := helper.NewExec(helper.ExecOptions{
-		Command: bin + " helper cfssl --ca-dir " + caDir + " --middleware-hosts localhost:4222",
+		Command: program + " --ca-dir " + caDir + " --middleware-hosts localhost:4222",
 		Timeout: 30 * time.Second,
 	})
 	if err != nil {
@@ -77,11 +77,10 @@ func BenchmarkExecCfsslRoundTrip(b *testing.B) {
 	benchCfssl(b, e, false)
 }
 
-// BenchmarkPersistentCfsslRoundTrip is the same request through one
-// long-running `muster helper cfssl --persistent`, one request at a time
-// (latency) and many in flight (throughput).
-func BenchmarkPersistentCfsslRoundTrip(b *testing.B) {
-	bin := musterBin(b)
+// benchPersistentHelper sends the same request through one long-running
+// `program --persistent`, one request at a time (latency) and many in
+// flight (throughput).
+func benchPersistentHelper(b *testing.B, program string) {
 	_, caDir := newCA(b)
 	for _, parallel := range []bool{false, true} {
 		name := "sequential"
@@ -90,7 +89,7 @@ func BenchmarkPersistentCfsslRoundTrip(b *testing.B) {
 		}
 		b.Run(name, func(b *testing.B) {
 			p, err := helper.NewPersistent(helper.PersistentOptions{
-				Command: bin + " helper cfssl --persistent --ca-dir " + caDir + " --middleware-hosts localhost:4222",
+				Command: program + " --persistent --ca-dir " + caDir + " --middleware-hosts localhost:4222",
 				Timeout: 30 * time.Second,
 			})
 			if err != nil {
@@ -100,4 +99,14 @@ func BenchmarkPersistentCfsslRoundTrip(b *testing.B) {
 			benchCfssl(b, p, parallel)
 		})
 	}
+}
+
+// BenchmarkExecCfsslRoundTrip is one exec'd `muster helper cfssl` per
+// request.
+func BenchmarkExecCfsslRoundTrip(b *testing.B) { benchExecHelper(b, musterBin(b)+" helper cfssl") }
+
+// BenchmarkPersistentCfsslRoundTrip is one long-running `muster helper
+// cfssl --persistent`.
+func BenchmarkPersistentCfsslRoundTrip(b *testing.B) {
+	benchPersistentHelper(b, musterBin(b)+" helper cfssl")
 }
