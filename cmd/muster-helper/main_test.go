@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"crypto"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -35,20 +36,28 @@ func TestDependencies(t *testing.T) {
 	}
 }
 
+// fixture makes a CA in a directory and a node key with its CSR for
+// node1.example.net.
+func fixture(t *testing.T) (caDir string, c *ca.CA, key crypto.Signer, csr []byte) {
+	t.Helper()
+	caDir = filepath.Join(t.TempDir(), "ca")
+	c, err := ca.Init(caDir, "Test CA", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err = pki.GenerateKey("", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err = pki.CreateCSR(key, "node1.example.net", pki.CSRSubject{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return caDir, c, key, csr
+}
+
 func TestRun(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "ca")
-	c, err := ca.Init(dir, "Test CA", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := pki.GenerateKey("", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	csr, err := pki.CreateCSR(key, "node1.example.net", pki.CSRSubject{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, c, _, csr := fixture(t)
 	req := &helper.Request{Identity: "node1.example.net", Inventory: `{"facts":{}}`,
 		CSR: &helper.CSRInfo{CSR: string(csr), SSLDir: "/etc/muster/ssl"}}
 	reqJSON, err := helper.EncodeRequest(req)
@@ -126,19 +135,7 @@ func TestEnvironmentDefaults(t *testing.T) {
 }
 
 func TestSign(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "ca")
-	c, err := ca.Init(dir, "Test CA", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := pki.GenerateKey("", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	csr, err := pki.CreateCSR(key, "node1.example.net", pki.CSRSubject{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, c, key, csr := fixture(t)
 	t.Run("signs for the host", func(t *testing.T) {
 		var out, errOut bytes.Buffer
 		if code := run([]string{"sign", "--ca-dir", dir, "--host", "node1.example.net"}, bytes.NewReader(csr), &out, &errOut); code != 0 {
