@@ -416,7 +416,7 @@ func (f *Fleet) Prepare() error {
 		inProcess = f.broker.Server()
 	}
 	now := time.Now()
-	for _, id := range f.ids {
+	for i, id := range f.ids {
 		tok, _, err := issuer.Create(token.Scope{Identity: id, Batch: "demo"}, now, 24*time.Hour)
 		if err != nil {
 			return fmt.Errorf("token for %s: %w", id, err)
@@ -431,7 +431,7 @@ func (f *Fleet) Prepare() error {
 				CAPEM:       f.ca.CertificatePEM(),
 				Enabled:     true,
 			},
-			Facts:            f.opts.Facts(len(f.agents)),
+			Facts:            f.opts.Facts(i),
 			Version:          "demo",
 			Logger:           f.log.WithFields(logrus.Fields{"component": "agent", "identity": id}),
 			MetadataInterval: f.opts.MetadataInterval,
