@@ -1,14 +1,20 @@
 package agent
 
 import (
+	"bytes"
 	"encoding/json"
-	"github.com/nats-io/nkeys"
-	"github.com/prometheus/client_golang/prometheus"
+	"maps"
 	"os"
 	"path/filepath"
-
 	"testing"
 	"time"
+
+	"github.com/nats-io/nkeys"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 
 	"github.com/muster-io/muster/internal/protocol"
 )
@@ -200,26 +206,64 @@ func TestRefusalsCounted(t *testing.T) {
 	if got != want {
 		t.Errorf("refusals %+v, want %+v", got, want)
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(NewCollector(s.a))
-	mfs, err := reg.Gather()
-	if err != nil {
+	checkMetrics(t, s.a, map[string]float64{
+		`muster_agent_refused_requests_total{reason="unsigned"}`:      1,
+		`muster_agent_refused_requests_total{reason="bad_signature"}`: 1,
+		`muster_agent_refused_requests_total{reason="untrusted_key"}`: 1,
+		`muster_agent_refused_requests_total{reason="stale"}`:         1,
+		`muster_agent_refused_requests_total{reason="replayed"}`:      1,
+		`muster_agent_mode`: float64(ModeProvisioning),
+	})
+}
+
+// checkMetrics parses WriteMetrics's output with the Prometheus text parser,
+// lints it as promtool would, and compares every sample with want (and
+// want with every sample).
+func checkMetrics(t *testing.T, a *Agent, want map[string]float64) {
+	t.Helper()
+	var buf bytes.Buffer
+	if err := WriteMetrics(&buf, a); err != nil {
 		t.Fatal(err)
 	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := parser.TextToMetricFamilies(bytes.NewReader(buf.Bytes()))
+	if err != nil {
+		t.Fatalf("exposition does not parse: %v\n%s", err, buf.Bytes())
+	}
+	gather := prometheus.GathererFunc(func() ([]*dto.MetricFamily, error) {
+		var out []*dto.MetricFamily
+		for _, mf := range mfs {
+			out = append(out, mf)
+		}
+		return out, nil
+	})
+	problems, err := testutil.GatherAndLint(gather)
+	if err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %+v", err, problems)
+	}
+	types := map[string]dto.MetricType{
+		"muster_agent_refused_requests_total": dto.MetricType_COUNTER,
+		"muster_agent_mode":                   dto.MetricType_GAUGE,
+	}
 	seen := map[string]float64{}
-	for _, mf := range mfs {
+	for name, mf := range mfs {
+		if mf.GetType() != types[name] {
+			t.Errorf("%s: type %s, want %s", name, mf.GetType(), types[name])
+		}
 		for _, m := range mf.GetMetric() {
-			key := mf.GetName()
+			key := name
 			for _, l := range m.GetLabel() {
-				key += "{" + l.GetValue() + "}"
+				key += "{" + l.GetName() + "=\"" + l.GetValue() + "\"}"
 			}
-			seen[key] = m.GetCounter().GetValue()
+			v := m.GetGauge().GetValue()
+			if mf.GetType() == dto.MetricType_COUNTER {
+				v = m.GetCounter().GetValue()
+			}
+			seen[key] = v
 		}
 	}
-	for _, r := range []string{"unsigned", "bad_signature", "untrusted_key", "stale", "replayed"} {
-		if seen["muster_agent_refused_requests_total{"+r+"}"] != 1 {
-			t.Errorf("metric for %s: %v", r, seen)
-		}
+	if !maps.Equal(seen, want) {
+		t.Errorf("metrics %v, want %v\n%s", seen, want, buf.Bytes())
 	}
 }
 

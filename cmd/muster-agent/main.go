@@ -21,9 +21,6 @@ import (
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-
 	"github.com/muster-io/muster/agent"
 	"github.com/muster-io/muster/internal/logging"
 )
@@ -321,7 +318,7 @@ func runAgent(ctx context.Context, f *runFlags, stderr io.Writer) int {
 		return exitError
 	}
 	if f.metricsListen != "" {
-		stop, err := serveMetrics(f.metricsListen, a)
+		_, stop, err := serveMetrics(f.metricsListen, a)
 		if err != nil {
 			log.WithError(err).Error("metrics listener")
 			return exitError
@@ -354,19 +351,22 @@ func runAgent(ctx context.Context, f *runFlags, stderr io.Writer) int {
 }
 
 // serveMetrics serves the agent's Prometheus metrics on addr until stop is
-// called.
-func serveMetrics(addr string, a *agent.Agent) (stop func(), err error) {
-	reg := prometheus.NewRegistry()
-	if err := reg.Register(agent.NewCollector(a)); err != nil {
-		return nil, err
-	}
+// called; bound is the address it listens on.
+func serveMetrics(addr string, a *agent.Agent) (bound net.Addr, stop func(), err error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/metrics", func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+			return
+		}
+		w.Header().Set("Content-Type", agent.MetricsContentType)
+		_ = agent.WriteMetrics(w, a)
+	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
-	return func() { _ = srv.Close() }, nil
+	return ln.Addr(), func() { _ = srv.Close() }, nil
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/nats-io/nkeys"
 
+	"github.com/muster-io/muster/agent"
 	"github.com/muster-io/muster/internal/token"
 )
 
@@ -187,4 +190,62 @@ func (b *syncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+func TestServeMetrics(t *testing.T) {
+	kp, err := nkeys.CreateAccount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := kp.PublicKey()
+	a, err := agent.New(agent.Options{Identity: "n1.example.net", StateDir: t.TempDir(), Provisioning: agent.ProvisioningSettings{
+		Enabled: true, Brokers: []string{"nats://127.0.0.1:1"}, InsecureSkipVerify: true, TrustedKeys: []string{pub}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, stop, err := serveMetrics("127.0.0.1:0", a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	res, err := http.Get("http://" + addr.String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(res.Body)
+	res.Body.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StatusCode != http.StatusOK || res.Header.Get("Content-Type") != agent.MetricsContentType {
+		t.Fatalf("status %d, content type %q", res.StatusCode, res.Header.Get("Content-Type"))
+	}
+	for _, want := range []string{`muster_agent_refused_requests_total{reason="replayed"} 0`, "muster_agent_mode 0"} {
+		if !bytes.Contains(body, []byte(want)) {
+			t.Errorf("no %q in\n%s", want, body)
+		}
+	}
+	res, err = http.Post("http://"+addr.String()+"/metrics", "text/plain", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Body.Close()
+	if res.StatusCode != http.StatusMethodNotAllowed {
+		t.Errorf("POST: status %d", res.StatusCode)
+	}
+}
+
+// TestAgentLinksNoPrometheusClient keeps the agent binary free of the
+// Prometheus client library, whose package initialisation every agent
+// start (and every restart, a re-exec) would pay (agent.WriteMetrics).
+func TestAgentLinksNoPrometheusClient(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pkg := range strings.Fields(string(out)) {
+		if strings.HasPrefix(pkg, "github.com/prometheus/") {
+			t.Errorf("muster-agent links %s", pkg)
+		}
+	}
 }
