@@ -244,15 +244,49 @@ func (s *session) configure(body protocol.ConfigureRequest, now time.Time, log *
 // escape it) and once the symbolic links of its existing part are
 // followed (so a link inside the state directory cannot lead out of it).
 func (a *Agent) confined(p string) bool {
-	if !filepath.IsAbs(p) || !within(a.stateDir, filepath.Clean(p)) {
+	p = filepath.Clean(p)
+	if !filepath.IsAbs(p) || !within(a.stateDir, p) {
 		return false
 	}
-	root, err := filepath.EvalSymlinks(a.stateDir)
+	root := a.stateRoot
+	if root == "" {
+		r, err := filepath.EvalSymlinks(a.stateDir)
+		if err != nil {
+			return false
+		}
+		root = r
+	}
+	rel, err := filepath.Rel(a.stateDir, p)
 	if err != nil {
 		return false
 	}
-	real, err := resolveExisting(filepath.Clean(p))
+	real, err := resolveBelow(root, rel)
 	return err == nil && within(root, real)
+}
+
+// resolveBelow resolves rel (a clean relative path) below root, a directory
+// whose own links are resolved: it looks at rel's components one by one and
+// stops at the first that does not exist. Only when it meets a symbolic link
+// does it resolve the whole path (resolveExisting), so the usual case costs
+// one lstat per existing component below root instead of one per component
+// from the file system root.
+func resolveBelow(root, rel string) (string, error) {
+	cur := root
+	parts := strings.Split(rel, string(filepath.Separator))
+	for i, part := range parts {
+		next := filepath.Join(cur, part)
+		fi, err := os.Lstat(next)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			return filepath.Join(append([]string{next}, parts[i+1:]...)...), nil
+		case err != nil:
+			return "", err
+		case fi.Mode()&os.ModeSymlink != 0:
+			return resolveExisting(filepath.Join(root, rel))
+		}
+		cur = next
+	}
+	return cur, nil
 }
 
 // within reports whether p lies strictly inside dir (both clean).

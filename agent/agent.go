@@ -183,8 +183,11 @@ type Options struct {
 
 // Agent is one node daemon.
 type Agent struct {
-	id          string
-	stateDir    string
+	id       string
+	stateDir string
+	// stateRoot is stateDir with its symbolic links resolved, once per Run
+	// (confined).
+	stateRoot   string
 	sslDir      string
 	configFile  string
 	prov        ProvisioningSettings
@@ -411,6 +414,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := os.MkdirAll(a.stateDir, 0o700); err != nil {
 		return fmt.Errorf("create state dir: %w", err)
 	}
+	root, err := filepath.EvalSymlinks(a.stateDir)
+	if err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	a.stateRoot = root
 	if !a.confined(a.sslDir) {
 		return fmt.Errorf("ssl directory %s is a symbolic link out of the state directory", a.sslDir)
 	}

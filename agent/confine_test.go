@@ -204,3 +204,69 @@ func TestRunRefusesLinkedSSLDir(t *testing.T) {
 	}
 	emptyDir(t, outside)
 }
+
+// TestConfined checks the path confinement rule case by case, with the state
+// directory itself reached through a symbolic link, both with the root
+// resolved once by Run and resolved on the spot.
+func TestConfined(t *testing.T) {
+	base := t.TempDir()
+	outside := t.TempDir()
+	real := filepath.Join(base, "real")
+	for _, d := range []string{real + "/ssl", real + "/sub/deeper"} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	state := filepath.Join(base, "state")
+	links := map[string]string{
+		state:                     real,
+		real + "/out":             outside,
+		real + "/in":              real + "/sub",
+		real + "/dangling":        filepath.Join(outside, "nothing"),
+		real + "/ssl/up":          "../sub",
+		real + "/ssl/escape":      "../../..",
+		real + "/sub/deeper/loop": real + "/sub/deeper/loop",
+	}
+	for l, target := range links {
+		if err := os.Symlink(target, l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(real+"/file", []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		path string
+		want bool
+	}{
+		{state + "/ssl/cert.pem", true},
+		{state + "/new/dir/file", true},
+		{state + "/sub/deeper", true},
+		{state + "/in/deeper/x", true},
+		{state + "/ssl/up/x", true},
+		{state + "/ssl/../ssl/key.pem", true},
+		{state, false},
+		{state + "/..", false},
+		{state + "/../real/ssl", false},
+		{"ssl/cert.pem", false},
+		{state + "/out/x", false},
+		{state + "/out", false},
+		{state + "/dangling", false},
+		{state + "/dangling/x", false},
+		{state + "/ssl/escape/x", false},
+		{state + "/sub/deeper/loop/x", false},
+		{state + "/file/x", false},
+	}
+	a := &Agent{stateDir: state}
+	for _, resolved := range []bool{false, true} {
+		a.stateRoot = ""
+		if resolved {
+			a.stateRoot = real
+		}
+		for _, tc := range cases {
+			if got := a.confined(tc.path); got != tc.want {
+				t.Errorf("root resolved %v: confined(%s) = %v, want %v", resolved, tc.path, got, tc.want)
+			}
+		}
+	}
+}
