@@ -457,9 +457,8 @@ func Fingerprint(pub crypto.PublicKey) (string, error) {
 }
 
 // nodeCSR returns the CSR for this attempt: the held gencsr reply when an
-// operator approved it, else a new one from the node: the reply of the
-// gencsr request sent early, alongside the inventory, if there was one.
-func (p *Provisioner) nodeCSR(ctx context.Context, a *attempt, early <-chan csrResult) (*protocol.GenCSRReply, error) {
+// operator approved it, else a new one from the node.
+func (p *Provisioner) nodeCSR(ctx context.Context, a *attempt) (*protocol.GenCSRReply, error) {
 	p.mu.Lock()
 	if n := p.nodes[a.id]; n != nil {
 		a.approval, n.approval = n.approval, nil
@@ -469,25 +468,7 @@ func (p *Provisioner) nodeCSR(ctx context.Context, a *attempt, early <-chan csrR
 		a.log.WithField("key", a.approval.fp).Info("using the approved key of the held node")
 		return a.approval.csr, nil
 	}
-	if early != nil {
-		r := <-early
-		return r.g, r.err
-	}
-	return p.genCSR(ctx, a.id)
-}
-
-// hasApprovedCSR reports whether an operator approved the held key of id,
-// so that its next attempt reuses that CSR instead of asking for one.
-func (p *Provisioner) hasApprovedCSR(id string) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	n := p.nodes[id]
-	return n != nil && n.approval != nil && n.approval.csr != nil
-}
-
-// genCSR asks the node for a new key and CSR.
-func (p *Provisioner) genCSR(ctx context.Context, id string) (*protocol.GenCSRReply, error) {
-	rep, err := p.rpc(ctx, id, protocol.AgentProvision, protocol.ActionGenCSR, StageGenCSR, protocol.GenCSRRequest{KeyType: p.cfg.KeyType})
+	rep, err := p.rpc(ctx, a.id, protocol.AgentProvision, protocol.ActionGenCSR, StageGenCSR, protocol.GenCSRRequest{KeyType: p.cfg.KeyType})
 	if err != nil {
 		return nil, err
 	}

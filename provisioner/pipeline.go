@@ -115,36 +115,33 @@ func (a *attempt) setStage(s Stage) {
 
 func (a *attempt) run(ctx context.Context) error {
 	p := a.p
-	// gencsr does not depend on the inventory: it is sent at the same time,
-	// so the worker waits for one round trip to the node instead of two.
-	// Its reply is looked at only once the inventory and the token have
-	// passed; a node that fails them is left with an unused pending key,
-	// which its next gencsr replaces. A node whose held key an operator
-	// approved is not asked: the approved CSR is used.
-	var early chan csrResult
-	if p.cfg.Features.PKI && !p.hasApprovedCSR(a.id) {
-		cctx, cancel := context.WithCancel(ctx)
-		early = make(chan csrResult, 1)
-		done := make(chan struct{})
-		go func() {
-			defer close(done)
-			g, err := p.genCSR(cctx, a.id)
-			early <- csrResult{g, err}
-		}()
-		// Not looked at (the inventory failed, or an approval came in
-		// meanwhile): stop it and wait, so no request outlives the attempt.
-		defer func() { cancel(); <-done }()
-	}
-	inventory, claims, err := a.inventory(ctx)
+	rep, err := p.rpc(ctx, a.id, protocol.AgentRPCUtil, protocol.ActionInventory, StageInventory, nil)
 	if err != nil {
-		return err
+		return failAt(StageInventory, err)
 	}
+	var inv protocol.Inventory
+	if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &inv); err != nil {
+		return failAt(StageInventory, fmt.Errorf("inventory body: %w: %v", ErrBadReply, err))
+	}
+	claims, tokenID, err := p.checkToken(a.id, inv.ProvisioningToken)
+	if err != nil {
+		return failAt(StageInventory, err)
+	}
+	a.tokenID = tokenID
+	// The token is a bearer secret: the helper gets its verified claims,
+	// never the token itself.
+	inv.ProvisioningToken = ""
+	invJSON, err := json.Marshal(inv)
+	if err != nil {
+		return failAt(StageInventory, fmt.Errorf("inventory: %w", err))
+	}
+	inventory := string(invJSON)
 
 	var csrInfo *helper.CSRInfo
 	var pub crypto.PublicKey
 	if p.cfg.Features.PKI {
 		a.setStage(StageGenCSR)
-		g, err := p.nodeCSR(ctx, a, early)
+		g, err := p.nodeCSR(ctx, a)
 		if err != nil {
 			return failAt(StageGenCSR, err)
 		}
@@ -245,40 +242,6 @@ func (a *attempt) run(ctx context.Context) error {
 	}
 	a.outcome = OutcomeProvisioned
 	return nil
-}
-
-// csrResult is the outcome of the gencsr request.
-type csrResult struct {
-	g   *protocol.GenCSRReply
-	err error
-}
-
-// inventory fetches the node's inventory and checks its provisioning token.
-// It returns the inventory as the JSON text the helper gets (without the
-// token) and the token's verified claims.
-func (a *attempt) inventory(ctx context.Context) (string, json.RawMessage, error) {
-	p := a.p
-	rep, err := p.rpc(ctx, a.id, protocol.AgentRPCUtil, protocol.ActionInventory, StageInventory, nil)
-	if err != nil {
-		return "", nil, failAt(StageInventory, err)
-	}
-	var inv protocol.Inventory
-	if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &inv); err != nil {
-		return "", nil, failAt(StageInventory, fmt.Errorf("inventory body: %w: %v", ErrBadReply, err))
-	}
-	claims, tokenID, err := p.checkToken(a.id, inv.ProvisioningToken)
-	if err != nil {
-		return "", nil, failAt(StageInventory, err)
-	}
-	a.tokenID = tokenID
-	// The token is a bearer secret: the helper gets its verified claims,
-	// never the token itself.
-	inv.ProvisioningToken = ""
-	invJSON, err := json.Marshal(inv)
-	if err != nil {
-		return "", nil, failAt(StageInventory, fmt.Errorf("inventory: %w", err))
-	}
-	return string(invJSON), claims, nil
 }
 
 // checkCSR checks a gencsr reply: the CSR's signature, its CN and the public

@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/muster-io/muster/helper"
@@ -592,71 +591,5 @@ func TestNewRejectsMissingHelper(t *testing.T) {
 	_, err := New(Options{Config: cfg})
 	if !errors.Is(err, ErrNoHelper) || !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "brokers") {
 		t.Fatalf("New = %v", err)
-	}
-}
-
-// TestGenCSRSentWithInventory checks that gencsr goes out while the
-// inventory request is still unanswered: the node below answers its first
-// inventory only once the gencsr request has reached it. Sent one after the
-// other, the inventory would time out (no retries) and a second attempt
-// would need a second inventory request.
-func TestGenCSRSentWithInventory(t *testing.T) {
-	url := startServer(t)
-	c := newCA(t)
-	fleet := newSimFleet(t, url, c.CertificatePEM())
-	const id = "early.example.net"
-	n := fleet.add(id, nil)
-	n.leave(t)
-	var mu sync.Mutex
-	var held *nats.Msg
-	released := false
-	sub, err := fleet.nc.Subscribe(protocol.NodeSubject(protocol.ProvisioningCollective, id), func(m *nats.Msg) {
-		req, err := protocol.DecodeRequest(m.Data)
-		if err == nil && req.Action == protocol.ActionInventory {
-			mu.Lock()
-			if held == nil && !released {
-				held = m // answered when gencsr comes
-				mu.Unlock()
-				return
-			}
-			mu.Unlock()
-		}
-		n.handle(m)
-		if err == nil && req.Action == protocol.ActionGenCSR {
-			mu.Lock()
-			inv := held
-			held, released = nil, inv != nil
-			mu.Unlock()
-			if inv != nil {
-				n.handle(inv)
-			}
-		}
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sub.Unsubscribe() })
-	if err := fleet.nc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-
-	cfg := testConfig()
-	cfg.RPCRetries = 0
-	cfg.RPCTimeout = Duration(5 * time.Second)
-	obs := newObserved()
-	r := startProvisioner(t, url, cfg, newTestHelper(c, nil), obs, nil)
-	fleet.publishStartup(id)
-	waitFor(t, 30*time.Second, "node provisioned (sent after the inventory reply, gencsr never comes: the held inventory times out)", func() bool { return obs.has(id, "provisioned/restart") })
-	r.stop(t)
-	mu.Lock()
-	defer mu.Unlock()
-	if !released {
-		t.Error("the inventory was answered without gencsr having arrived first")
-	}
-	if got := n.count(protocol.ActionInventory); got != 1 {
-		t.Errorf("%d inventory requests, want 1 (the first timed out: gencsr waited for it)", got)
-	}
-	if got := n.count(protocol.ActionGenCSR); got != 1 {
-		t.Errorf("%d gencsr requests, want 1", got)
 	}
 }
