@@ -132,14 +132,23 @@ func TestExampleHelpers(t *testing.T) {
 		name       string
 		facts      map[string]string
 		withCSR    bool
+		ssldir     string // default /var/lib/muster/ssl
+		inventory  string // instead of one made of facts
 		wantDefer  bool
 		wantBroker string
+		wantErr    bool
 	}
 	scenarios := []scenario{
 		{name: "country mt", facts: map[string]string{"country": "mt"}, withCSR: true, wantBroker: "choria1.mt.example.net:4223"},
 		{name: "other country uses the default broker", facts: map[string]string{"country": "de"}, withCSR: true, wantBroker: "localhost:4333"},
 		{name: "no CSR", facts: map[string]string{"country": "de"}, wantBroker: "localhost:4333"},
 		{name: "defer fact", facts: map[string]string{"defer": "true"}, withCSR: true, wantDefer: true},
+		// What comes from the node is data, whatever it holds: quotes,
+		// backslashes, command substitutions and control characters come
+		// back exactly, and run nothing.
+		{name: "hostile facts and ssldir", facts: map[string]string{"country": `mt"; touch pwned; "`, "defer": "$(true)"}, withCSR: true,
+			ssldir: "/var/lib/mu\"s\\ter $(touch x) `id`\t\u00e9/ssl", wantBroker: "localhost:4333"},
+		{name: "inventory not an object", inventory: `["facts"]`, wantErr: true},
 	}
 	for _, h := range helpers {
 		t.Run(h.name, func(t *testing.T) {
@@ -192,12 +201,28 @@ func TestExampleHelpers(t *testing.T) {
 						if err != nil {
 							t.Fatal(err)
 						}
-						req := &helper.Request{Identity: id, Inventory: string(inv)}
+						if s.inventory != "" {
+							inv = []byte(s.inventory)
+						}
+						ssldir := "/var/lib/muster/ssl"
+						if s.ssldir != "" {
+							ssldir = s.ssldir
+						}
+						req := &helper.Request{Identity: id, Inventory: string(inv), RequestID: "req-" + s.name}
 						if s.withCSR {
 							_, csr := newCSR(t, id)
-							req.CSR = &helper.CSRInfo{CSR: csr, SSLDir: "/var/lib/muster/ssl"}
+							req.CSR = &helper.CSRInfo{CSR: csr, SSLDir: ssldir}
 						}
 						rep, err := e.Provision(context.Background(), req)
+						if s.wantErr {
+							// In persistent mode the error must come back
+							// tagged with this request's id, or Provision
+							// would wait for the timeout.
+							if err == nil {
+								t.Fatalf("no error for a bad request: %+v", rep)
+							}
+							return
+						}
 						if err != nil {
 							t.Fatalf("%v\nstderr: %s", err, helper.Stderr(err))
 						}
@@ -213,12 +238,12 @@ func TestExampleHelpers(t *testing.T) {
 						if got := rep.Configuration["plugin.choria.middleware_hosts"]; got != s.wantBroker {
 							t.Errorf("middleware_hosts = %q, want %q", got, s.wantBroker)
 						}
-						if s.withCSR && (rep.Certificate == "" || rep.SSLDir != "/var/lib/muster/ssl") {
+						if s.withCSR && (rep.Certificate == "" || rep.SSLDir != ssldir) {
 							t.Errorf("certificate %d bytes, ssldir %q", len(rep.Certificate), rep.SSLDir)
 						}
 						wantKey := "/etc/muster/ssl/private.pem"
 						if s.withCSR {
-							wantKey = "/var/lib/muster/ssl/private.pem"
+							wantKey = ssldir + "/private.pem"
 						}
 						if got := rep.Configuration["plugin.security.file.key"]; got != wantKey {
 							t.Errorf("key path = %q, want %q", got, wantKey)

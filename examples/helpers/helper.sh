@@ -12,8 +12,10 @@
 #     a few milliseconds, else with "${MUSTER_BIN:-muster} ca sign".
 # Diagnostics go to stderr (Muster keeps a bounded copy); exit 1 on error.
 #
-# Each request costs two jq runs and one signer run: every process a helper
-# starts is paid once per node (docs/performance.md).
+# Each request costs one jq run and one signer run: every process a helper
+# starts is paid once per node (docs/performance.md). jq reads the request
+# and also JSON-encodes every value taken from it; bash only puts the reply
+# together from those pieces.
 #
 # With --persistent it is a persistent helper (docs/helpers.md): one request
 # per stdin line, one reply line per request tagged with its request_id,
@@ -21,7 +23,40 @@
 # answers one line at a time, in order.
 set -euo pipefail
 
-die() { echo "helper.sh: $*" >&2; exit 1; }
+persistent=no
+[ "${1:-}" = "--persistent" ] && persistent=yes
+j_rid='""' # the request's request_id, JSON-encoded (persistent mode)
+
+# json_str prints $1 as a JSON string. Only for text of this script and of
+# the operator's environment: values from the request are encoded by jq.
+json_str() {
+  local s=$1
+  s=${s//\\/\\\\}
+  s=${s//\"/\\\"}
+  s=${s//$'\n'/\\n}
+  s=${s//$'\r'/\\r}
+  s=${s//$'\t'/\\t}
+  s=${s//[$'\001'-$'\037']/}
+  printf '"%s"' "$s"
+}
+
+# pem_str prints the PEM text $1 as a JSON string: PEM is base64 lines
+# between BEGIN/END lines, so newlines are all there is to escape; anything
+# else is refused.
+pem_str() {
+  case $1 in
+  *[!A-Za-z0-9+/=\ $'\n'-]*) return 1 ;;
+  esac
+  printf '"%s"' "${1//$'\n'/\\n}"
+}
+
+die() {
+  echo "helper.sh: $*" >&2
+  if [ "$persistent" = yes ]; then
+    printf '{"request_id":%s,"error":%s}\n' "$j_rid" "$(json_str "helper.sh: $*")"
+  fi
+  exit 1
+}
 command -v jq >/dev/null || die "jq is required"
 
 if [ -n "${MUSTER_HELPER_BIN:-}" ]; then
@@ -35,73 +70,76 @@ fi
 # answer writes the reply to the request in $1 as one line of JSON; it runs
 # in a subshell, so die ends only this request.
 answer() {
-  local request=$1 fields identity defer country has_csr ssldir csr brokers certificate="" ca=""
+  # Whatever else fails still gets an answer (set -e ends the request).
+  trap 'die "failed at line $LINENO"' ERR
+  local request=$1 fields
+  local identity="" defer="" country="" has_csr="" csr="" inventory_ok=""
+  local j_id="" j_ssldir="" j_cert_file="" j_key_file="" j_ca_file="" j_msg="" j_defer_msg=""
   # One jq run reads every field. Each value is made a string first
   # (tostring) and then quoted by @sh as one shell word, so eval only ever
-  # assigns: facts come from the node and must never become shell code. The
-  # CSR spans lines, which @sh keeps. The inventory is a JSON *string*
-  # holding an object.
+  # assigns: facts come from the node and must never become shell code.
+  # The j_* values are JSON texts (@json) of what goes back in the reply.
+  # The CSR spans lines, which @sh keeps. The inventory is a JSON *string*
+  # holding an object; a bad one is reported after the request_id is known.
   fields=$(jq -r '
-    ((.inventory // "") | if . == "" then {} else fromjson end | .facts // {}) as $facts
-    | @sh "identity=\(.identity // "" | tostring)",
+    (.request_id // "" | tostring) as $rid
+    | ((.inventory // "") | if . == "" then {} else (try fromjson catch null) end) as $inv
+    | (if ($inv | type) == "object" then ($inv.facts // {}) else {} end) as $facts
+    | (.identity // "" | tostring) as $id
+    | (.csr.ssldir // "/etc/muster/ssl" | tostring) as $ssldir
+    | @sh "j_rid=\($rid | @json)",
+      @sh "inventory_ok=\(if ($inv | type) == "object" then "yes" else "no" end)",
+      @sh "identity=\($id)",
       @sh "defer=\($facts.defer // "" | tostring)",
       @sh "country=\($facts.country // "" | tostring)",
       @sh "has_csr=\(if .csr == null then "no" else "yes" end)",
-      @sh "ssldir=\(.csr.ssldir // "/etc/muster/ssl" | tostring)",
-      @sh "csr=\(.csr.csr // "" | tostring)"' <<<"$request") || die "request is not JSON, or its inventory is not a JSON object"
+      @sh "csr=\(.csr.csr // "" | tostring)",
+      @sh "j_id=\($id | @json)",
+      @sh "j_ssldir=\($ssldir | @json)",
+      @sh "j_cert_file=\($ssldir + "/certificate.pem" | @json)",
+      @sh "j_key_file=\($ssldir + "/private.pem" | @json)",
+      @sh "j_ca_file=\($ssldir + "/ca.pem" | @json)",
+      @sh "j_msg=\("configured " + $id | @json)",
+      @sh "j_defer_msg=\("node " + $id + " asked to be deferred" | @json)"' <<<"$request") || die "request is not JSON"
   eval "$fields"
+  [ "$inventory_ok" = yes ] || die "the request's inventory is not a JSON object"
   [ -n "$identity" ] || die "request has no identity"
 
+  local tag=""
+  [ "$persistent" = yes ] && tag=",\"request_id\":$j_rid"
+
   if [ "$defer" = "true" ]; then
-    jq -cn --arg id "$identity" '{defer: true, msg: ("node " + $id + " asked to be deferred")}'
+    printf '{"defer":true,"msg":%s%s}\n' "$j_defer_msg" "$tag"
     return 0
   fi
 
+  local brokers
   case "$country" in
-    mt) brokers="choria1.mt.example.net:4223" ;;
-    *) brokers="${MUSTER_BROKER:-localhost:4222}" ;;
+  mt) brokers="choria1.mt.example.net:4223" ;;
+  *) brokers="${MUSTER_BROKER:-localhost:4222}" ;;
   esac
 
+  local tls=""
   if [ "$has_csr" = "yes" ]; then
-    : "${MUSTER_CA_DIR:?MUSTER_CA_DIR must name the CA directory}"
+    [ -n "${MUSTER_CA_DIR:-}" ] || die "MUSTER_CA_DIR must name the CA directory"
+    local certificate ca j_cert j_ca
     certificate=$("${signer[@]}" "$MUSTER_CA_DIR" <<<"$csr") || die "signing the CSR of $identity failed"
     ca=$(<"$MUSTER_CA_DIR/ca.pem") || die "cannot read the CA certificate"
+    j_cert=$(pem_str "$certificate") || die "the signer's output is not PEM"
+    j_ca=$(pem_str "$ca") || die "$MUSTER_CA_DIR/ca.pem is not PEM"
+    tls=",\"certificate\":$j_cert,\"ca\":$j_ca,\"ssldir\":$j_ssldir"
   fi
 
-  jq -cn \
-    --arg id "$identity" --arg brokers "$brokers" --arg ssldir "$ssldir" \
-    --arg cert "$certificate" --arg ca "$ca" --arg has_csr "$has_csr" '
-    {
-      defer: false,
-      msg: ("configured " + $id),
-      configuration: {
-        "identity": $id,
-        "plugin.choria.middleware_hosts": $brokers,
-        "plugin.security.provider": "file",
-        "plugin.security.file.certificate": ($ssldir + "/certificate.pem"),
-        "plugin.security.file.key": ($ssldir + "/private.pem"),
-        "plugin.security.file.ca": ($ssldir + "/ca.pem"),
-        "plugin.choria.server.provision": "false"
-      }
-    }
-    + (if $has_csr == "yes" then {certificate: $cert, ca: $ca, ssldir: $ssldir} else {} end)'
+  printf '{"defer":false,"msg":%s,"configuration":{"identity":%s,"plugin.choria.middleware_hosts":%s,"plugin.security.provider":"file","plugin.security.file.certificate":%s,"plugin.security.file.key":%s,"plugin.security.file.ca":%s,"plugin.choria.server.provision":"false"}%s%s}\n' \
+    "$j_msg" "$j_id" "$(json_str "$brokers")" "$j_cert_file" "$j_key_file" "$j_ca_file" "$tls" "$tag"
 }
 
-if [ "${1:-}" != "--persistent" ]; then
+if [ "$persistent" = no ]; then
   answer "$(</dev/stdin)"
   exit 0
 fi
 
-errors=$(mktemp)
-trap 'rm -f "$errors"' EXIT
 while IFS= read -r line || [ -n "$line" ]; do
   [ -n "${line//[[:space:]]/}" ] || continue
-  request_id=$(jq -r '.request_id // ""' <<<"$line" 2>/dev/null) || request_id=""
-  if reply=$(answer "$line" 2>"$errors"); then
-    jq -c --arg rid "$request_id" '. + {request_id: $rid}' <<<"$reply"
-  else
-    cat "$errors" >&2
-    why=$(tail -n 1 "$errors")
-    jq -cn --arg rid "$request_id" --arg why "${why:-request failed}" '{request_id: $rid, error: $why}'
-  fi
+  (answer "$line") || true
 done

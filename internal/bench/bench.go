@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"sync"
@@ -258,11 +259,15 @@ type StageLatency struct {
 
 // Machine describes where the run happened.
 type Machine struct {
-	CPUs      int    `json:"cpus"`
-	GOMAXPROC int    `json:"gomaxprocs"`
-	GOOS      string `json:"goos"`
-	GOARCH    string `json:"goarch"`
-	Go        string `json:"go"`
+	CPUs      int `json:"cpus"`
+	GOMAXPROC int `json:"gomaxprocs"`
+	// GOGC is the garbage collector's percentage (the GOGC environment
+	// variable; -1 when off): with thousands of simulated agents in one
+	// process, the collector's share of the CPU depends on it.
+	GOGC   int    `json:"gogc"`
+	GOOS   string `json:"goos"`
+	GOARCH string `json:"goarch"`
+	Go     string `json:"go"`
 }
 
 // Result is what a benchmark run reports.
@@ -457,7 +462,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	res := &Result{
 		Machine: Machine{
-			CPUs: runtime.NumCPU(), GOMAXPROC: runtime.GOMAXPROCS(0),
+			CPUs: runtime.NumCPU(), GOMAXPROC: runtime.GOMAXPROCS(0), GOGC: gcPercent(),
 			GOOS: runtime.GOOS, GOARCH: runtime.GOARCH, Go: runtime.Version(),
 		},
 		Nodes: o.Nodes, Workers: o.Workers, Helper: o.Helper, HelperCmd: o.HelperCmd,
@@ -856,4 +861,11 @@ func heapAndGoroutines() (float64, int) {
 func fullGC() {
 	runtime.GC()
 	runtime.GC()
+}
+
+// gcPercent returns the garbage collector's current percentage.
+func gcPercent() int {
+	v := debug.SetGCPercent(-1)
+	debug.SetGCPercent(v)
+	return v
 }

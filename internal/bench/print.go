@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
 )
 
@@ -12,7 +13,11 @@ func (r *Result) Print(w io.Writer) {
 	p := func(label, format string, args ...any) {
 		fmt.Fprintf(w, "%-26s "+format+"\n", append([]any{label}, args...)...)
 	}
-	p("machine", "%d CPUs (GOMAXPROCS %d), %s/%s, %s", r.Machine.CPUs, r.Machine.GOMAXPROC, r.Machine.GOOS, r.Machine.GOARCH, r.Machine.Go)
+	gogc := "off"
+	if r.Machine.GOGC >= 0 {
+		gogc = strconv.Itoa(r.Machine.GOGC)
+	}
+	p("machine", "%d CPUs (GOMAXPROCS %d, GOGC %s), %s/%s, %s", r.Machine.CPUs, r.Machine.GOMAXPROC, gogc, r.Machine.GOOS, r.Machine.GOARCH, r.Machine.Go)
 	helper := r.Helper
 	if r.HelperCmd != "" {
 		helper += fmt.Sprintf(" %q", r.HelperCmd)
