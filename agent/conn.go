@@ -168,7 +168,24 @@ const (
 	// third of the alive interval, the third tick without an answer closes
 	// the connection, at most one alive interval after the last answer.
 	alivePingsOut = 2
+	// minConnectTimeout and maxConnectTimeout bound how long one
+	// connection attempt may take (TLS handshake, CONNECT, first PONG),
+	// which is the alive interval otherwise (link.connectTimeout).
+	minConnectTimeout = 2 * time.Second
+	maxConnectTimeout = 30 * time.Second
 )
+
+// connectTimeout is how long the agent waits for a broker to complete a
+// connection: the alive interval, the time it already allows a silent
+// broker, within [minConnectTimeout, maxConnectTimeout]. A broker slow to
+// finish a handshake is busy, not dead: when a whole site powers on, giving
+// up after nats.go's default 2 s starts over a TLS handshake that costs the
+// broker as much as the one abandoned, and the node comes back only after
+// its backoff (a 10,000-node storm in one process lost 2,800 production
+// handshakes that way).
+func (l link) connectTimeout() time.Duration {
+	return min(max(l.alive, minConnectTimeout), maxConnectTimeout)
+}
 
 // link are the failover settings of one connection: the order of the
 // broker list, dead broker detection and the wait between rounds.
@@ -247,6 +264,7 @@ func (a *Agent) baseOptions(l link, connected, reconnected, closed chan<- struct
 	log := a.log
 	opts := []nats.Option{
 		nats.Name(a.id),
+		nats.Timeout(l.connectTimeout()),
 		nats.MaxReconnects(-1),
 		nats.CustomReconnectDelay(l.backoff),
 		nats.PingInterval(l.alive / (alivePingsOut + 1)),

@@ -112,3 +112,32 @@ func TestNewRejectsBadFailoverOptions(t *testing.T) {
 		}
 	}
 }
+
+// TestConnectTimeout: a connection attempt may take the alive interval,
+// within bounds, and every connection of the agent uses it.
+func TestConnectTimeout(t *testing.T) {
+	for _, tc := range []struct {
+		alive, want time.Duration
+	}{
+		{30 * time.Millisecond, 2 * time.Second},
+		{2 * time.Second, 2 * time.Second},
+		{DefaultAliveInterval, DefaultAliveInterval},
+		{10 * time.Minute, 30 * time.Second},
+	} {
+		l := link{alive: tc.alive}
+		if got := l.connectTimeout(); got != tc.want {
+			t.Errorf("alive %s: connect timeout %s, want %s", tc.alive, got, tc.want)
+		}
+		log, _ := captureLog()
+		a := &Agent{log: log}
+		var o nats.Options
+		for _, opt := range a.baseOptions(l, nil, nil, nil) {
+			if err := opt(&o); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if o.Timeout != tc.want {
+			t.Errorf("alive %s: nats connect timeout %s, want %s", tc.alive, o.Timeout, tc.want)
+		}
+	}
+}

@@ -120,15 +120,22 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 	b.auth.provisioners[internalPub] = struct{}{}
 	b.auth.onDuplicate = b.publishDuplicate
 	opts := &server.Options{
-		Host:                       host,
-		Port:                       port,
-		NoSigs:                     true,
-		MaxPayload:                 int32(cfg.MaxPayload),
-		JetStream:                  true,
-		StoreDir:                   cfg.StoreDir,
-		TLSConfig:                  tlsConfig,
-		TLSVerify:                  false,
-		TLSTimeout:                 5,
+		Host:       host,
+		Port:       port,
+		NoSigs:     true,
+		MaxPayload: int32(cfg.MaxPayload),
+		JetStream:  true,
+		StoreDir:   cfg.StoreDir,
+		TLSConfig:  tlsConfig,
+		TLSVerify:  false,
+		TLSTimeout: 5,
+		// nats-server pings a new client 2 s after it connected; a client
+		// still waiting for the PONG of its CONNECT then reads that PING
+		// instead and gives up (nats.go: "expected 'PONG', got 'PING'").
+		// Connections that slow happen when a whole site powers on, and
+		// every one given up is a TLS handshake to do again: the first
+		// ping comes at the ping interval instead.
+		DisableShortFirstPing:      true,
 		AlwaysEnableNonce:          true,
 		CustomClientAuthentication: b.auth,
 		Accounts:                   []*server.Account{server.NewAccount(PRODUCTION), server.NewAccount(PROVISIONING)},

@@ -5,8 +5,10 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime/pprof"
@@ -1004,5 +1006,50 @@ func TestProductionEventsInProvisioningJetStream(t *testing.T) {
 	m, err := st.GetLastMsgForSubject(ctx, "production.choria.lifecycle.event.provisioned.muster-agent.node1.example.net")
 	if err != nil || string(m.Data) != `{"id":"e1"}` {
 		t.Fatalf("stored %+v %v", m, err)
+	}
+}
+
+// TestNoEarlyPingOnSlowConnect: a client whose connect is slow gets the
+// PONG of its handshake before any PING of the broker. nats-server pings a
+// client 2 s after its CONNECT when it has been silent since (by default);
+// when a loaded broker is that slow between a client's CONNECT and its
+// PING, the client reads the broker's PING where it waits for its PONG and
+// gives up (nats.go: "expected 'PONG', got 'PING'"), and a site powering
+// on all at once does thousands of TLS handshakes twice. The client below
+// sends CONNECT, stays silent for 3 s, then sends PING.
+func TestNoEarlyPingOnSlowConnect(t *testing.T) {
+	b := startBroker(t)
+	u, err := url.Parse(b.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := net.DialTimeout("tcp", u.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(15 * time.Second))
+	info, err := bufio.NewReader(raw).ReadString('\n')
+	if err != nil || !strings.HasPrefix(info, "INFO ") {
+		t.Fatalf("no INFO: %q %v", info, err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(b.CAPEM())
+	tc := tls.Client(raw, &tls.Config{RootCAs: pool, ServerName: u.Hostname()})
+	if err := tc.Handshake(); err != nil {
+		t.Fatalf("tls: %v", err)
+	}
+	const id = "slow.example.net"
+	connect, _ := json.Marshal(map[string]any{"name": id, "auth_token": nodeToken(t, b, id), "verbose": false, "pedantic": false, "tls_required": true, "protocol": 1})
+	if _, err := tc.Write(append(append([]byte("CONNECT "), connect...), "\r\n"...)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second)
+	if _, err := tc.Write([]byte("PING\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(tc).ReadString('\n')
+	if err != nil || line != "PONG\r\n" {
+		t.Fatalf("first line from the broker after a slow CONNECT: %q (%v), want PONG", line, err)
 	}
 }
