@@ -2,7 +2,9 @@ package broker
 
 import (
 	"fmt"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/sirupsen/logrus"
 
@@ -19,17 +21,67 @@ type natsLogger struct {
 
 	mu    sync.Mutex
 	first error
+	// hot throttles the per-client warnings in hotWarnings.
+	hot map[string]*hotWarning
+}
+
+// hotWarnings are nats-server warnings logged once per client, which a
+// storm (a site powering on, thousands of clients held back by a busy
+// subscriber) turns into hundreds per second: each is logged at most once
+// per hotWarningEvery, with the number suppressed since.
+var hotWarnings = []string{"Readloop processing time", "Slow Consumer Detected"}
+
+// hotWarningEvery is how often a hot warning is logged at most.
+const hotWarningEvery = time.Second
+
+// hotWarning is the throttle state of one hot warning.
+type hotWarning struct {
+	last       time.Time
+	suppressed int
 }
 
 func newNATSLogger(log *logrus.Entry) *natsLogger {
-	return &natsLogger{log: log.WithField("source", "nats-server"), fatal: make(chan error, 1)}
+	return &natsLogger{log: log.WithField("source", "nats-server"), fatal: make(chan error, 1), hot: map[string]*hotWarning{}}
 }
 
 // Noticef logs at info level.
 func (l *natsLogger) Noticef(format string, v ...any) { l.emit(logrus.InfoLevel, format, v) }
 
-// Warnf logs at warn level.
-func (l *natsLogger) Warnf(format string, v ...any) { l.emit(logrus.WarnLevel, format, v) }
+// Warnf logs at warn level; the hot warnings at most once per
+// hotWarningEvery each.
+func (l *natsLogger) Warnf(format string, v ...any) {
+	for _, h := range hotWarnings {
+		if strings.Contains(format, h) {
+			l.emitHot(h, format, v)
+			return
+		}
+	}
+	l.emit(logrus.WarnLevel, format, v)
+}
+
+// emitHot logs the hot warning h unless one was logged less than
+// hotWarningEvery ago; the entry says how many were suppressed before it.
+func (l *natsLogger) emitHot(h, format string, v []any) {
+	if !l.log.Logger.IsLevelEnabled(logrus.WarnLevel) {
+		return
+	}
+	now := time.Now()
+	l.mu.Lock()
+	st := l.hot[h]
+	if st == nil {
+		st = &hotWarning{}
+		l.hot[h] = st
+	}
+	if now.Sub(st.last) < hotWarningEvery {
+		st.suppressed++
+		l.mu.Unlock()
+		return
+	}
+	suppressed := st.suppressed
+	st.last, st.suppressed = now, 0
+	l.mu.Unlock()
+	l.log.WithField("suppressed", suppressed).Warn(logging.Redact(fmt.Sprintf(format, v...)))
+}
 
 // Errorf logs at error level.
 func (l *natsLogger) Errorf(format string, v ...any) { l.emit(logrus.ErrorLevel, format, v) }
