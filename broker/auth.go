@@ -98,9 +98,8 @@ type authenticator struct {
 	liveMu sync.Mutex
 	live   map[string]liveConn // identity → last admitted unprovisioned connection
 
-	limMu      sync.Mutex
-	limLast    time.Time
-	suppressed int
+	// refusals limits the "connection refused" log entries.
+	refusals logLimit
 }
 
 // liveConn is an admitted unprovisioned connection.
@@ -306,16 +305,10 @@ func (a *authenticator) registerAs(c server.ClientAuthentication, kind UserKind,
 // reject counts a refused connection and logs it, at most once a second.
 func (a *authenticator) reject(c server.ClientAuthentication, reason string) {
 	a.counts[len(authResults)-1].Add(1)
-	a.limMu.Lock()
-	now := time.Now()
-	if now.Sub(a.limLast) < time.Second {
-		a.suppressed++
-		a.limMu.Unlock()
+	suppressed, ok := a.refusals.allow(time.Now())
+	if !ok {
 		return
 	}
-	suppressed := a.suppressed
-	a.limLast, a.suppressed = now, 0
-	a.limMu.Unlock()
 	remote := ""
 	if addr := c.RemoteAddress(); addr != nil {
 		remote = addr.String()

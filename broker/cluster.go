@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -172,10 +171,8 @@ func loadRouteTLS(f TLSFiles) (*tls.Config, []*x509.Certificate, error) {
 type routeAuth struct {
 	log   *logrus.Entry
 	names map[string]struct{}
-
-	mu         sync.Mutex
-	last       time.Time
-	suppressed int
+	// refusals limits the "route refused" log entries.
+	refusals logLimit
 }
 
 func newRouteAuth(log *logrus.Entry, names []string) *routeAuth {
@@ -193,16 +190,10 @@ func (r *routeAuth) Check(c server.ClientAuthentication) bool {
 		return true
 	}
 	// Logged at most once a second; the line says how many were not.
-	r.mu.Lock()
-	now := time.Now()
-	if now.Sub(r.last) < time.Second {
-		r.suppressed++
-		r.mu.Unlock()
+	suppressed, logIt := r.refusals.allow(time.Now())
+	if !logIt {
 		return false
 	}
-	suppressed := r.suppressed
-	r.last, r.suppressed = now, 0
-	r.mu.Unlock()
 	remote := ""
 	if addr := c.RemoteAddress(); addr != nil {
 		remote = addr.String()

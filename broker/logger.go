@@ -22,33 +22,53 @@ type natsLogger struct {
 	mu    sync.Mutex
 	first error
 	// hot throttles the per-client warnings in hotWarnings.
-	hot map[string]*hotWarning
+	hot map[string]*logLimit
 }
 
 // hotWarnings are nats-server warnings logged once per client, which a
 // storm (a site powering on, thousands of clients held back by a busy
 // subscriber) turns into hundreds per second: each is logged at most once
-// per hotWarningEvery, with the number suppressed since.
+// per logEvery, with the number suppressed since.
 var hotWarnings = []string{"Readloop processing time", "Slow Consumer Detected"}
 
-// hotWarningEvery is how often a hot warning is logged at most.
-const hotWarningEvery = time.Second
+// logEvery is how often a repeated warning is logged at most (logLimit).
+const logEvery = time.Second
 
-// hotWarning is the throttle state of one hot warning.
-type hotWarning struct {
+// logLimit lets a repeated log entry through at most once per logEvery and
+// counts the ones it held back. The zero value is ready.
+type logLimit struct {
+	mu         sync.Mutex
 	last       time.Time
 	suppressed int
 }
 
+// allow reports whether an entry may be logged at now, and how many were
+// held back since the last one that was.
+func (l *logLimit) allow(now time.Time) (suppressed int, ok bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if now.Sub(l.last) < logEvery {
+		l.suppressed++
+		return 0, false
+	}
+	suppressed = l.suppressed
+	l.last, l.suppressed = now, 0
+	return suppressed, true
+}
+
 func newNATSLogger(log *logrus.Entry) *natsLogger {
-	return &natsLogger{log: log.WithField("source", "nats-server"), fatal: make(chan error, 1), hot: map[string]*hotWarning{}}
+	hot := make(map[string]*logLimit, len(hotWarnings))
+	for _, h := range hotWarnings {
+		hot[h] = &logLimit{}
+	}
+	return &natsLogger{log: log.WithField("source", "nats-server"), fatal: make(chan error, 1), hot: hot}
 }
 
 // Noticef logs at info level.
 func (l *natsLogger) Noticef(format string, v ...any) { l.emit(logrus.InfoLevel, format, v) }
 
-// Warnf logs at warn level; the hot warnings at most once per
-// hotWarningEvery each.
+// Warnf logs at warn level; the hot warnings at most once per logEvery
+// each.
 func (l *natsLogger) Warnf(format string, v ...any) {
 	for _, h := range hotWarnings {
 		if strings.Contains(format, h) {
@@ -59,27 +79,16 @@ func (l *natsLogger) Warnf(format string, v ...any) {
 	l.emit(logrus.WarnLevel, format, v)
 }
 
-// emitHot logs the hot warning h unless one was logged less than
-// hotWarningEvery ago; the entry says how many were suppressed before it.
+// emitHot logs the hot warning h unless one was logged less than logEvery
+// ago; the entry says how many were suppressed before it.
 func (l *natsLogger) emitHot(h, format string, v []any) {
 	if !l.log.Logger.IsLevelEnabled(logrus.WarnLevel) {
 		return
 	}
-	now := time.Now()
-	l.mu.Lock()
-	st := l.hot[h]
-	if st == nil {
-		st = &hotWarning{}
-		l.hot[h] = st
-	}
-	if now.Sub(st.last) < hotWarningEvery {
-		st.suppressed++
-		l.mu.Unlock()
+	suppressed, ok := l.hot[h].allow(time.Now())
+	if !ok {
 		return
 	}
-	suppressed := st.suppressed
-	st.last, st.suppressed = now, 0
-	l.mu.Unlock()
 	l.log.WithField("suppressed", suppressed).Warn(logging.Redact(fmt.Sprintf(format, v...)))
 }
 

@@ -36,7 +36,7 @@ func TestHotWarningsThrottled(t *testing.T) {
 	// A second later the next one is logged, with the count it stood for.
 	buf.Reset()
 	l.mu.Lock()
-	l.hot["Readloop processing time"].last = time.Now().Add(-2 * hotWarningEvery)
+	l.hot["Readloop processing time"].last = time.Now().Add(-2 * logEvery)
 	l.mu.Unlock()
 	l.Warnf("pipe - cid:%d - \"node.example.net\" - Readloop processing time: %v", 7, 3*time.Second)
 	if out := buf.String(); !strings.Contains(out, "Readloop processing time: 3s") || !strings.Contains(out, "suppressed=99") {
