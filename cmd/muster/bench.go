@@ -27,6 +27,7 @@ func newBenchCmd() *cobra.Command {
 	var (
 		o        bench.Options
 		asJSON   bool
+		floor    bool
 		logLevel string
 		cpuProf  string
 		memProf  string
@@ -49,6 +50,14 @@ ends live in this process).
 It reports nodes/min, time to production (agent start to production connection), per-stage latency,
 CPU per node (getrusage), peak RSS, memory per idle agent, outcomes, errors and retries by stage, and
 whether every node was provisioned exactly once (exit code 2 if not).
+
+Before the clock starts it measures the floor (--floor, on by default, about a second): the CPU of
+each piece of security work a node needs (its two connections with the broker's token and
+certificate checks, request signatures and their checks, the token check, key and CSR, the CSR
+check, one run of the run's helper, the reply and certificate checks), done alone with the run's
+broker, CA, helper and key type. Their sum is what a node costs at least on this machine now; the
+run reports the nodes/min that would give and the share of it reached, a figure that stays put
+when the machine's speed drifts.
 
 --processes runs every agent as its own muster-agent process instead (TCP + TLS, restarted by
 re-executing itself, as on a real machine), for a like-for-like comparison with tools that run one
@@ -86,6 +95,7 @@ certificate and configuration, so on one shared disk the disk is part of what is
 				log.SetOutput(discard{})
 			}
 			o.Logger = log
+			o.NoFloor = !floor
 			if !asJSON {
 				o.Progress = cmd.ErrOrStderr()
 			}
@@ -150,6 +160,7 @@ certificate and configuration, so on one shared disk the disk is part of what is
 	f.BoolVar(&o.Processes, "processes", false, "run every agent as its own muster-agent process over TCP + TLS (restart by re-exec), like real machines")
 	f.StringVar(&o.AgentBin, "agent-bin", "", "muster-agent binary for --processes (default: build it with go build into a temporary directory)")
 	f.StringVar(&o.StateDir, "state-dir", "", "directory for the fleet's CA and agent state directories (default: the system temp dir; a tmpfs such as /dev/shm leaves the disk out)")
+	f.BoolVar(&floor, "floor", true, "measure the floor first: what a node's security work (connections, signatures, key, CSR, helper, certificate checks) costs on this machine now, and the share of it the run reached")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (no progress)")
 	f.StringVar(&cpuProf, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
 	f.StringVar(&memProf, "memprofile", "", "write a heap profile taken after the run (what stays live after cleanup) to this file")

@@ -113,6 +113,8 @@ type Options struct {
 	// WrapHelper, when set, wraps the helper inside the timing wrapper
 	// (tests inject failures with it).
 	WrapHelper func(helper.Helper) helper.Helper
+	// NoFloor skips measuring the Floor before the provisioning phase.
+	NoFloor bool
 }
 
 // Validate applies defaults and reports every problem, naming the option
@@ -311,7 +313,9 @@ type Result struct {
 	Stages           []StageLatency `json:"stages"`
 
 	// CPUSeconds is this process's user+sys CPU during the provisioning
-	// phase; ChildCPUSeconds that of exec'd helpers reaped in it.
+	// phase; ChildCPUSeconds that of its helper processes: exec'd helpers
+	// reaped in it, and a persistent helper's (which runs throughout; not
+	// with Processes, where the live children are the agents).
 	CPUSeconds            float64 `json:"cpu_seconds"`
 	ChildCPUSeconds       float64 `json:"child_cpu_seconds"`
 	CPUMillisPerNode      float64 `json:"cpu_ms_per_node"`
@@ -352,6 +356,12 @@ type Result struct {
 	Retries map[string]float64 `json:"retries_total,omitempty"`
 	// SampleErrors holds the last error of up to 10 nodes.
 	SampleErrors map[string]string `json:"sample_errors,omitempty"`
+
+	// Floor is what a node costs at least on this machine, measured just
+	// before the provisioning phase (nil when skipped or when it could not
+	// be measured: FloorError says why).
+	Floor      *Floor `json:"floor,omitempty"`
+	FloorError string `json:"floor_error,omitempty"`
 }
 
 // OK reports whether every node was provisioned exactly once.
@@ -612,10 +622,12 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	fo.OnAgentStart = rec.agentStarted
 	fo.OnModeChanged = rec.modeChanged
 	fo.OnNodeDone = rec.nodeDone
+	var inner helper.Helper // the helper without the timing, for the floor
 	fo.WrapHelper = func(h helper.Helper) helper.Helper {
 		if o.WrapHelper != nil {
 			h = o.WrapHelper(h)
 		}
+		inner = h
 		return timedHelper{h: h, rec: rec}
 	}
 	if o.Arrival == ArrivalRamp {
@@ -634,6 +646,19 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	// the CPU count start: the run measures provisioning.
 	if err := f.Prepare(); err != nil {
 		return err
+	}
+	if !o.NoFloor {
+		if o.Progress != nil {
+			fmt.Fprintln(o.Progress, "measuring the floor (what a node costs at least on this machine)")
+		}
+		ff := floorFleet{f: f, helper: inner, keyType: o.KeyType, inProcess: o.Transport == TransportInProcess}
+		if o.Processes {
+			ff.agentBin = o.AgentBin
+		}
+		if res.Floor, err = measureFloor(ctx, ff); err != nil {
+			// The run measures without it: the floor is context.
+			res.Floor, res.FloorError = nil, err.Error()
+		}
 	}
 	if o.Progress != nil {
 		fmt.Fprintf(o.Progress, "provisioning %d agents: %s arrival, helper %s, %d workers, %s transport\n",
@@ -655,6 +680,9 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	var ruBefore, chBefore syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruBefore)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chBefore)
+	// Live children before the agents start: a persistent helper (agent
+	// processes are counted on their own).
+	liveBefore := liveChildrenCPU()
 	if err := f.Start(ctx); err != nil {
 		return err
 	}
@@ -672,6 +700,10 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	var ruAfter, chAfter syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruAfter)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chAfter)
+	var helperLive time.Duration
+	if !o.Processes {
+		helperLive = liveChildrenCPU() - liveBefore
+	}
 	if o.Processes {
 		ps, err := f.ProcessStats()
 		if err != nil {
@@ -708,8 +740,11 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	}
 
 	res.CPUSeconds = cpuSeconds(ruAfter) - cpuSeconds(ruBefore)
-	res.ChildCPUSeconds = cpuSeconds(chAfter) - cpuSeconds(chBefore)
+	res.ChildCPUSeconds = cpuSeconds(chAfter) - cpuSeconds(chBefore) + helperLive.Seconds()
 	fill(res, rec, metrics)
+	if res.Floor != nil && res.Floor.NodesPerMin > 0 {
+		res.Floor.Efficiency = res.NodesPerMin / res.Floor.NodesPerMin
+	}
 	return nil
 }
 

@@ -138,6 +138,7 @@ func TestRunAccounting(t *testing.T) {
 				t.Fatalf("Run: %v", err)
 			}
 			checkResult(t, r, tc.nodes, len(fail))
+			checkFloor(t, r, 10)
 		})
 	}
 }
@@ -250,6 +251,7 @@ func TestRunProcesses(t *testing.T) {
 	if r.GoroutinesAfterCleanup > r.GoroutinesBefore+2 {
 		t.Errorf("goroutines %d after cleanup, %d before: leak", r.GoroutinesAfterCleanup, r.GoroutinesBefore)
 	}
+	checkFloor(t, r, 11) // with the agent's two process starts
 }
 
 func TestAgentBinaryChecks(t *testing.T) {

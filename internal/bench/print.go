@@ -47,10 +47,20 @@ func (r *Result) Print(w io.Writer) {
 		}
 		fmt.Fprintf(w, "  %-24s %8d %10.3f %10.3f  %s\n", s.Stage, s.Count, s.MeanMS, s.P95MS, src)
 	}
-	p("CPU", "%.2fs self (%.3f ms/node), %.2fs exec'd helpers (%.3f ms/node)", r.CPUSeconds, r.CPUMillisPerNode, r.ChildCPUSeconds, r.ChildCPUMillisPerNode)
+	p("CPU", "%.2fs self (%.3f ms/node), %.2fs helper processes (%.3f ms/node)", r.CPUSeconds, r.CPUMillisPerNode, r.ChildCPUSeconds, r.ChildCPUMillisPerNode)
 	if r.Processes {
 		p("agent processes", "%.2fs CPU (%.3f ms/node, /proc), %.1f MB RSS each (%d processes, idle in production)",
 			r.AgentCPUSeconds, r.AgentCPUMillisPerNode, r.AgentProcessRSSMB, r.AgentProcesses)
+	}
+	switch {
+	case r.Floor != nil:
+		fl := r.Floor
+		p("floor", "%.3f ms CPU per node: %.0f nodes/min on %d cores; this run %.0f%% of it", fl.MillisPerNode, fl.NodesPerMin, r.Machine.GOMAXPROC, 100*fl.Efficiency)
+		for _, it := range fl.Items {
+			fmt.Fprintf(w, "  %-56s %d x %7.3f ms\n", it.Name, it.PerNode, it.EachMS)
+		}
+	case r.FloorError != "":
+		p("floor", "not measured: %s", r.FloorError)
 	}
 	p("peak RSS", "%.0f MB (this process)", r.PeakRSSMB)
 	if r.IdleAgents > 0 {

@@ -693,6 +693,29 @@ func (f *Fleet) Agent(identity string) *agent.Agent {
 // process fleets), for tests that look for it where it must not be.
 func (f *Fleet) Token(identity string) string { return f.tokens[identity] }
 
+// IssueToken makes a provisioning token of the given scope with the
+// fleet's issuer, valid for a day.
+func (f *Fleet) IssueToken(scope token.Scope) (string, error) {
+	issuer, _, err := f.trust()
+	if err != nil {
+		return "", err
+	}
+	tok, _, err := issuer.Create(scope, time.Now(), 24*time.Hour)
+	return tok, err
+}
+
+// TokenIssuer returns the public key of the fleet's token issuer.
+func (f *Fleet) TokenIssuer() (string, error) {
+	issuer, _, err := f.trust()
+	if err != nil {
+		return "", err
+	}
+	return issuer.PublicKey(), nil
+}
+
+// Facts returns the facts of node i.
+func (f *Fleet) Facts(i int) map[string]string { return f.opts.Facts(i) }
+
 // AgentDir returns node i's state directory.
 func (f *Fleet) AgentDir(identity string) string { return filepath.Join(f.dir, "agents", identity) }
 

@@ -1,0 +1,132 @@
+package bench
+
+import (
+	"context"
+	"math"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/muster-io/muster/helper"
+)
+
+// checkFloor checks the floor's arithmetic and that every item ran.
+func checkFloor(t *testing.T, r *Result, items int) {
+	t.Helper()
+	fl := r.Floor
+	if fl == nil {
+		t.Fatalf("no floor (error %q)", r.FloorError)
+	}
+	if len(fl.Items) != items {
+		t.Errorf("%d floor items, want %d: %+v", len(fl.Items), items, fl.Items)
+	}
+	var sum float64
+	seen := map[string]bool{}
+	for _, it := range fl.Items {
+		if it.Name == "" || seen[it.Name] {
+			t.Errorf("item name %q empty or repeated", it.Name)
+		}
+		seen[it.Name] = true
+		if it.PerNode < 1 || it.Runs < floorRounds*floorMinRuns || it.Runs > floorRounds*floorMaxRuns {
+			t.Errorf("%s: per node %d, runs %d", it.Name, it.PerNode, it.Runs)
+		}
+		if it.EachMS <= 0 || math.IsNaN(it.EachMS) {
+			t.Errorf("%s: %v ms per run, want a positive CPU time", it.Name, it.EachMS)
+		}
+		sum += it.EachMS * float64(it.PerNode)
+	}
+	if math.Abs(sum-fl.MillisPerNode) > 1e-9*sum {
+		t.Errorf("ms per node %v, items add up to %v", fl.MillisPerNode, sum)
+	}
+	if want := 60e3 * float64(runtime.GOMAXPROCS(0)) / fl.MillisPerNode; math.Abs(fl.NodesPerMin-want) > 1e-9*want {
+		t.Errorf("floor nodes/min %v, want %v", fl.NodesPerMin, want)
+	}
+	if want := r.NodesPerMin / fl.NodesPerMin; math.Abs(fl.Efficiency-want) > 1e-9*want || fl.Efficiency <= 0 {
+		t.Errorf("efficiency %v, want %v", fl.Efficiency, want)
+	}
+	if r.FloorError != "" {
+		t.Errorf("floor error %q with a floor", r.FloorError)
+	}
+	var out strings.Builder
+	r.Print(&out)
+	for _, it := range fl.Items {
+		if !strings.Contains(out.String(), it.Name) {
+			t.Errorf("table lacks floor item %q", it.Name)
+		}
+	}
+}
+
+// refuseIdentity fails every request for one identity.
+type refuseIdentity struct {
+	h  helper.Helper
+	id string
+}
+
+func (r refuseIdentity) Provision(ctx context.Context, req *helper.Request) (*helper.Reply, error) {
+	if req.Identity == r.id {
+		return nil, errInjected
+	}
+	return r.h.Provision(ctx, req)
+}
+
+// TestFloorFailureKeepsTheRun: a helper that will not sign the floor's
+// node leaves the floor out with the reason, and the run goes on.
+func TestFloorFailureKeepsTheRun(t *testing.T) {
+	o := Options{
+		Nodes: 5, Workers: 2, IdleAgents: -1, Timeout: 2 * time.Minute, Settle: -1,
+		WrapHelper: func(h helper.Helper) helper.Helper { return refuseIdentity{h: h, id: floorIdentity} },
+	}
+	r, err := Run(context.Background(), o)
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if r.Provisioned != 5 || !r.OK() {
+		t.Errorf("provisioned %d of 5", r.Provisioned)
+	}
+	if r.Floor != nil || !strings.Contains(r.FloorError, errInjected.Error()) || !strings.Contains(r.FloorError, "helper run") {
+		t.Errorf("floor %+v, error %q: want none, and the helper's error", r.Floor, r.FloorError)
+	}
+	var out strings.Builder
+	r.Print(&out)
+	if !strings.Contains(out.String(), "floor") || !strings.Contains(out.String(), "not measured") {
+		t.Errorf("table does not say the floor was not measured:\n%s", out.String())
+	}
+}
+
+func TestNoFloor(t *testing.T) {
+	r, err := Run(context.Background(), Options{Nodes: 3, Workers: 2, IdleAgents: -1, Timeout: 2 * time.Minute, Settle: -1, NoFloor: true})
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if r.Floor != nil || r.FloorError != "" || !r.OK() {
+		t.Errorf("floor %+v, error %q, ok %v: want no floor", r.Floor, r.FloorError, r.OK())
+	}
+}
+
+// TestLiveChildrenCPU: a running child's CPU is counted (a persistent
+// helper's), and its end is not an error.
+func TestLiveChildrenCPU(t *testing.T) {
+	if _, err := exec.LookPath("sh"); err != nil {
+		t.Skip("no sh")
+	}
+	before := liveChildrenCPU()
+	cmd := exec.Command("sh", "-c", "while :; do :; done")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	deadline := time.Now().Add(30 * time.Second)
+	for liveChildrenCPU() <= before {
+		if time.Now().After(deadline) {
+			t.Fatal("a busy child's CPU never showed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	if got := liveChildrenCPU(); got != before {
+		t.Errorf("after the child ended: %v, want %v (only live children count)", got, before)
+	}
+}
