@@ -314,8 +314,7 @@ type Result struct {
 
 	// CPUSeconds is this process's user+sys CPU during the provisioning
 	// phase; ChildCPUSeconds that of its helper processes: exec'd helpers
-	// reaped in it, and a persistent helper's (which runs throughout; not
-	// with Processes, where the live children are the agents).
+	// reaped in it, and a persistent helper's (which runs throughout).
 	CPUSeconds            float64 `json:"cpu_seconds"`
 	ChildCPUSeconds       float64 `json:"child_cpu_seconds"`
 	CPUMillisPerNode      float64 `json:"cpu_ms_per_node"`
@@ -700,10 +699,8 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	var ruAfter, chAfter syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruAfter)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chAfter)
-	var helperLive time.Duration
-	if !o.Processes {
-		helperLive = liveChildrenCPU() - liveBefore
-	}
+	// The agent processes are children too, counted on their own below.
+	helperLive := liveChildrenCPU(f.AgentPIDs()...) - liveBefore
 	if o.Processes {
 		ps, err := f.ProcessStats()
 		if err != nil {

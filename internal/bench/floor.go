@@ -203,12 +203,12 @@ func processCPU() time.Duration {
 	return time.Duration((cpuSeconds(self)+cpuSeconds(children))*float64(time.Second)) + liveChildrenCPU()
 }
 
-// liveChildrenCPU is the CPU time of this process's running children: their
-// threads' run time (/proc/<pid>/task/<tid>/schedstat, nanoseconds) and
-// that of the children they have waited for (cutime and cstime of
-// /proc/<pid>/stat, clock ticks: a shell helper's jq runs). Zero without
-// /proc.
-func liveChildrenCPU() time.Duration {
+// liveChildrenCPU is the CPU time of this process's running children but
+// those in except: their threads' run time
+// (/proc/<pid>/task/<tid>/schedstat, nanoseconds) and that of the children
+// they have waited for (cutime and cstime of /proc/<pid>/stat, clock
+// ticks: a shell helper's jq runs). Zero without /proc.
+func liveChildrenCPU(except ...int) time.Duration {
 	lists, _ := filepath.Glob("/proc/self/task/*/children")
 	var total time.Duration
 	for _, l := range lists {
@@ -217,6 +217,9 @@ func liveChildrenCPU() time.Duration {
 			continue
 		}
 		for _, pid := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(pid); err == nil && slices.Contains(except, n) {
+				continue
+			}
 			total += processRunTime(pid)
 		}
 	}

@@ -57,7 +57,7 @@ func (r *Result) Print(w io.Writer) {
 		fl := r.Floor
 		p("floor", "%.3f ms CPU per node: %.0f nodes/min on %d cores; this run %.0f%% of it", fl.MillisPerNode, fl.NodesPerMin, r.Machine.GOMAXPROC, 100*fl.Efficiency)
 		for _, it := range fl.Items {
-			fmt.Fprintf(w, "  %-56s %d x %7.3f ms\n", it.Name, it.PerNode, it.EachMS)
+			fmt.Fprintf(w, "  %-58s %d x %7.3f ms\n", it.Name, it.PerNode, it.EachMS)
 		}
 	case r.FloorError != "":
 		p("floor", "not measured: %s", r.FloorError)

@@ -236,6 +236,21 @@ func (f *Fleet) ProcessStats() (ProcessStats, error) {
 	return st, nil
 }
 
+// AgentPIDs returns the process IDs of the running agent processes.
+func (f *Fleet) AgentPIDs() []int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	pids := make([]int, 0, len(f.procs))
+	for _, p := range f.procs {
+		select {
+		case <-p.done:
+		default:
+			pids = append(pids, p.cmd.Process.Pid)
+		}
+	}
+	return pids
+}
+
 // readProc returns a process's CPU seconds (utime+stime) and RSS bytes.
 func readProc(pid int) (cpu, rss float64, err error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
