@@ -270,6 +270,9 @@ type Machine struct {
 	GOOS   string `json:"goos"`
 	GOARCH string `json:"goarch"`
 	Go     string `json:"go"`
+	// Use is how its CPUs were spent during the provisioning phase
+	// (/proc/stat; nil where there is none).
+	Use *MachineUse `json:"use,omitempty"`
 }
 
 // Result is what a benchmark run reports.
@@ -682,6 +685,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	// Live children before the agents start: a persistent helper (agent
 	// processes are counted on their own).
 	liveBefore := liveChildrenCPU()
+	m0 := readMachineTimes()
 	if err := f.Start(ctx); err != nil {
 		return err
 	}
@@ -699,6 +703,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	var ruAfter, chAfter syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruAfter)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chAfter)
+	res.Machine.Use = machineUse(m0, readMachineTimes(), runtime.NumCPU(), rec.productionCount())
 	// The agent processes are children too, counted on their own below.
 	helperLive := liveChildrenCPU(f.AgentPIDs()...) - liveBefore
 	if o.Processes {
@@ -741,6 +746,9 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	fill(res, rec, metrics)
 	if res.Floor != nil && res.Floor.NodesPerMin > 0 {
 		res.Floor.Efficiency = res.NodesPerMin / res.Floor.NodesPerMin
+		if all := res.CPUMillisPerNode + res.ChildCPUMillisPerNode + res.AgentCPUMillisPerNode; all > 0 {
+			res.Floor.CPUShare = res.Floor.MillisPerNode / all
+		}
 	}
 	return nil
 }

@@ -37,9 +37,9 @@ import (
 // scheduling and garbage collection) is the orchestration on top; the
 // run's CPU per node minus the floor's is what it costs.
 //
-// The floor moves with the machine: on a VM whose speed drifts, the same
-// build measures different nodes/min from hour to hour, but about the
-// same Efficiency.
+// The floor is CPU time: on a VM whose host takes a varying share of its
+// cores (steal, Machine.Use), the same build measures different nodes/min
+// from hour to hour but about the same CPUShare.
 type Floor struct {
 	// Items are the pieces of work, in the order a node needs them.
 	Items []FloorItem `json:"items"`
@@ -49,8 +49,13 @@ type Floor struct {
 	// cost only MillisPerNode.
 	NodesPerMin float64 `json:"nodes_per_min"`
 	// Efficiency is the run's nodes/min divided by NodesPerMin (set
-	// after the run).
+	// after the run): below 1 by the orchestration's CPU, by the cores
+	// the hypervisor took, and by cores left idle.
 	Efficiency float64 `json:"efficiency"`
+	// CPUShare is MillisPerNode divided by the CPU the run spent per node
+	// (this process, its helpers, its agent processes): the share of the
+	// run's CPU that was floor work, whatever the machine's cores did.
+	CPUShare float64 `json:"cpu_share"`
 }
 
 // FloorItem is one piece of work of the Floor.

@@ -46,6 +46,9 @@ func checkFloor(t *testing.T, r *Result, items int) {
 	if want := r.NodesPerMin / fl.NodesPerMin; math.Abs(fl.Efficiency-want) > 1e-9*want || fl.Efficiency <= 0 {
 		t.Errorf("efficiency %v, want %v", fl.Efficiency, want)
 	}
+	if all := r.CPUMillisPerNode + r.ChildCPUMillisPerNode + r.AgentCPUMillisPerNode; math.Abs(fl.CPUShare-fl.MillisPerNode/all) > 1e-9 || fl.CPUShare <= 0 {
+		t.Errorf("CPU share %v, want %v / %v", fl.CPUShare, fl.MillisPerNode, all)
+	}
 	if r.FloorError != "" {
 		t.Errorf("floor error %q with a floor", r.FloorError)
 	}
@@ -128,5 +131,33 @@ func TestLiveChildrenCPU(t *testing.T) {
 	_ = cmd.Wait()
 	if got := liveChildrenCPU(); got != before {
 		t.Errorf("after the child ended: %v, want %v (only live children count)", got, before)
+	}
+}
+
+func TestMachineUse(t *testing.T) {
+	at := func(busy, steal, idle time.Duration) machineTimes {
+		return machineTimes{busy: busy, steal: steal, idle: idle, ok: true}
+	}
+	s := time.Second
+	cases := []struct {
+		name string
+		a, b machineTimes
+		want *MachineUse
+	}{
+		{"no /proc", machineTimes{}, at(s, 0, 0), nil},
+		{"no time passed", at(s, s, s), at(s, s, s), nil},
+		{"busy, stolen and idle", at(10*s, 2*s, 4*s), at(13*s, 3*s, 4*s), &MachineUse{BusyCores: 1.5, StolenCores: 0.5, IdleCores: 0, BusyMillisPerNode: 30}},
+		{"half idle", at(0, 0, 0), at(s, 0, s), &MachineUse{BusyCores: 1, IdleCores: 1, BusyMillisPerNode: 10}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := machineUse(tc.a, tc.b, 2, 100)
+			if (got == nil) != (tc.want == nil) || (got != nil && *got != *tc.want) {
+				t.Errorf("machineUse = %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+	if u := readMachineTimes(); u.ok && u.busy+u.idle+u.steal <= 0 {
+		t.Errorf("/proc/stat read as %+v", u)
 	}
 }

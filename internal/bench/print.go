@@ -48,6 +48,10 @@ func (r *Result) Print(w io.Writer) {
 		fmt.Fprintf(w, "  %-24s %8d %10.3f %10.3f  %s\n", s.Stage, s.Count, s.MeanMS, s.P95MS, src)
 	}
 	p("CPU", "%.2fs self (%.3f ms/node), %.2fs helper processes (%.3f ms/node)", r.CPUSeconds, r.CPUMillisPerNode, r.ChildCPUSeconds, r.ChildCPUMillisPerNode)
+	if u := r.Machine.Use; u != nil {
+		p("machine CPU", "of %d cores: %.2f busy (%.3f ms/node, every process and the kernel), %.2f stolen by the hypervisor, %.2f idle",
+			r.Machine.CPUs, u.BusyCores, u.BusyMillisPerNode, u.StolenCores, u.IdleCores)
+	}
 	if r.Processes {
 		p("agent processes", "%.2fs CPU (%.3f ms/node, /proc), %.1f MB RSS each (%d processes, idle in production)",
 			r.AgentCPUSeconds, r.AgentCPUMillisPerNode, r.AgentProcessRSSMB, r.AgentProcesses)
@@ -55,7 +59,8 @@ func (r *Result) Print(w io.Writer) {
 	switch {
 	case r.Floor != nil:
 		fl := r.Floor
-		p("floor", "%.3f ms CPU per node: %.0f nodes/min on %d cores; this run %.0f%% of it", fl.MillisPerNode, fl.NodesPerMin, r.Machine.GOMAXPROC, 100*fl.Efficiency)
+		p("floor", "%.3f ms CPU per node: %.0f nodes/min on %d whole cores; this run reached %.0f%% of that rate, and %.0f%% of its CPU per node was floor work",
+			fl.MillisPerNode, fl.NodesPerMin, r.Machine.GOMAXPROC, 100*fl.Efficiency, 100*fl.CPUShare)
 		for _, it := range fl.Items {
 			fmt.Fprintf(w, "  %-58s %d x %7.3f ms\n", it.Name, it.PerNode, it.EachMS)
 		}
