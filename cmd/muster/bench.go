@@ -56,8 +56,10 @@ each piece of security work a node needs (its two connections with the broker's 
 certificate checks, request signatures and their checks, the token check, key and CSR, the CSR
 check, one run of the run's helper, the reply and certificate checks), done alone with the run's
 broker, CA, helper and key type. Their sum is what a node costs at least on this machine now; the
-run reports the nodes/min that would give and the share of it reached, a figure that stays put
-when the machine's speed drifts.
+run reports the nodes/min that would give, the share of that rate it reached, and the share of its
+own CPU per node that was floor work. It also says how the machine's cores were spent during the
+run (/proc/stat): busy, stolen by the hypervisor (on a shared host the same run gets fewer cores at
+a busy hour) and idle (where the pipeline waited on latency).
 
 --processes runs every agent as its own muster-agent process instead (TCP + TLS, restarted by
 re-executing itself, as on a real machine), for a like-for-like comparison with tools that run one

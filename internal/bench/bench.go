@@ -366,6 +366,16 @@ type Result struct {
 	FloorError string `json:"floor_error,omitempty"`
 }
 
+// cpuPerNode is the CPU a node cost the machine in this run: its busy time
+// per node where /proc/stat has it (everything, attributed to a process or
+// not), else this process's, its helpers' and its agent processes' CPU.
+func (r *Result) cpuPerNode() float64 {
+	if u := r.Machine.Use; u != nil && u.BusyMillisPerNode > 0 {
+		return u.BusyMillisPerNode
+	}
+	return r.CPUMillisPerNode + r.ChildCPUMillisPerNode + r.AgentCPUMillisPerNode
+}
+
 // OK reports whether every node was provisioned exactly once.
 func (r *Result) OK() bool { return r.NotProvisioned == 0 && r.Duplicates == 0 }
 
@@ -746,7 +756,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	fill(res, rec, metrics)
 	if res.Floor != nil && res.Floor.NodesPerMin > 0 {
 		res.Floor.Efficiency = res.NodesPerMin / res.Floor.NodesPerMin
-		if all := res.CPUMillisPerNode + res.ChildCPUMillisPerNode + res.AgentCPUMillisPerNode; all > 0 {
+		if all := res.cpuPerNode(); all > 0 {
 			res.Floor.CPUShare = res.Floor.MillisPerNode / all
 		}
 	}

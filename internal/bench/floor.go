@@ -53,8 +53,10 @@ type Floor struct {
 	// the hypervisor took, and by cores left idle.
 	Efficiency float64 `json:"efficiency"`
 	// CPUShare is MillisPerNode divided by the CPU the run spent per node
-	// (this process, its helpers, its agent processes): the share of the
-	// run's CPU that was floor work, whatever the machine's cores did.
+	// (the machine's busy time per node, or where /proc/stat is missing
+	// this process's, its helpers' and its agent processes' CPU): the
+	// share of the run's CPU that was floor work, whatever cores were
+	// stolen or idle.
 	CPUShare float64 `json:"cpu_share"`
 }
 

@@ -46,7 +46,11 @@ func checkFloor(t *testing.T, r *Result, items int) {
 	if want := r.NodesPerMin / fl.NodesPerMin; math.Abs(fl.Efficiency-want) > 1e-9*want || fl.Efficiency <= 0 {
 		t.Errorf("efficiency %v, want %v", fl.Efficiency, want)
 	}
-	if all := r.CPUMillisPerNode + r.ChildCPUMillisPerNode + r.AgentCPUMillisPerNode; math.Abs(fl.CPUShare-fl.MillisPerNode/all) > 1e-9 || fl.CPUShare <= 0 {
+	all := r.CPUMillisPerNode + r.ChildCPUMillisPerNode + r.AgentCPUMillisPerNode
+	if u := r.Machine.Use; u != nil {
+		all = u.BusyMillisPerNode
+	}
+	if math.Abs(fl.CPUShare-fl.MillisPerNode/all) > 1e-9 || fl.CPUShare <= 0 {
 		t.Errorf("CPU share %v, want %v / %v", fl.CPUShare, fl.MillisPerNode, all)
 	}
 	if r.FloorError != "" {
