@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/pprof"
 	"syscall"
 	"time"
@@ -28,6 +29,7 @@ func newBenchCmd() *cobra.Command {
 		o        bench.Options
 		asJSON   bool
 		floor    bool
+		procs    int
 		logLevel string
 		cpuProf  string
 		memProf  string
@@ -98,6 +100,11 @@ certificate and configuration, so on one shared disk the disk is part of what is
 			}
 			o.Logger = log
 			o.NoFloor = !floor
+			if procs > 0 {
+				// This process only: helpers and agent processes keep
+				// their own default.
+				runtime.GOMAXPROCS(procs)
+			}
 			if !asJSON {
 				o.Progress = cmd.ErrOrStderr()
 			}
@@ -163,6 +170,7 @@ certificate and configuration, so on one shared disk the disk is part of what is
 	f.StringVar(&o.AgentBin, "agent-bin", "", "muster-agent binary for --processes (default: build it with go build into a temporary directory)")
 	f.StringVar(&o.StateDir, "state-dir", "", "directory for the fleet's CA and agent state directories (default: the system temp dir; a tmpfs such as /dev/shm leaves the disk out)")
 	f.BoolVar(&floor, "floor", true, "measure the floor first: what a node's security work (connections, signatures, key, CSR, helper, certificate checks) costs on this machine now, and the share of it the run reached")
+	f.IntVar(&procs, "gomaxprocs", 0, "GOMAXPROCS of this process only (broker, provisioner, in-process agents); 0: Go's default. Helper and agent processes keep theirs")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (no progress)")
 	f.StringVar(&cpuProf, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
 	f.StringVar(&memProf, "memprofile", "", "write a heap profile taken after the run (what stays live after cleanup) to this file")
