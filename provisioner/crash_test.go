@@ -206,7 +206,10 @@ func TestClaimsModeArrivalCompletesUnconfirmedRestart(t *testing.T) {
 	fleet.publishArrival(id, eventID, serials[0])
 	fleet.publishArrival(id, nuid.Next(), "abcdef0123") // forged: not its certificate
 	b := startHA(t, url, "prov-b", HAClaims, newTestHelper(c, nil))
-	waitFor(t, 20*time.Second, "the arrival recorded", func() bool { return kv.record(id).Provisions == 1 })
+	// A's connection stays open after A stopped: JetStream may hand the
+	// event to A's last pull request, and B gets it once the consumer's
+	// AckWait (30 s) has passed. Either way B records it.
+	waitFor(t, 50*time.Second, "the arrival recorded", func() bool { return kv.record(id).Provisions == 1 })
 	r = kv.record(id)
 	if r.State != string(StateProduction) || r.Serial != serials[0] || r.ProvisionedBy != "prov-a" || r.Pending != nil || r.ArrivedAt.IsZero() {
 		t.Fatalf("after the arrival: %+v", r)
