@@ -165,3 +165,26 @@ func TestMachineUse(t *testing.T) {
 		t.Errorf("/proc/stat read as %+v", u)
 	}
 }
+
+func TestParseProcStat(t *testing.T) {
+	tick := time.Second / clockTicks
+	cases := []struct {
+		name, text string
+		want       machineTimes
+	}{
+		// user nice system idle iowait irq softirq steal guest guest_nice
+		{"linux", "cpu  100 1 20 300 4 5 6 70 0 0\ncpu0 50 0 10 150 2 2 3 35 0 0\n",
+			machineTimes{busy: 132 * tick, steal: 70 * tick, idle: 304 * tick, ok: true}},
+		{"no steal column", "cpu  100 1 20 300 4 5 6\n", machineTimes{}},
+		{"not the cpu line", "intr 1 2 3 4 5 6 7 8 9\n", machineTimes{}},
+		{"not a number", "cpu  100 x 20 300 4 5 6 70\n", machineTimes{}},
+		{"empty", "", machineTimes{}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := parseProcStat(tc.text); got != tc.want {
+				t.Errorf("parseProcStat = %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}

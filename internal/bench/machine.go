@@ -21,13 +21,19 @@ func readMachineTimes() machineTimes {
 	if err != nil {
 		return machineTimes{}
 	}
-	line, _, _ := strings.Cut(string(b), "\n")
+	return parseProcStat(string(b))
+}
+
+// parseProcStat reads the machine's times from the text of /proc/stat.
+func parseProcStat(text string) machineTimes {
+	line, _, _ := strings.Cut(text, "\n")
 	f := strings.Fields(line)
 	if len(f) < 9 || f[0] != "cpu" {
 		return machineTimes{}
 	}
 	var v [8]int64 // user nice system idle iowait irq softirq steal
 	for i := range v {
+		var err error
 		if v[i], err = strconv.ParseInt(f[i+1], 10, 64); err != nil {
 			return machineTimes{}
 		}
