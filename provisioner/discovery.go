@@ -131,6 +131,7 @@ func (p *Provisioner) markProduction(ev *protocol.Event) {
 		n.RetryAt = time.Time{}
 	}
 	n.Updated = now
+	n.productionSince = now
 	p.mu.Unlock()
 	p.log.WithField("identity", id).Debug("node arrived in production")
 }
@@ -154,7 +155,11 @@ func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
 	case StateQueued, StateInProgress, StateHeld, StateDenied:
 		return false
 	case StateProduction:
-		if startedAt.IsZero() || !startedAt.After(n.Updated) {
+		// Only a startup after the arrival is a new life: a metadata
+		// announcement may be the old life's last one. The arrival's
+		// time, not Updated, which the attempt's result sets when it
+		// comes after the arrival (a late restart reply).
+		if startedAt.IsZero() || !startedAt.After(n.productionSince) {
 			return false
 		}
 	case StateDeferred, StateFailed, StateProvisioned, StateShutdown:

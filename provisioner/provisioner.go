@@ -172,6 +172,10 @@ type node struct {
 	// the node's last provisioned event from production.
 	arrivedSerial string
 	arrivedAt     time.Time
+	// productionSince is when this provisioner last saw the node arrive in
+	// production (its clock): a startup event after it is a new life of
+	// the node. Not Updated, which a late attempt result moves.
+	productionSince time.Time
 
 	// heldCSR is the gencsr reply of a node held for a changed key.
 	heldCSR *approval

@@ -420,6 +420,21 @@ func TestInvalidMessagesCounted(t *testing.T) {
 	if r.p.offer("p1.example.net", sourceMetadata, time.Time{}) {
 		t.Error("node in production was queued again")
 	}
+	arrived, _ := nodeState(r.p, "p1.example.net")
+	if r.p.offer("p1.example.net", sourceStartup, arrived.Updated.Add(-time.Millisecond)) {
+		t.Error("a startup from before the arrival queued the node again")
+	}
+	// The attempt's result can come after the arrival (a restart reply
+	// that came late): a new life that started in between is still a new
+	// life.
+	newLife := time.Now()
+	r.p.finish(&attempt{p: r.p, id: "p1.example.net", log: r.p.log, started: newLife, stage: StageRestart, outcome: OutcomeProvisioned}, nil, false)
+	if st, _ := nodeState(r.p, "p1.example.net"); st.State != StateProduction || !st.Updated.After(newLife) {
+		t.Fatalf("after the late result: %+v", st)
+	}
+	if !r.p.offer("p1.example.net", sourceStartup, newLife) {
+		t.Error("a node started again after its arrival was not queued: the late attempt result hid it")
+	}
 	r.stop(t)
 }
 
