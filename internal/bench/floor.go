@@ -24,6 +24,7 @@ import (
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/demo"
 	"github.com/muster-io/muster/internal/pki"
+	"github.com/muster-io/muster/internal/procfs"
 	"github.com/muster-io/muster/internal/protocol"
 	"github.com/muster-io/muster/internal/token"
 )
@@ -80,8 +81,8 @@ const RPCsPerNode = 4
 
 // How the floor is measured: floorRounds rounds over every item, each
 // item run in a round until floorBudget of wall time has passed (at least
-// floorMinRuns and at most floorMaxRuns times), after one run that warms it
-// up (first-use costs are not a node's). An item's figure is its median
+// floorMinRuns and at most floorMaxRuns times), the first round after one
+// run that warms it up (first-use costs are not a node's). An item's figure is its median
 // round: on a VM whose speed changes from second to second, rounds spread
 // over the whole measurement and the median drops a round that met a slow
 // patch.
@@ -155,12 +156,12 @@ func measureFloor(ctx context.Context, ff floorFleet) (*Floor, error) {
 	fullGC()
 	rounds := make([][]time.Duration, len(steps))
 	runs := make([]int, len(steps))
-	for range floorRounds {
+	for round := range floorRounds {
 		for i, s := range steps {
 			if err := ctx.Err(); err != nil {
 				return nil, err
 			}
-			each, n, err := measureCPU(s.op)
+			each, n, err := measureCPU(s.op, round == 0)
 			st.closeConns()
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", s.name, err)
@@ -182,12 +183,14 @@ func measureFloor(ctx context.Context, ff floorFleet) (*Floor, error) {
 	return fl, nil
 }
 
-// measureCPU runs op once to warm it up, then for floorBudget (within
-// floorMinRuns and floorMaxRuns runs), and returns the CPU time this
-// process and its reaped children spent per run.
-func measureCPU(op func() error) (time.Duration, int, error) {
-	if err := op(); err != nil {
-		return 0, 0, err
+// measureCPU runs op once to warm it up when warm is set, then for
+// floorBudget (within floorMinRuns and floorMaxRuns runs), and returns
+// the CPU time this process and its helper processes spent per run.
+func measureCPU(op func() error, warm bool) (time.Duration, int, error) {
+	if warm {
+		if err := op(); err != nil {
+			return 0, 0, err
+		}
 	}
 	before := processCPU()
 	start := time.Now()
@@ -248,27 +251,13 @@ func processRunTime(pid string) time.Duration {
 			}
 		}
 	}
-	b, err := os.ReadFile("/proc/" + pid + "/stat")
-	if err != nil {
-		return total
-	}
-	// Fields count from after the command name's closing parenthesis:
-	// cutime and cstime are fields 16 and 17 of proc(5).
-	if i := strings.LastIndexByte(string(b), ')'); i >= 0 {
-		if f := strings.Fields(string(b[i+1:])); len(f) > 14 {
-			cu, err1 := strconv.ParseInt(f[13], 10, 64)
-			cs, err2 := strconv.ParseInt(f[14], 10, 64)
-			if err1 == nil && err2 == nil {
-				total += time.Duration(cu+cs) * time.Second / clockTicks
-			}
+	if n, err := strconv.Atoi(pid); err == nil {
+		if ps, err := procfs.ReadStat(n); err == nil {
+			total += ps.ChildUser + ps.ChildSystem
 		}
 	}
 	return total
 }
-
-// clockTicks is USER_HZ, the unit of /proc/<pid>/stat times: 100 on every
-// Linux architecture Go supports.
-const clockTicks = 100
 
 // floorState holds the inputs and outputs the floor's steps pass along,
 // made once with real keys: each step's input is what the step before it
@@ -283,8 +272,7 @@ type floorState struct {
 	trusted  *protocol.KeySet
 	req      protocol.Request // an inventory request, signed
 	signed   protocol.Request // req as the node receives it
-	keyType  string
-	nodeKey  crypto.Signer // the key of the first keyAndCSR run
+	nodeKey  crypto.Signer    // the key of the first keyAndCSR run
 	csrPEM   []byte
 	pubPEM   []byte
 	hreq     *helper.Request
@@ -295,7 +283,7 @@ type floorState struct {
 }
 
 func newFloorState(ff floorFleet) (*floorState, error) {
-	st := &floorState{ff: ff, keyType: ff.keyType, caPEM: ff.f.CA().CertificatePEM()}
+	st := &floorState{ff: ff, caPEM: ff.f.CA().CertificatePEM()}
 	st.roots = x509.NewCertPool()
 	st.roots.AppendCertsFromPEM(st.caPEM)
 
@@ -463,7 +451,7 @@ func (st *floorState) checkToken() error {
 // keyAndCSR is gencsr on the node: a new key, its CSR, the PEM encodings
 // it keeps and sends.
 func (st *floorState) keyAndCSR() error {
-	key, err := pki.GenerateKey(st.keyType, 0)
+	key, err := pki.GenerateKey(st.ff.keyType, 0)
 	if err != nil {
 		return err
 	}

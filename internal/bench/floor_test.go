@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/procfs"
 )
 
 // checkFloor checks the floor's arithmetic and that every item ran.
@@ -167,7 +168,7 @@ func TestMachineUse(t *testing.T) {
 }
 
 func TestParseProcStat(t *testing.T) {
-	tick := time.Second / clockTicks
+	tick := procfs.Tick
 	cases := []struct {
 		name, text string
 		want       machineTimes

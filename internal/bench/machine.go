@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/muster-io/muster/internal/procfs"
 )
 
 // machineTimes is the whole machine's CPU time so far, from the first line
@@ -38,7 +40,7 @@ func parseProcStat(text string) machineTimes {
 			return machineTimes{}
 		}
 	}
-	tick := time.Second / clockTicks
+	tick := procfs.Tick
 	return machineTimes{
 		busy:  time.Duration(v[0]+v[1]+v[2]+v[5]+v[6]) * tick,
 		steal: time.Duration(v[7]) * tick,

@@ -7,8 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -16,8 +14,8 @@ import (
 
 	"github.com/muster-io/muster/agent"
 	"github.com/muster-io/muster/internal/fsutil"
+	"github.com/muster-io/muster/internal/procfs"
 	"github.com/muster-io/muster/internal/protocol"
-
 	"github.com/muster-io/muster/internal/token"
 )
 
@@ -208,10 +206,6 @@ type ProcessStats struct {
 	RSSBytes float64
 }
 
-// clockTicks is USER_HZ, the unit of /proc/<pid>/stat times: 100 on every
-// Linux architecture Go supports.
-const clockTicks = 100
-
 // ProcessStats reads the CPU time and resident memory of every running
 // agent process.
 func (f *Fleet) ProcessStats() (ProcessStats, error) {
@@ -225,13 +219,13 @@ func (f *Fleet) ProcessStats() (ProcessStats, error) {
 			continue
 		default:
 		}
-		cpu, rss, err := readProc(p.cmd.Process.Pid)
+		ps, err := procfs.ReadStat(p.cmd.Process.Pid)
 		if err != nil {
 			return st, err
 		}
 		st.Processes++
-		st.CPUSeconds += cpu
-		st.RSSBytes += rss
+		st.CPUSeconds += (ps.User + ps.System).Seconds()
+		st.RSSBytes += float64(ps.RSSPages) * float64(os.Getpagesize())
 	}
 	return st, nil
 }
@@ -249,33 +243,6 @@ func (f *Fleet) AgentPIDs() []int {
 		}
 	}
 	return pids
-}
-
-// readProc returns a process's CPU seconds (utime+stime) and RSS bytes.
-func readProc(pid int) (cpu, rss float64, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	// The command name is in parentheses and may hold spaces: fields
-	// count from after the last ')'.
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 {
-		return 0, 0, errors.New("unexpected /proc stat format")
-	}
-	fields := strings.Fields(string(b[i+1:]))
-	// After ')': state(3) ... utime(14) stime(15) ... rss(24), 1-based
-	// in proc(5); here index = field - 3.
-	if len(fields) < 22 {
-		return 0, 0, errors.New("short /proc stat")
-	}
-	ut, err1 := strconv.ParseFloat(fields[11], 64)
-	stime, err2 := strconv.ParseFloat(fields[12], 64)
-	pages, err3 := strconv.ParseFloat(fields[21], 64)
-	if err := errors.Join(err1, err2, err3); err != nil {
-		return 0, 0, fmt.Errorf("/proc stat: %w", err)
-	}
-	return (ut + stime) / clockTicks, pages * float64(os.Getpagesize()), nil
 }
 
 // errProcessesInProcess refuses a fleet that asks for both.
