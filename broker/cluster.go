@@ -35,6 +35,12 @@ const (
 // peer names restrict the routes.
 var ErrClusterCA = errors.New("cluster CA is the client CA")
 
+// Route handshake refusals when peer names are set.
+var (
+	errRouteUnverified   = errors.New("route peer presented no verified certificate")
+	errRoutePeerUnlisted = errors.New("route certificate names no listed peer")
+)
+
 // routeTLSTimeout is the route TLS handshake timeout, in seconds.
 const routeTLSTimeout = 5
 
@@ -129,9 +135,18 @@ func (b *Broker) setupCluster(opts *server.Options, clientCAs []*x509.Certificat
 			}
 		}
 	}
+	auth := newRouteAuth(b.log, cl.PeerNames)
+	if len(cl.PeerNames) > 0 {
+		// The names are checked in the handshake, in both directions: a
+		// route this broker dials is refused when the peer's certificate
+		// names no listed peer, as is one it accepts. Checking only
+		// accepted routes (the authenticator below) would let a broker
+		// whose list leaves a peer out still join it by dialing.
+		tc.VerifyConnection = auth.verifyConnection
+	}
 	opts.Cluster.TLSConfig = tc
 	opts.Cluster.TLSTimeout = routeTLSTimeout
-	opts.CustomRouterAuthentication = newRouteAuth(b.log, cl.PeerNames)
+	opts.CustomRouterAuthentication = auth
 	b.clusterCAFile = files.CA
 	return nil
 }
@@ -189,16 +204,51 @@ func (r *routeAuth) Check(c server.ClientAuthentication) bool {
 	if ok {
 		return true
 	}
-	// Logged at most once a second; the line says how many were not.
-	suppressed, logIt := r.refusals.allow(time.Now())
-	if !logIt {
-		return false
-	}
 	remote := ""
 	if addr := c.RemoteAddress(); addr != nil {
 		remote = addr.String()
 	}
-	r.log.WithFields(logrus.Fields{"remote": remote, "reason": reason, "suppressed": suppressed}).Warn("route refused")
+	r.refused(remote, reason)
+	return false
+}
+
+// verifyConnection is the route TLS configuration's VerifyConnection when
+// peer names are set: the peer's verified certificate must name a listed
+// peer, whichever side dialed.
+func (r *routeAuth) verifyConnection(st tls.ConnectionState) error {
+	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
+		r.refused(st.ServerName, "no verified route certificate")
+		return errRouteUnverified
+	}
+	leaf := st.VerifiedChains[0][0]
+	if !r.listed(leaf) {
+		r.refused(leaf.Subject.CommonName, "route certificate names no listed peer")
+		return fmt.Errorf("%w: %q", errRoutePeerUnlisted, leaf.Subject.CommonName)
+	}
+	return nil
+}
+
+// refused logs a refused route at most once a second; the line says how
+// many were not logged.
+func (r *routeAuth) refused(peer, reason string) {
+	suppressed, logIt := r.refusals.allow(time.Now())
+	if !logIt {
+		return
+	}
+	r.log.WithFields(logrus.Fields{"remote": peer, "reason": reason, "suppressed": suppressed}).Warn("route refused")
+}
+
+// listed reports whether the certificate names a listed peer, as its CN or
+// one of its DNS names.
+func (r *routeAuth) listed(leaf *x509.Certificate) bool {
+	if _, ok := r.names[leaf.Subject.CommonName]; ok {
+		return true
+	}
+	for _, n := range leaf.DNSNames {
+		if _, ok := r.names[n]; ok {
+			return true
+		}
+	}
 	return false
 }
 
@@ -213,14 +263,8 @@ func (r *routeAuth) allowed(c server.ClientAuthentication) (bool, string) {
 	if len(r.names) == 0 {
 		return true, ""
 	}
-	leaf := st.VerifiedChains[0][0]
-	if _, ok := r.names[leaf.Subject.CommonName]; ok {
+	if r.listed(st.VerifiedChains[0][0]) {
 		return true, ""
-	}
-	for _, n := range leaf.DNSNames {
-		if _, ok := r.names[n]; ok {
-			return true, ""
-		}
 	}
 	return false, "route certificate names no listed peer"
 }

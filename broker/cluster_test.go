@@ -520,19 +520,23 @@ func TestExampleClusterConfigs(t *testing.T) {
 // TestRoutePeerNames: with a shared cluster CA, routes form only between
 // brokers whose route certificates name a listed peer.
 func TestRoutePeerNames(t *testing.T) {
+	both := []string{"broker-a", "broker-b"}
 	for _, tc := range []struct {
 		name  string
-		peers []string
+		peers [2][]string // broker-a's and broker-b's lists
 		forms bool
 	}{
-		{"listed peers", []string{"broker-a", "broker-b"}, true},
-		{"unlisted peers", []string{"broker-z"}, false},
+		{"listed peers", [2][]string{both, both}, true},
+		{"unlisted peers", [2][]string{{"broker-z"}, {"broker-z"}}, false},
+		// broker-a accepts broker-b, but broker-b's list leaves broker-a
+		// out: broker-b must not join broker-a by dialing it.
+		{"one side unlisted", [2][]string{both, {"broker-b"}}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfgs := clusterConfigs(t, 2)
 			var brokers []*Broker
 			for i := range cfgs {
-				cfgs[i].Cluster.PeerNames = tc.peers
+				cfgs[i].Cluster.PeerNames = tc.peers[i]
 				if i > 0 {
 					copyTree(t, filepath.Join(cfgs[0].StoreDir, DevPKIDir), filepath.Join(cfgs[i].StoreDir, DevPKIDir))
 				}
