@@ -5,10 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -307,6 +309,50 @@ func TestRecordSharedSkipsLostClaims(t *testing.T) {
 	}
 	if _, err := kv.nodes.Get(context.Background(), "lost.example.net"); !errors.Is(err, nodestate.ErrNotFound) {
 		t.Fatalf("state written for a lost claim: %v", err)
+	}
+}
+
+// TestRecordSharedKeepsArrivalDuringStaleAttempt: an attempt claimed a
+// node before its arrival in production was recorded (the arrival came
+// late, as during a stream leader election after a broker died), and the
+// arrival is recorded while the attempt asks for the inventory, which finds
+// no responders. The record stays in production; it is not marked failed.
+// A timeout, which could be a slow node in provisioning mode, still is.
+func TestRecordSharedKeepsArrivalDuringStaleAttempt(t *testing.T) {
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	r := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	kv := openKV(t, url)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name  string
+		err   error
+		state string
+	}{
+		{"no responders", nats.ErrNoResponders, nodestate.StateProduction},
+		{"timeout", nats.ErrTimeout, string(StateFailed)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			id := strings.ReplaceAll(tc.name, " ", "-") + ".example.net"
+			arrived := time.Now().Add(-time.Second).UTC()
+			rec := nodestate.Record{Identity: id, State: nodestate.StateProduction, Serial: "01ab", Provisions: 1, ArrivedAt: arrived, ProvisionedAt: arrived, Attempts: 2, ClaimedBy: "prov-a"}
+			if err := kv.nodes.Put(ctx, rec); err != nil {
+				t.Fatal(err)
+			}
+			hctx, cancel := context.WithCancelCause(ctx)
+			defer cancel(nil)
+			// The claim found the first attempt's record, not production.
+			a := &attempt{p: r.p, id: id, stage: StageInventory, log: r.p.log,
+				hold: &heldClaim{ctx: hctx, cancel: cancel, prior: string(StateInProgress), priorStage: string(StageRestart)}}
+			err := fmt.Errorf("inventory: %w", tc.err)
+			if got := r.p.recordShared(a, err, false); !errors.Is(got, tc.err) {
+				t.Fatalf("recordShared returned %v", got)
+			}
+			got := kv.record(id)
+			if got.State != tc.state || got.Provisions != 1 || got.Serial != "01ab" || !got.ArrivedAt.Equal(arrived) || got.ClaimedBy != "" {
+				t.Fatalf("record after the attempt: %+v", got)
+			}
+		})
 	}
 }
 
