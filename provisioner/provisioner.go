@@ -361,6 +361,10 @@ func (p *Provisioner) SignerKey() string {
 // Registry returns the provisioner's private Prometheus registry.
 func (p *Provisioner) Registry() *prometheus.Registry { return p.m.reg }
 
+// Ready is closed once Run has subscribed to the nodes' announcements and
+// started its workers: from then on no announcement is missed.
+func (p *Provisioner) Ready() <-chan struct{} { return p.ready }
+
 // MonitorAddr returns the HTTP monitor's listen address once Run has opened
 // it, else "".
 func (p *Provisioner) MonitorAddr() string {

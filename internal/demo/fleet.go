@@ -458,11 +458,13 @@ func (f *Fleet) Start(ctx context.Context) error {
 		return err
 	}
 	ctx, f.cancel = context.WithCancel(ctx)
+	if err := f.startProvisioner(ctx); err != nil {
+		return err
+	}
 	if f.opts.AgentBin != "" {
 		return f.startProcessFleet(ctx)
 	}
 	f.started = time.Now()
-	f.goRun("provisioner", func() error { return f.prov.Run(ctx) })
 	if f.opts.AgentDelay == nil {
 		for i := range f.agents {
 			f.runAgent(ctx, i)
@@ -496,7 +498,6 @@ const processStarters = 4
 // node (AgentDelay spaces them out as for in-process agents).
 func (f *Fleet) startProcessFleet(ctx context.Context) error {
 	f.started = time.Now()
-	f.goRun("provisioner", func() error { return f.prov.Run(ctx) })
 	if f.opts.AgentDelay == nil {
 		// fork+exec takes a while (tens of ms on a loaded VM): a few
 		// starters in parallel so a storm arrives as one.
@@ -553,6 +554,27 @@ func (f *Fleet) runAgent(ctx context.Context, i int) {
 		f.opts.OnAgentStart(f.ids[i], time.Now())
 	}
 	f.goRun(f.ids[i], func() error { return a.Run(ctx) })
+}
+
+// startProvisioner runs the provisioner and waits until it is ready, so
+// that no agent announces itself before the provisioner listens (an agent
+// announces again later, but a test's fake node may announce only once).
+func (f *Fleet) startProvisioner(ctx context.Context) error {
+	done := make(chan struct{})
+	var runErr error
+	f.goRun("provisioner", func() error {
+		defer close(done)
+		runErr = f.prov.Run(ctx)
+		return runErr
+	})
+	select {
+	case <-f.prov.Ready():
+		return nil
+	case <-done:
+		return fmt.Errorf("provisioner: %w", runErr)
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (f *Fleet) goRun(name string, fn func() error) {
