@@ -208,7 +208,7 @@ func (r *routeAuth) Check(c server.ClientAuthentication) bool {
 	if addr := c.RemoteAddress(); addr != nil {
 		remote = addr.String()
 	}
-	r.refused(remote, reason)
+	r.refused(logrus.Fields{"remote": remote}, reason)
 	return false
 }
 
@@ -217,25 +217,25 @@ func (r *routeAuth) Check(c server.ClientAuthentication) bool {
 // peer, whichever side dialed.
 func (r *routeAuth) verifyConnection(st tls.ConnectionState) error {
 	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
-		r.refused(st.ServerName, "no verified route certificate")
+		r.refused(logrus.Fields{"server_name": st.ServerName}, "no verified route certificate")
 		return errRouteUnverified
 	}
 	leaf := st.VerifiedChains[0][0]
 	if !r.listed(leaf) {
-		r.refused(leaf.Subject.CommonName, "route certificate names no listed peer")
+		r.refused(logrus.Fields{"peer_cn": leaf.Subject.CommonName}, "route certificate names no listed peer")
 		return fmt.Errorf("%w: %q", errRoutePeerUnlisted, leaf.Subject.CommonName)
 	}
 	return nil
 }
 
-// refused logs a refused route at most once a second; the line says how
-// many were not logged.
-func (r *routeAuth) refused(peer, reason string) {
+// refused logs a refused route, with what is known of the peer, at most
+// once a second; the line says how many were not logged.
+func (r *routeAuth) refused(peer logrus.Fields, reason string) {
 	suppressed, logIt := r.refusals.allow(time.Now())
 	if !logIt {
 		return
 	}
-	r.log.WithFields(logrus.Fields{"remote": peer, "reason": reason, "suppressed": suppressed}).Warn("route refused")
+	r.log.WithFields(peer).WithFields(logrus.Fields{"reason": reason, "suppressed": suppressed}).Warn("route refused")
 }
 
 // listed reports whether the certificate names a listed peer, as its CN or

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -8,7 +9,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +19,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/internal/ca"
 )
@@ -535,12 +539,15 @@ func TestRoutePeerNames(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			cfgs := clusterConfigs(t, 2)
 			var brokers []*Broker
+			logs := [2]*lockedBuffer{{}, {}}
 			for i := range cfgs {
 				cfgs[i].Cluster.PeerNames = tc.peers[i]
 				if i > 0 {
 					copyTree(t, filepath.Join(cfgs[0].StoreDir, DevPKIDir), filepath.Join(cfgs[i].StoreDir, DevPKIDir))
 				}
-				b, err := New(cfgs[i], testLog())
+				lg := logrus.New()
+				lg.SetOutput(logs[i])
+				b, err := New(cfgs[i], logrus.NewEntry(lg))
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -566,6 +573,34 @@ func TestRoutePeerNames(t *testing.T) {
 				}
 				time.Sleep(25 * time.Millisecond)
 			}
+			// Each broker logs why: the other's certificate names no
+			// peer of its list, or the handshake failed at the other end.
+			for i, peer := range []string{"broker-b", "broker-a"} {
+				if slices.Contains(tc.peers[i], peer) {
+					continue
+				}
+				if out := logs[i].String(); !strings.Contains(out, "route refused") || !strings.Contains(out, "peer_cn="+peer) {
+					t.Errorf("broker %d logged no refusal of %s:\n%s", i, peer, out)
+				}
+			}
 		})
 	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a logger's concurrent writes.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
