@@ -22,6 +22,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/internal/ca"
+	"github.com/muster-io/muster/internal/natstest"
 )
 
 // waitUntil polls cond until it holds or the deadline passes.
@@ -34,26 +35,6 @@ func waitUntil(t *testing.T, within time.Duration, what string, cond func() bool
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// freePorts returns n loopback ports that were free a moment ago, for the
-// route listeners every broker must know before any of them starts.
-func freePorts(t *testing.T, n int) []int {
-	t.Helper()
-	var lns []net.Listener
-	var ports []int
-	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		lns = append(lns, ln)
-		ports = append(ports, ln.Addr().(*net.TCPAddr).Port)
-	}
-	for _, ln := range lns {
-		ln.Close()
-	}
-	return ports
 }
 
 // copyTree copies the files under src to dst, keeping their modes.
@@ -88,7 +69,7 @@ func copyTree(t *testing.T, src, dst string) {
 // including the broker itself).
 func clusterConfigs(t *testing.T, n int) []Config {
 	t.Helper()
-	ports := freePorts(t, n)
+	ports := natstest.FreePorts(t, n)
 	var routes []string
 	for _, p := range ports {
 		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", p))

@@ -3,7 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
-	"net"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/muster-io/muster/broker"
+	"github.com/muster-io/muster/internal/natstest"
 )
 
 // lockedBuffer is a bytes.Buffer safe for concurrent use.
@@ -40,12 +41,7 @@ func TestRunBrokerClustered(t *testing.T) {
 	cfg.LogLevel = "error"
 	cfg.LogFile = filepath.Join(t.TempDir(), "broker.log")
 	// The peer does not exist: the broker keeps trying it and runs alone.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := "nats-route://" + ln.Addr().String()
-	ln.Close()
+	peer := fmt.Sprintf("nats-route://127.0.0.1:%d", natstest.FreePorts(t, 1)[0])
 	cfg.Cluster = broker.ClusterConfig{Name: "cli-test", ServerName: "solo", Listen: "127.0.0.1:0", Routes: []string{peer}}
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -29,6 +28,7 @@ import (
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/claims"
 	"github.com/muster-io/muster/internal/fsutil"
+	"github.com/muster-io/muster/internal/natstest"
 	"github.com/muster-io/muster/internal/nodestate"
 	"github.com/muster-io/muster/internal/pki"
 	"github.com/muster-io/muster/internal/protocol"
@@ -54,31 +54,6 @@ const (
 
 // identity is the name of node i.
 func identity(i int) string { return fmt.Sprintf(identityFormat, i) }
-
-// ports hands out free loopback ports, keeping each one bound until
-// release, so that no two of a deployment's listeners get the same port.
-type ports struct {
-	t   *testing.T
-	lns []net.Listener
-}
-
-func (p *ports) next() int {
-	p.t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		p.t.Fatal(err)
-	}
-	p.lns = append(p.lns, ln)
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
-// release frees the ports for the processes about to listen on them.
-func (p *ports) release() {
-	for _, ln := range p.lns {
-		ln.Close()
-	}
-	p.lns = nil
-}
 
 // waitFor polls cond every interval until it holds or timeout passes.
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
@@ -322,8 +297,8 @@ func newDeployment(t *testing.T, provisioners int) *deployment {
 		}
 	})
 	d.pki = newPKI(t, d.dir)
-	free := &ports{t: t}
-	defer free.release()
+	free := natstest.NewPorts(t)
+	defer free.Release()
 	for i := range provisioners {
 		kp, err := nkeys.CreateUser()
 		if err != nil {
@@ -331,7 +306,7 @@ func newDeployment(t *testing.T, provisioners int) *deployment {
 		}
 		seed, _ := kp.Seed()
 		pub, _ := kp.PublicKey()
-		p := &provNode{name: fmt.Sprintf("prov-%d", i), pub: pub, port: free.next()}
+		p := &provNode{name: fmt.Sprintf("prov-%d", i), pub: pub, port: free.Next()}
 		p.seedFile = filepath.Join(d.dir, "pki", p.name+".nk")
 		if err := fsutil.WriteFileAtomic(p.seedFile, seed, 0o600); err != nil {
 			t.Fatal(err)
@@ -342,7 +317,7 @@ func newDeployment(t *testing.T, provisioners int) *deployment {
 	for _, p := range d.provs {
 		d.writeProvisioner(p, provOpts{})
 	}
-	free.release()
+	free.Release()
 	for _, b := range d.brokers {
 		d.startBroker(b)
 	}
@@ -400,13 +375,13 @@ func (d *deployment) provisionerKeys() []string {
 	return out
 }
 
-func (d *deployment) writeBrokers(free *ports) {
+func (d *deployment) writeBrokers(free *natstest.Ports) {
 	t := d.t
 	names := []string{"broker-a", "broker-b", "broker-c"}
 	var routes []string
 	routePorts := make([]int, len(names))
 	for i := range names {
-		routePorts[i] = free.next()
+		routePorts[i] = free.Next()
 		routes = append(routes, fmt.Sprintf("nats-route://127.0.0.1:%d", routePorts[i]))
 	}
 	for i, name := range names {
@@ -418,7 +393,7 @@ func (d *deployment) writeBrokers(free *ports) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		client, monitor := free.next(), free.next()
+		client, monitor := free.Next(), free.Next()
 		b := &brokerNode{
 			name:       name,
 			config:     filepath.Join(d.dir, name+".yaml"),

@@ -1,5 +1,6 @@
 // Package natstest starts embedded NATS servers for tests: random loopback
-// port, store in the test's temporary directory, shut down at cleanup.
+// port, store in the test's temporary directory, shut down at cleanup. It
+// also hands out ports for listeners that must be known before they start.
 package natstest
 
 import (
