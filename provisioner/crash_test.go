@@ -325,12 +325,18 @@ func TestRecordSharedKeepsArrivalDuringStaleAttempt(t *testing.T) {
 	kv := openKV(t, url)
 	ctx := context.Background()
 	for _, tc := range []struct {
-		name  string
-		err   error
-		state string
+		name       string
+		stage      Stage
+		configured bool
+		err        error
+		state      string
 	}{
-		{"no responders", nats.ErrNoResponders, nodestate.StateProduction},
-		{"timeout", nats.ErrTimeout, string(StateFailed)},
+		{"no responders", StageInventory, false, nats.ErrNoResponders, nodestate.StateProduction},
+		{"no responders at gencsr", StageGenCSR, false, nats.ErrNoResponders, nodestate.StateProduction},
+		{"timeout", StageInventory, false, nats.ErrTimeout, string(StateFailed)},
+		// Configure reached the node: its certificate is another than
+		// the one it arrived with, so the attempt failed.
+		{"no responders at restart", StageRestart, true, nats.ErrNoResponders, string(StateFailed)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			id := strings.ReplaceAll(tc.name, " ", "-") + ".example.net"
@@ -342,9 +348,12 @@ func TestRecordSharedKeepsArrivalDuringStaleAttempt(t *testing.T) {
 			hctx, cancel := context.WithCancelCause(ctx)
 			defer cancel(nil)
 			// The claim found the first attempt's record, not production.
-			a := &attempt{p: r.p, id: id, stage: StageInventory, log: r.p.log,
+			a := &attempt{p: r.p, id: id, stage: tc.stage, configured: tc.configured, log: r.p.log,
 				hold: &heldClaim{ctx: hctx, cancel: cancel, prior: string(StateInProgress), priorStage: string(StageRestart)}}
-			err := fmt.Errorf("inventory: %w", tc.err)
+			if tc.configured {
+				a.serial = "02cd"
+			}
+			err := fmt.Errorf("%s: %w", tc.stage, tc.err)
 			if got := r.p.recordShared(a, err, false); !errors.Is(got, tc.err) {
 				t.Fatalf("recordShared returned %v", got)
 			}

@@ -518,12 +518,12 @@ func (p *Provisioner) recordShared(a *attempt, err error, abandoned bool) error 
 			}
 		case abandoned:
 			r.State, r.Stage, r.LastError = string(StateAbandoned), string(stage), ErrAbandoned.Error()
-		case stage == StageInventory && notListening(err) && r.State == nodestate.StateProduction:
+		case !a.configured && notListening(err) && r.State == nodestate.StateProduction:
 			// The node's arrival in production was recorded while this
 			// attempt ran (taken on an announcement of the life it has
 			// since left, its arrival delayed, say, by a stream leader
-			// election): it does not listen in provisioning mode and
-			// nothing was sent to it. Its record stays in production.
+			// election): it does not listen in provisioning mode and no
+			// configuration reached it. Its record stays in production.
 		case stage == StageInventory && notListening(err) && a.hold.prior == nodestate.StateProduction:
 			// Taken on a stale announcement: the node is in production
 			// (its arrival recorded) and does not listen in provisioning
