@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -10,7 +9,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -20,29 +18,12 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/syncbuf"
 	"github.com/muster-io/muster/internal/token"
 )
 
-// lockedBuffer is a log sink for concurrent writers.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func captureLog() (*logrus.Entry, *lockedBuffer) {
-	buf := &lockedBuffer{}
+func captureLog() (*logrus.Entry, *syncbuf.Buffer) {
+	buf := &syncbuf.Buffer{}
 	l := logrus.New()
 	l.SetOutput(buf)
 	l.SetLevel(logrus.InfoLevel)

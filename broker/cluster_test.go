@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +21,7 @@ import (
 
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/natstest"
+	"github.com/muster-io/muster/internal/syncbuf"
 )
 
 // waitUntil polls cond until it holds or the deadline passes.
@@ -520,7 +519,7 @@ func TestRoutePeerNames(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			cfgs := clusterConfigs(t, 2)
 			var brokers []*Broker
-			logs := [2]*lockedBuffer{{}, {}}
+			logs := [2]*syncbuf.Buffer{{}, {}}
 			for i := range cfgs {
 				cfgs[i].Cluster.PeerNames = tc.peers[i]
 				if i > 0 {
@@ -568,22 +567,4 @@ func TestRoutePeerNames(t *testing.T) {
 			}
 		})
 	}
-}
-
-// lockedBuffer is a bytes.Buffer safe for a logger's concurrent writes.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

@@ -1,7 +1,6 @@
 package provisioner
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"encoding/json"
@@ -21,6 +20,7 @@ import (
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/pki"
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/syncbuf"
 )
 
 // startServer runs an embedded nats-server on a random loopback port.
@@ -409,27 +409,9 @@ func (h *testHelper) sign(req *helper.Request, csr []byte) (*helper.Reply, error
 	}, nil
 }
 
-// syncBuffer is a goroutine-safe log sink.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // debugLogger captures everything at debug level.
-func debugLogger() (*logrus.Entry, *syncBuffer) {
-	buf := &syncBuffer{}
+func debugLogger() (*logrus.Entry, *syncbuf.Buffer) {
+	buf := &syncbuf.Buffer{}
 	l := logrus.New()
 	l.SetOutput(buf)
 	l.SetLevel(logrus.DebugLevel)
@@ -484,7 +466,7 @@ type running struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed when Run returned
 	err    error         // Run's result, set before done is closed
-	logs   *syncBuffer
+	logs   *syncbuf.Buffer
 }
 
 func (r *running) stop(t *testing.T) {

@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -18,6 +17,7 @@ import (
 	"github.com/nats-io/nkeys"
 
 	"github.com/muster-io/muster/agent"
+	"github.com/muster-io/muster/internal/syncbuf"
 	"github.com/muster-io/muster/internal/token"
 )
 
@@ -148,7 +148,7 @@ func TestBinary(t *testing.T) {
 
 	t.Run("SIGTERM exits cleanly", func(t *testing.T) {
 		dir := t.TempDir()
-		stderr := &syncBuffer{}
+		stderr := &syncbuf.Buffer{}
 		cmd := exec.Command(bin, "run", "--identity", "n1", "--state-dir", dir, "--loglevel", "debug")
 		cmd.Stderr = stderr
 		if err := cmd.Start(); err != nil {
@@ -172,24 +172,6 @@ func TestBinary(t *testing.T) {
 			t.Fatal("token in the log")
 		}
 	})
-}
-
-// syncBuffer is a bytes.Buffer safe for the writer goroutine of exec.Cmd.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 func TestServeMetrics(t *testing.T) {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/syncbuf"
 )
 
 // TestRestartReExecs checks that a restart request makes the binary
@@ -91,7 +92,7 @@ func TestRestartReExecs(t *testing.T) {
 	pub, _ := kp.PublicKey()
 	cmd := exec.Command(bin, "run", "--identity", "n1", "--state-dir", t.TempDir(),
 		"--provisioning-broker", url, "--ca", caFile, "--ca-pin", c.Pin(), "--provisioner-key", pub)
-	stderr := &syncBuffer{}
+	stderr := &syncbuf.Buffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,25 +20,8 @@ import (
 	"github.com/muster-io/muster/broker"
 	"github.com/muster-io/muster/internal/demo"
 	"github.com/muster-io/muster/internal/protocol"
+	"github.com/muster-io/muster/internal/syncbuf"
 )
-
-// logSink collects every log line of a fleet.
-type logSink struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *logSink) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *logSink) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // jwtShape is any compact JWS: a provisioning token, or a piece of one.
 var jwtShape = regexp.MustCompile(`eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}`)
@@ -52,7 +34,7 @@ var jwtShape = regexp.MustCompile(`eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}`)
 // issuer's seed, and the private keys of the nodes, the CA, the broker and
 // the admin. Messages sent to nodes are searched too.
 func TestSecretsNeverLogged(t *testing.T) {
-	sink := &logSink{}
+	sink := &syncbuf.Buffer{}
 	log := logrus.New()
 	log.SetOutput(sink)
 	log.SetLevel(logrus.TraceLevel)
@@ -64,7 +46,7 @@ func TestSecretsNeverLogged(t *testing.T) {
 	if err := f.StartBroker(); err != nil {
 		t.Fatal(err)
 	}
-	toNodes := &logSink{}
+	toNodes := &syncbuf.Buffer{}
 	pc, err := nats.Connect(f.Broker().ClientURL(), nats.RootCAs(filepath.Join(f.Dir(), "pki", "ca.pem")),
 		mustNkey(t, filepath.Join(f.Dir(), "pki", broker.ProvisionerSeedFile)))
 	if err != nil {
