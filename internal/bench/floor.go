@@ -38,9 +38,10 @@ import (
 // scheduling and garbage collection) is the orchestration on top; the
 // run's CPU per node minus the floor's is what it costs.
 //
-// The floor is CPU time: on a VM whose host takes a varying share of its
-// cores (steal, Machine.Use), the same build measures different nodes/min
-// from hour to hour but about the same CPUShare.
+// The floor is CPU time, measured on the machine as it is just before the
+// run: on a VM whose host takes a varying share of its cores (steal,
+// Machine.Use) or runs it more slowly, the floor moves with the run, and
+// Efficiency and CPUShare move far less from hour to hour than nodes/min.
 type Floor struct {
 	// Items are the pieces of work, in the order a node needs them.
 	Items []FloorItem `json:"items"`

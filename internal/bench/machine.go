@@ -57,7 +57,9 @@ type MachineUse struct {
 	BusyCores float64 `json:"busy_cores"`
 	// StolenCores were taken by the hypervisor while this VM had work
 	// (steal time): on a shared host the same run gets fewer cores at a
-	// busy hour, which is most of this VM's drift from hour to hour.
+	// busy hour. Part of it can be the run's own doing: on a nested VM
+	// process starts and cross-CPU wake-ups go through the hypervisor
+	// (docs/performance.md).
 	StolenCores float64 `json:"stolen_cores"`
 	// IdleCores had nothing to run: the run waited on latency there.
 	IdleCores float64 `json:"idle_cores"`
