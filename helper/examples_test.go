@@ -107,15 +107,18 @@ func TestExampleHelpers(t *testing.T) {
 		name       string
 		command    func(bin, dir, caDir string) string
 		needs      []string
-		persistent bool // also supports --persistent
-		fastSigner bool // signs with MUSTER_HELPER_BIN ("muster-helper sign")
+		persistent bool     // also supports --persistent
+		fastSigner bool     // signs with MUSTER_HELPER_BIN ("muster-helper sign")
+		env        []string // more environment
 	}{
-		{"shell", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}, true, false},
-		{"shell, muster-helper sign", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}, true, true},
-		{"python", func(_, dir, _ string) string { return filepath.Join(dir, "helper.py") }, []string{"python3"}, true, false},
-		{"python, muster-helper sign", func(_, dir, _ string) string { return filepath.Join(dir, "helper.py") }, []string{"python3"}, true, true},
-		{"ruby", func(_, dir, _ string) string { return filepath.Join(dir, "helper.rb") }, []string{"ruby"}, true, false},
-		{"ruby, muster-helper sign", func(_, dir, _ string) string { return filepath.Join(dir, "helper.rb") }, []string{"ruby"}, true, true},
+		// The shell helper runs $JQ: each jq it can pick runs every scenario.
+		{"shell", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}, true, false, []string{"JQ=jq"}},
+		{"shell, muster-helper sign", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "jq"}, true, true, []string{"JQ=jq"}},
+		{"shell, gojq, muster-helper sign", func(_, dir, _ string) string { return filepath.Join(dir, "helper.sh") }, []string{"bash", "gojq"}, true, true, []string{"JQ=gojq"}},
+		{"python", func(_, dir, _ string) string { return filepath.Join(dir, "helper.py") }, []string{"python3"}, true, false, nil},
+		{"python, muster-helper sign", func(_, dir, _ string) string { return filepath.Join(dir, "helper.py") }, []string{"python3"}, true, true, nil},
+		{"ruby", func(_, dir, _ string) string { return filepath.Join(dir, "helper.rb") }, []string{"ruby"}, true, false, nil},
+		{"ruby, muster-helper sign", func(_, dir, _ string) string { return filepath.Join(dir, "helper.rb") }, []string{"ruby"}, true, true, nil},
 		{"builtin cfssl", func(bin, _, caDir string) string {
 			cfg := filepath.Join(caDir, "helper.yaml")
 			yaml := "middleware_hosts: localhost:4333\n" +
@@ -125,7 +128,7 @@ func TestExampleHelpers(t *testing.T) {
 				panic(err)
 			}
 			return bin + " helper cfssl --config " + cfg + " --ca-dir " + caDir
-		}, nil, true, false},
+		}, nil, true, false, nil},
 	}
 	const id = "node1.example.net"
 	type scenario struct {
@@ -159,7 +162,7 @@ func TestExampleHelpers(t *testing.T) {
 			}
 			bin := musterBin(t)
 			_, caDir := newCA(t)
-			env := []string{"MUSTER_BIN=" + bin, "MUSTER_CA_DIR=" + caDir, "MUSTER_BROKER=localhost:4333"}
+			env := append([]string{"MUSTER_BIN=" + bin, "MUSTER_CA_DIR=" + caDir, "MUSTER_BROKER=localhost:4333"}, h.env...)
 			if h.fastSigner {
 				// The example signs with "muster-helper sign" when it has
 				// one; the "muster ca sign" fallback runs in its own case.

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond Go: the interpreters of the example
-# helpers (jq for the shell helper, python3, ruby). Tests skip an example whose
+# helpers (jq and gojq for the shell helper, which runs either, python3, ruby). Tests skip an example whose
 # interpreter is missing, with a message, so a developer without root still
 # gets a green run; CI (CI=true) must have them all and fails if it cannot.
 set -euo pipefail
 
 missing=()
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+command -v gojq >/dev/null 2>&1 || missing+=(gojq)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v ruby >/dev/null 2>&1 || missing+=(ruby)
 
