@@ -140,6 +140,9 @@ func productionTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load client certificate: %w", err)
 	}
+	// A helper may return the certificate with its CA: the broker holds
+	// the root, so sending it only costs the broker a signature check.
+	pair.Certificate = pki.WithoutTrustAnchors(pair.Certificate)
 	caPEM, err := os.ReadFile(caFile)
 	if err != nil {
 		return nil, fmt.Errorf("load ca: %w", err)

@@ -1,12 +1,14 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -14,6 +16,8 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/ca"
+	"github.com/muster-io/muster/internal/pki"
 )
 
 func TestIsRefusal(t *testing.T) {
@@ -139,5 +143,36 @@ func TestConnectTimeout(t *testing.T) {
 		if o.Timeout != tc.want {
 			t.Errorf("alive %s: nats connect timeout %s, want %s", tc.alive, o.Timeout, tc.want)
 		}
+	}
+}
+
+// TestProductionTLSSendsNoRoot checks that a certificate file holding the
+// node's certificate and its CA (as a helper may return it) is presented
+// without the CA.
+func TestProductionTLSSendsNoRoot(t *testing.T) {
+	dir := t.TempDir()
+	authority, err := ca.Init(filepath.Join(dir, "ca"), "Test CA", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issued, err := authority.Issue("node1.example.net", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certFile, keyFile, err := authority.WriteIssued(dir, "node", issued) // certificate + CA
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc, err := productionTLS(certFile, keyFile, filepath.Join(dir, "ca", ca.CertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain := tc.Certificates[0].Certificate
+	leaf, err := pki.ParseCertificates(issued.CertPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 1 || !bytes.Equal(chain[0], leaf[0].Raw) {
+		t.Fatalf("presents %d certificates, want the node's alone", len(chain))
 	}
 }

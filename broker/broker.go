@@ -162,6 +162,10 @@ func (b *Broker) loadTLS(f TLSFiles) (*tls.Config, []*x509.Certificate, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: tls.cert %q / tls.key %q: %w", ErrInvalidConfig, f.Cert, f.Key, err)
 	}
+	// The chain is sent as the file has it, CA included
+	// (ca.WriteIssued appends it): an agent that knows only the CA's pin
+	// finds its trust anchor among the certificates sent. Clients that
+	// hold the CA pay one more signature check per handshake for it.
 	caPEM, err := os.ReadFile(f.CA)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: tls.ca %q: %w", ErrInvalidConfig, f.CA, err)

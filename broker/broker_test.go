@@ -27,6 +27,7 @@ import (
 
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/internal/pki"
 	"github.com/muster-io/muster/internal/token"
 )
 
@@ -587,6 +588,24 @@ func TestCertificateConnections(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestServerChainCarriesCA checks that the broker sends its CA with its
+// certificate: an agent given only the CA's pin (no CA file) finds its
+// trust anchor among the certificates the broker sends.
+func TestServerChainCarriesCA(t *testing.T) {
+	b := startBroker(t)
+	nc := connect(t, b, adminOpt(b))
+	st, err := nc.TLSConnectionState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range st.PeerCertificates[1:] {
+		if pki.Pin(c) == b.CAPin() {
+			return
+		}
+	}
+	t.Fatalf("the broker's %d certificates hold none with the CA's pin %s", len(st.PeerCertificates), b.CAPin())
 }
 
 func TestNkeyConnections(t *testing.T) {

@@ -159,6 +159,7 @@ func loadRouteTLS(f TLSFiles) (*tls.Config, []*x509.Certificate, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: cluster.tls.cert %q / cluster.tls.key %q: %w", ErrInvalidConfig, f.Cert, f.Key, err)
 	}
+	cert.Certificate = pki.WithoutTrustAnchors(cert.Certificate)
 	caPEM, err := os.ReadFile(f.CA)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: cluster.tls.ca %q: %w", ErrInvalidConfig, f.CA, err)

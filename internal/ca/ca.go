@@ -207,8 +207,9 @@ func (c *CA) Issue(cn string, hosts []string) (*Issued, error) {
 }
 
 // WriteIssued writes an issued certificate (with the CA appended, so a
-// server sends its full chain) and key into dir as <name>.pem and
-// <name>-key.pem, the key 0600, atomically.
+// server sends its full chain: an agent that knows only the CA's pin finds
+// the CA in it) and key into dir as <name>.pem and <name>-key.pem, the key
+// 0600, atomically.
 func (c *CA) WriteIssued(dir, name string, is *Issued) (certFile, keyFile string, err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", "", err

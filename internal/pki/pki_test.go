@@ -249,3 +249,79 @@ func FuzzDecodeCSR(f *testing.F) {
 		}
 	})
 }
+
+// issueDER signs a certificate for key named cn with parent (itself when
+// parent is nil), a CA certificate when isCA.
+func issueDER(tb testing.TB, key crypto.Signer, cn string, isCA bool, parent *x509.Certificate, parentKey crypto.Signer) *x509.Certificate {
+	tb.Helper()
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(time.Now().UnixNano()),
+		Subject:               pkix.Name{CommonName: cn},
+		NotBefore:             time.Now().Add(-time.Minute),
+		NotAfter:              time.Now().Add(time.Hour),
+		BasicConstraintsValid: true,
+		IsCA:                  isCA,
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+	}
+	if parent == nil {
+		parent, parentKey = tmpl, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, key.Public(), parentKey)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return c
+}
+
+func TestWithoutTrustAnchors(t *testing.T) {
+	key := func() crypto.Signer { k, _ := GenerateKey("", 0); return k }
+	rootKey, interKey, leafKey, otherKey := key(), key(), key(), key()
+	root := issueDER(t, rootKey, "Root", true, nil, nil)
+	inter := issueDER(t, interKey, "Intermediate", true, root, rootKey)
+	leaf := issueDER(t, leafKey, "broker.example.net", false, inter, interKey)
+	direct := issueDER(t, leafKey, "node.example.net", false, root, rootKey)
+	selfLeaf := issueDER(t, leafKey, "self.example.net", false, nil, nil)
+	// Named like a root (subject = issuer) but signed by another key: not
+	// self-signed, so not a trust anchor this function may drop.
+	lookalike := issueDER(t, otherKey, "Root", true, root, rootKey)
+	garbage := []byte("not a certificate")
+	der := func(cs ...*x509.Certificate) [][]byte {
+		var out [][]byte
+		for _, c := range cs {
+			out = append(out, c.Raw)
+		}
+		return out
+	}
+	cases := []struct {
+		name  string
+		chain [][]byte
+		want  [][]byte
+	}{
+		{"empty", nil, nil},
+		{"leaf alone", der(direct), der(direct)},
+		{"leaf and root", der(direct, root), der(direct)},
+		{"leaf, intermediate, root", der(leaf, inter, root), der(leaf, inter)},
+		{"leaf and intermediate", der(leaf, inter), der(leaf, inter)},
+		{"self-signed leaf stays", der(selfLeaf), der(selfLeaf)},
+		{"self-signed leaf and root", der(selfLeaf, root), der(selfLeaf)},
+		{"lookalike root stays", der(direct, lookalike), der(direct, lookalike)},
+		{"unparsable stays", append(der(direct), garbage), append(der(direct), garbage)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := WithoutTrustAnchors(tc.chain)
+			if len(got) != len(tc.want) {
+				t.Fatalf("%d certificates, want %d", len(got), len(tc.want))
+			}
+			for i := range got {
+				if string(got[i]) != string(tc.want[i]) {
+					t.Errorf("certificate %d differs", i)
+				}
+			}
+		})
+	}
+}
