@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
@@ -135,7 +137,7 @@ func (b *Broker) setupCluster(opts *server.Options, clientCAs []*x509.Certificat
 			}
 		}
 	}
-	auth := newRouteAuth(b.log, cl.PeerNames)
+	auth := newRouteAuth(b.log, cl.PeerNames, tc.Certificates[0].Leaf)
 	if len(cl.PeerNames) > 0 {
 		// The names are checked in the handshake, in both directions: a
 		// route this broker dials is refused when the peer's certificate
@@ -160,6 +162,11 @@ func loadRouteTLS(f TLSFiles) (*tls.Config, []*x509.Certificate, error) {
 		return nil, nil, fmt.Errorf("%w: cluster.tls.cert %q / cluster.tls.key %q: %w", ErrInvalidConfig, f.Cert, f.Key, err)
 	}
 	cert.Certificate = pki.WithoutTrustAnchors(cert.Certificate)
+	if cert.Leaf == nil { // routeAuth compares peers with it
+		if cert.Leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return nil, nil, fmt.Errorf("%w: cluster.tls.cert %q: %w", ErrInvalidConfig, f.Cert, err)
+		}
+	}
 	caPEM, err := os.ReadFile(f.CA)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: cluster.tls.ca %q: %w", ErrInvalidConfig, f.CA, err)
@@ -187,16 +194,51 @@ func loadRouteTLS(f TLSFiles) (*tls.Config, []*x509.Certificate, error) {
 type routeAuth struct {
 	log   *logrus.Entry
 	names map[string]struct{}
-	// refusals limits the "route refused" log entries.
-	refusals logLimit
+	// self is this broker's own route certificate: the route to itself
+	// (the routes list names every broker, this one included) is accepted
+	// whatever peer_names says, and nats-server then drops it as a route
+	// to self. Only the holder of this broker's key can present it.
+	self *x509.Certificate
+	// refusals limits the "route refused" log entries, per peer.
+	refusals refusalLimits
 }
 
-func newRouteAuth(log *logrus.Entry, names []string) *routeAuth {
-	r := &routeAuth{log: log, names: make(map[string]struct{}, len(names))}
+func newRouteAuth(log *logrus.Entry, names []string, self *x509.Certificate) *routeAuth {
+	r := &routeAuth{log: log, names: make(map[string]struct{}, len(names)), self: self}
 	for _, n := range names {
 		r.names[n] = struct{}{}
 	}
 	return r
+}
+
+// maxRefusalPeers bounds the peers refusalLimits limits one by one.
+const maxRefusalPeers = 32
+
+// refusalLimits allows a "route refused" entry once a second per peer, so
+// that one refused peer (dialed every second) cannot hide another. Past
+// maxRefusalPeers distinct peers the others share one limit.
+type refusalLimits struct {
+	mu    sync.Mutex
+	peers map[string]*logLimit
+	rest  logLimit
+}
+
+// allow is logLimit.allow for the peer's own limit.
+func (l *refusalLimits) allow(peer string, now time.Time) (suppressed int, ok bool) {
+	l.mu.Lock()
+	lim := l.peers[peer]
+	if lim == nil {
+		lim = &l.rest
+		if len(l.peers) < maxRefusalPeers {
+			if l.peers == nil {
+				l.peers = make(map[string]*logLimit)
+			}
+			lim = &logLimit{}
+			l.peers[peer] = lim
+		}
+	}
+	l.mu.Unlock()
+	return lim.allow(now)
 }
 
 // Check implements server.Authentication for routes.
@@ -205,11 +247,15 @@ func (r *routeAuth) Check(c server.ClientAuthentication) bool {
 	if ok {
 		return true
 	}
-	remote := ""
+	remote, host := "", ""
 	if addr := c.RemoteAddress(); addr != nil {
 		remote = addr.String()
+		host = remote
+		if h, _, err := net.SplitHostPort(remote); err == nil {
+			host = h // the port changes with every connection
+		}
 	}
-	r.refused(logrus.Fields{"remote": remote}, reason)
+	r.refused("remote:"+host, logrus.Fields{"remote": remote}, reason)
 	return false
 }
 
@@ -218,21 +264,21 @@ func (r *routeAuth) Check(c server.ClientAuthentication) bool {
 // peer, whichever side dialed.
 func (r *routeAuth) verifyConnection(st tls.ConnectionState) error {
 	if len(st.VerifiedChains) == 0 || len(st.VerifiedChains[0]) == 0 {
-		r.refused(logrus.Fields{"server_name": st.ServerName}, "no verified route certificate")
+		r.refused("server_name:"+st.ServerName, logrus.Fields{"server_name": st.ServerName}, "no verified route certificate")
 		return errRouteUnverified
 	}
 	leaf := st.VerifiedChains[0][0]
 	if !r.listed(leaf) {
-		r.refused(logrus.Fields{"peer_cn": leaf.Subject.CommonName}, "route certificate names no listed peer")
+		r.refused("peer_cn:"+leaf.Subject.CommonName, logrus.Fields{"peer_cn": leaf.Subject.CommonName}, "route certificate names no listed peer")
 		return fmt.Errorf("%w: %q", errRoutePeerUnlisted, leaf.Subject.CommonName)
 	}
 	return nil
 }
 
 // refused logs a refused route, with what is known of the peer, at most
-// once a second; the line says how many were not logged.
-func (r *routeAuth) refused(peer logrus.Fields, reason string) {
-	suppressed, logIt := r.refusals.allow(time.Now())
+// once a second per peer (key); the line says how many were not logged.
+func (r *routeAuth) refused(key string, peer logrus.Fields, reason string) {
+	suppressed, logIt := r.refusals.allow(key, time.Now())
 	if !logIt {
 		return
 	}
@@ -242,6 +288,9 @@ func (r *routeAuth) refused(peer logrus.Fields, reason string) {
 // listed reports whether the certificate names a listed peer, as its CN or
 // one of its DNS names.
 func (r *routeAuth) listed(leaf *x509.Certificate) bool {
+	if r.self != nil && bytes.Equal(leaf.Raw, r.self.Raw) {
+		return true
+	}
 	if _, ok := r.names[leaf.Subject.CommonName]; ok {
 		return true
 	}

@@ -2,6 +2,8 @@ package broker
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -21,6 +23,7 @@ import (
 
 	"github.com/muster-io/muster/internal/ca"
 	"github.com/muster-io/muster/internal/natstest"
+	"github.com/muster-io/muster/internal/pki"
 	"github.com/muster-io/muster/internal/syncbuf"
 )
 
@@ -515,6 +518,8 @@ func TestRoutePeerNames(t *testing.T) {
 		// broker-a accepts broker-b, but broker-b's list leaves broker-a
 		// out: broker-b must not join broker-a by dialing it.
 		{"one side unlisted", [2][]string{both, {"broker-b"}}, false},
+		// Each lists only the other: its own route is still accepted.
+		{"own names unlisted", [2][]string{{"broker-b"}, {"broker-a"}}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfgs := clusterConfigs(t, 2)
@@ -553,6 +558,15 @@ func TestRoutePeerNames(t *testing.T) {
 				}
 				time.Sleep(25 * time.Millisecond)
 			}
+			// Every broker dials itself too (the routes list every
+			// broker) and accepts that route whatever its list says:
+			// nats-server drops it as a route to self. Over the second
+			// above it has dialed itself at least once.
+			for i, own := range []string{"broker-a", "broker-b"} {
+				if out := logs[i].String(); strings.Contains(out, "peer_cn="+own) {
+					t.Errorf("broker %d refused its own route:\n%s", i, out)
+				}
+			}
 			// A broker whose list leaves the other out logs why, at the
 			// latest when it next dials it (nats-server retries routes
 			// every second).
@@ -566,5 +580,72 @@ func TestRoutePeerNames(t *testing.T) {
 				})
 			}
 		})
+	}
+}
+
+// TestRouteAuthSelfAndRefusalLog checks that a broker accepts exactly its
+// own route certificate whatever peer_names says (not another certificate
+// with its name), and that refusals are logged once a second per peer, so
+// one refused peer does not hide another.
+func TestRouteAuthSelfAndRefusalLog(t *testing.T) {
+	authority, err := ca.Init(filepath.Join(t.TempDir(), "ca"), "Test cluster CA", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf := func(cn string) *x509.Certificate {
+		is, err := authority.Issue(cn, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := pki.ParseCertificates(is.CertPEM)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c[0]
+	}
+	self, sameName, b, c := leaf("broker-a"), leaf("broker-a"), leaf("broker-b"), leaf("broker-c")
+	var out syncbuf.Buffer
+	lg := logrus.New()
+	lg.SetOutput(&out)
+	r := newRouteAuth(logrus.NewEntry(lg), []string{"broker-z"}, self)
+	state := func(c *x509.Certificate) tls.ConnectionState {
+		return tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{c}}}
+	}
+	if err := r.verifyConnection(state(self)); err != nil {
+		t.Errorf("own certificate refused: %v", err)
+	}
+	if err := r.verifyConnection(state(sameName)); !errors.Is(err, errRoutePeerUnlisted) {
+		t.Errorf("another certificate with this broker's name: %v, want %v", err, errRoutePeerUnlisted)
+	}
+	for _, peer := range []*x509.Certificate{b, c, b, c} {
+		if err := r.verifyConnection(state(peer)); !errors.Is(err, errRoutePeerUnlisted) {
+			t.Errorf("%s: %v, want %v", peer.Subject.CommonName, err, errRoutePeerUnlisted)
+		}
+	}
+	for cn, want := range map[string]int{"broker-a": 1, "broker-b": 1, "broker-c": 1} {
+		if n := strings.Count(out.String(), "peer_cn="+cn); n != want {
+			t.Errorf("%d refusals of %s logged, want %d (once a second per peer):\n%s", n, cn, want, out.String())
+		}
+	}
+
+	var l refusalLimits
+	now := time.Now()
+	for i := range maxRefusalPeers {
+		if _, ok := l.allow(fmt.Sprint("peer", i), now); !ok {
+			t.Fatalf("first entry of peer %d held back", i)
+		}
+	}
+	// Past the bound, new peers share one limit.
+	if _, ok := l.allow("one more", now); !ok {
+		t.Error("first peer past the bound held back")
+	}
+	if _, ok := l.allow("and another", now); ok {
+		t.Error("second peer past the bound logged within the second")
+	}
+	if n, ok := l.allow("and another", now.Add(logEvery)); !ok || n != 1 {
+		t.Errorf("a second later: logged %v, suppressed %d, want true and 1", ok, n)
+	}
+	if _, ok := l.allow("peer0", now.Add(logEvery/2)); ok {
+		t.Error("peer0 logged twice within a second")
 	}
 }
