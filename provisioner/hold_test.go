@@ -46,6 +46,17 @@ func startServerObj(t *testing.T) *server.Server {
 	return s
 }
 
+// pauseIdle pauses p and waits until no attempt on id is in flight:
+// paused workers take nothing new, but finish what they hold.
+func pauseIdle(t *testing.T, p *Provisioner, id string) {
+	t.Helper()
+	p.Pause()
+	waitFor(t, 20*time.Second, "no attempt in flight", func() bool {
+		st, _ := nodeState(p, id)
+		return st.State != StateInProgress
+	})
+}
+
 // modes records the modes real agents connect in.
 type modes struct {
 	mu   sync.Mutex
@@ -219,10 +230,14 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 	} else if st, _ := os.Stat(filepath.Join(stateDir, RegistryFile)); st.Mode().Perm() != 0o600 {
 		t.Fatalf("registry file mode %v", st.Mode().Perm())
 	}
+	// Paused before the life ends: the test config has no grace period,
+	// so an announcement the old life sent before its restart can queue
+	// the node again once it is provisioned; that attempt must wait for
+	// the next life, not meet it half way.
+	pauseIdle(t, r.p, id)
 	stop1()
 
 	// 2. Second life with a new key: held.
-	r.p.Pause()
 	dir2 := filepath.Join(t.TempDir(), "life2")
 	baseProv := m.count(id, agent.ModeProvisioning)
 	stop2 := realAgent(t, srv, c, id, dir2, m)
@@ -232,9 +247,10 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 	})
 	before := snapshot(t, dir2)
 	r.p.Resume()
+	// The observer hears of the hold after the status shows it.
 	waitFor(t, 20*time.Second, "node held", func() bool {
 		st, _ := nodeState(r.p, id)
-		return st.State == StateHeld
+		return st.State == StateHeld && obs.has(id, "held/gencsr")
 	})
 	st, _ := nodeState(r.p, id)
 	// The held key stays in the agent's memory (gencsr writes nothing):
@@ -244,7 +260,7 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 		t.Fatalf("held key %q, first life's %q", heldKey, rec.KeyFingerprint)
 	}
 	if st.HoldReason != HoldKeyChanged || st.KeyFingerprint != heldKey || !strings.Contains(st.LastError, "key_changed") || !obs.has(id, "held/gencsr") {
-		t.Fatalf("held status %+v, events %v", st, obs.events[id])
+		t.Fatalf("held status %+v, events %v", st, obs.of(id))
 	}
 	if v := testutil.ToFloat64(r.p.m.errors.WithLabelValues(string(StageGenCSR))); v != 0 {
 		t.Errorf("a hold counted as an error: %v", v)
@@ -310,8 +326,8 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 	// 4. Third life with yet another key: held, then denied. The second
 	// life's machine is gone first (as the first life's was): two lives at
 	// once are two machines claiming one identity, a hold of its own.
+	pauseIdle(t, r.p, id)
 	stop2()
-	r.p.Pause()
 	dir3 := filepath.Join(t.TempDir(), "life3")
 	baseProv = m.count(id, agent.ModeProvisioning)
 	baseProd = m.count(id, agent.ModeProduction)

@@ -92,7 +92,7 @@ func TestFleetProvisionedOnce(t *testing.T) {
 			t.Errorf("%s: configured %d, restarted %d, configure requests %d; want 1 each", id, configured, restarted, node.count(protocol.ActionConfigure))
 		}
 		if !obs.has(id, "provisioned/restart") {
-			t.Errorf("%s: observer events %v", id, obs.events[id])
+			t.Errorf("%s: observer events %v", id, obs.of(id))
 		}
 		st, ok := nodeState(r.p, id)
 		if !ok || st.State != StateProvisioned || st.Attempts != 1 || st.ProvisionedAt.IsZero() {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -430,6 +431,13 @@ func (o *observed) NodeDone(id string, out Outcome, stage Stage, _ error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.events[id] = append(o.events[id], string(out)+"/"+string(stage))
+}
+
+// of returns the events of id so far.
+func (o *observed) of(id string) []string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return slices.Clone(o.events[id])
 }
 
 func (o *observed) has(id, ev string) bool {
