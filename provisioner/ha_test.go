@@ -100,18 +100,27 @@ func TestClaimsModeProvisionsEachNodeOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "node state recorded", func() bool {
+	// Under load the last records are written some seconds after the
+	// restarts; a timeout says which records were not yet as expected.
+	var notYet []string
+	var listErr error
+	deadline := time.Now().Add(30 * time.Second)
+	for {
 		recs, _, err := ns.List(context.Background())
-		if err != nil || len(recs) != len(ids) {
-			return false
-		}
+		listErr, notYet = err, nil
 		for _, r := range recs {
 			if r.State != string(StateProvisioned) && r.State != string(StateProduction) || r.ProvisionedBy == "" || r.Serial == "" || r.Pending != nil {
-				return false
+				notYet = append(notYet, fmt.Sprintf("%s: state %q by %q serial %q pending %v", r.Identity, r.State, r.ProvisionedBy, r.Serial, r.Pending != nil))
 			}
 		}
-		return true
-	})
+		if err == nil && len(recs) == len(ids) && len(notYet) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node state not recorded: %d of %d records (list error %v), not provisioned yet: %v", len(recs), len(ids), listErr, notYet)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	by := map[string]int{}
 	recs, _, _ := ns.List(context.Background())
 	for _, r := range recs {
