@@ -3,6 +3,7 @@ package helper_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -253,6 +254,76 @@ func TestExampleHelpers(t *testing.T) {
 						}
 					})
 				}
+			}
+		})
+	}
+}
+
+// TestShellHelperPicksJQ checks which jq the shell helper runs: $JQ when
+// set, else gojq when it is on the PATH, else jq. Each candidate on the
+// PATH is a wrapper that notes its name and runs the real one.
+func TestShellHelperPicksJQ(t *testing.T) {
+	real := map[string]string{}
+	for _, tool := range []string{"bash", "jq", "gojq"} {
+		p, err := exec.LookPath(tool)
+		if err != nil {
+			t.Skipf("%s is not installed (CI installs it)", tool)
+		}
+		real[tool] = p
+	}
+	_, caDir := newCA(t)
+	signer := musterHelperBin(t)
+	const id = "node1.example.net"
+	cases := []struct {
+		name string
+		path []string // wrapped tools on the PATH
+		jq   string   // JQ: a wrapper's name, or "" for unset
+		want string
+	}{
+		{"gojq when installed", []string{"jq", "gojq"}, "", "gojq"},
+		{"jq without gojq", []string{"jq"}, "", "jq"},
+		{"JQ first", []string{"jq", "gojq"}, "jq", "jq"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if err := os.Symlink(real["bash"], filepath.Join(dir, "bash")); err != nil {
+				t.Fatal(err)
+			}
+			marker := filepath.Join(dir, "ran")
+			for _, tool := range tc.path {
+				wrapper := fmt.Sprintf("#!/bin/sh\necho %s >> '%s'\nexec '%s' \"$@\"\n", tool, marker, real[tool])
+				if err := os.WriteFile(filepath.Join(dir, tool), []byte(wrapper), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			env := []string{"PATH=" + dir, "MUSTER_CA_DIR=" + caDir, "MUSTER_HELPER_BIN=" + signer, "JQ="}
+			if tc.jq != "" {
+				env[len(env)-1] = "JQ=" + filepath.Join(dir, tc.jq)
+			}
+			e, err := helper.NewExec(helper.ExecOptions{
+				Command: filepath.Join(examplesDir(t), "helper.sh"),
+				Timeout: 30 * time.Second,
+				Env:     env,
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, csr := newCSR(t, id)
+			req := &helper.Request{Identity: id, Inventory: `{"facts":{}}`, CSR: &helper.CSRInfo{CSR: csr, SSLDir: "/var/lib/muster/ssl"}}
+			rep, err := e.Provision(context.Background(), req)
+			if err != nil {
+				t.Fatalf("%v\nstderr: %s", err, helper.Stderr(err))
+			}
+			if err := helper.ValidateReply(req, rep, time.Now()); err != nil {
+				t.Fatal(err)
+			}
+			ran, err := os.ReadFile(marker)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.TrimSpace(string(ran)); got != tc.want {
+				t.Errorf("ran %q, want %q once", got, tc.want)
 			}
 		})
 	}
