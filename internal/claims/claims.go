@@ -21,6 +21,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/muster-io/muster/internal/kvutil"
 	"github.com/muster-io/muster/internal/protocol"
 )
 
@@ -138,6 +139,14 @@ func (s *Store) Claim(ctx context.Context, key string) (*Claim, error) {
 		return nil, err
 	}
 	rev, err := s.kv.Create(ctx, key, val)
+	if err != nil && !isConflict(err) {
+		// No verdict (a reply lost or late): the key may be this
+		// holder's, which would otherwise keep the node from everyone
+		// for a lease.
+		if r, ok := kvutil.Landed(ctx, s.kv, key, 0, val, s.lease/3); ok {
+			rev, err = r, nil
+		}
+	}
 	if isConflict(err) {
 		// The key exists (the server may also say so as a failed
 		// compare-and-set when claims race).
@@ -181,6 +190,15 @@ func (c *Claim) Renew(ctx context.Context) error {
 		return err
 	}
 	rev, err := c.s.kv.Update(ctx, c.key, val, c.rev)
+	if err != nil && !isConflict(err) {
+		// No verdict (a reply lost or late): when the write was made,
+		// the claim moved to a revision this holder does not know, and
+		// its next renewal would take the claim for lost. Read it back,
+		// within the claim's certain validity.
+		if r, ok := kvutil.Landed(ctx, c.s.kv, c.key, c.rev, val, time.Until(c.validUntil)-c.s.lease/6); ok {
+			rev, err = r, nil
+		}
+	}
 	if err != nil {
 		if isConflict(err) {
 			return ErrLost

@@ -193,3 +193,49 @@ func TestHoldStopsBeforeTheLeaseCanLapse(t *testing.T) {
 		t.Fatalf("lost with %v, want ErrLost", lostErr)
 	}
 }
+
+// TestLostRepliesKeepTheClaim: a claim or renewal whose write was made but
+// whose reply was lost (a timeout under load) is this holder's all the
+// same; the next renewal must not take it for lost. A write that was not
+// made stays a failure, and the claim renews after it.
+func TestLostRepliesKeepTheClaim(t *testing.T) {
+	js := natstest.JetStream(t)
+	ctx := context.Background()
+	s := store(t, js, "prov-a", 6*time.Second)
+	kv := natstest.LoseReplies(s.kv)
+	s.kv = kv
+	b := store(t, js, "prov-b", 6*time.Second)
+
+	kv.Lose(1)
+	c, err := s.Claim(ctx, "n1.example.net")
+	if err != nil {
+		t.Fatalf("claim whose reply was lost: %v", err)
+	}
+	if _, err := b.Claim(ctx, "n1.example.net"); !errors.Is(err, ErrClaimed) {
+		t.Fatalf("another holder's claim: %v, want ErrClaimed", err)
+	}
+	kv.Lose(1)
+	if err := c.Renew(ctx); err != nil {
+		t.Fatalf("renewal whose reply was lost: %v", err)
+	}
+	if err := c.Renew(ctx); err != nil {
+		t.Fatalf("the renewal after it: %v", err)
+	}
+	kv.Drop(1)
+	if err := c.Renew(ctx); err == nil || errors.Is(err, ErrLost) {
+		t.Fatalf("renewal not made: %v, want a timeout", err)
+	}
+	if err := c.Renew(ctx); err != nil {
+		t.Fatalf("the renewal after a failed one: %v", err)
+	}
+	kv.Drop(1)
+	if _, err := s.Claim(ctx, "n2.example.net"); err == nil {
+		t.Fatal("claim not made reported taken")
+	}
+	if h, _ := b.Holder(ctx, "n2.example.net"); h != "" {
+		t.Fatalf("claim not made is held by %q", h)
+	}
+	if kv.Left() != 0 {
+		t.Fatalf("%d lost writes never happened", kv.Left())
+	}
+}

@@ -1,9 +1,12 @@
 // Package natstest starts embedded NATS servers for tests: random loopback
 // port, store in the test's temporary directory, shut down at cleanup. It
-// also hands out ports for listeners that must be known before they start.
+// also hands out ports for listeners that must be known before they start,
+// and wraps key-value buckets so that writes lose their replies.
 package natstest
 
 import (
+	"context"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -42,4 +45,68 @@ func JetStream(t testing.TB) jetstream.JetStream {
 		t.Fatal(err)
 	}
 	return js
+}
+
+// LosingKV is a key-value bucket whose writes can be made to lose their
+// replies (the write is made, and the caller gets a timeout, as when a
+// reply is lost or comes after the caller's deadline) or to time out
+// unmade.
+type LosingKV struct {
+	jetstream.KeyValue
+	lose, drop atomic.Int32
+}
+
+// LoseReplies wraps kv; nothing is lost until Lose or Drop is called.
+func LoseReplies(kv jetstream.KeyValue) *LosingKV {
+	return &LosingKV{KeyValue: kv}
+}
+
+// Lose makes the next n writes (Create, Update, Put) lose their replies.
+func (l *LosingKV) Lose(n int) { l.lose.Store(int32(n)) }
+
+// Drop makes the next n writes time out without being made.
+func (l *LosingKV) Drop(n int) { l.drop.Store(int32(n)) }
+
+// Left is how many of the writes Lose and Drop asked for are still to come.
+func (l *LosingKV) Left() int { return int(l.lose.Load() + l.drop.Load()) }
+
+// take counts one write off c, if any is left.
+func take(c *atomic.Int32) bool {
+	for {
+		n := c.Load()
+		if n <= 0 {
+			return false
+		}
+		if c.CompareAndSwap(n, n-1) {
+			return true
+		}
+	}
+}
+
+// write makes a write unless it is to be dropped, and loses its reply when
+// it is to be lost.
+func (l *LosingKV) write(do func() (uint64, error)) (uint64, error) {
+	if take(&l.drop) {
+		return 0, context.DeadlineExceeded
+	}
+	rev, err := do()
+	if err == nil && take(&l.lose) {
+		return 0, context.DeadlineExceeded
+	}
+	return rev, err
+}
+
+// Create creates key, unless dropped; the reply may be lost.
+func (l *LosingKV) Create(ctx context.Context, key string, value []byte, opts ...jetstream.KVCreateOpt) (uint64, error) {
+	return l.write(func() (uint64, error) { return l.KeyValue.Create(ctx, key, value, opts...) })
+}
+
+// Update updates key, unless dropped; the reply may be lost.
+func (l *LosingKV) Update(ctx context.Context, key string, value []byte, revision uint64) (uint64, error) {
+	return l.write(func() (uint64, error) { return l.KeyValue.Update(ctx, key, value, revision) })
+}
+
+// Put puts key, unless dropped; the reply may be lost.
+func (l *LosingKV) Put(ctx context.Context, key string, value []byte) (uint64, error) {
+	return l.write(func() (uint64, error) { return l.KeyValue.Put(ctx, key, value) })
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/muster-io/muster/internal/kvutil"
 	"github.com/muster-io/muster/internal/protocol"
 )
 
@@ -211,12 +212,17 @@ func encode(r *Record) ([]byte, error) {
 // updateTries bounds Update's compare-and-set attempts.
 const updateTries = 16
 
+// readBackWait bounds the read that tells whether a write without a
+// verdict was made.
+const readBackWait = 5 * time.Second
+
 // Update reads identity's record (a fresh one, with only the identity,
 // when there is none), lets change modify it and writes it back only if
 // nobody wrote the record in between; otherwise it reads it again and
 // retries. change returns false to write nothing, or an error to stop
 // (returned as is). Update returns the record as written (or as read, when
-// unchanged). A record that does not decode is replaced.
+// unchanged). A record that does not decode is replaced. A write whose
+// reply is lost is read back: when it was made, Update reports success.
 func (s *Store) Update(ctx context.Context, identity string, change func(r *Record) (bool, error)) (*Record, error) {
 	if err := protocol.ValidateIdentity(identity); err != nil {
 		return nil, err
@@ -256,6 +262,13 @@ func (s *Store) Update(ctx context.Context, identity string, change func(r *Reco
 			return rec, nil
 		}
 		if !conflict(err) {
+			// No verdict (a timeout under load, a reconnection): the
+			// write may have been made. A caller told it failed would
+			// act on a record it did change: retry, and find its own
+			// change made by nobody (an arrival then went uncounted).
+			if _, ok := kvutil.Landed(ctx, s.kv, identity, rev, b, readBackWait); ok {
+				return rec, nil
+			}
 			return nil, fmt.Errorf("node state %s: %w", identity, err)
 		}
 	}

@@ -104,6 +104,48 @@ func TestUpdateConcurrent(t *testing.T) {
 	}
 }
 
+// TestUpdateLostReply: an update whose write was made but whose reply was
+// lost (a timeout under load) reports success, so that its caller does not
+// act as if the record were unchanged; one that was not made reports the
+// failure and leaves the record as it was.
+func TestUpdateLostReply(t *testing.T) {
+	js := natstest.JetStream(t)
+	ctx := context.Background()
+	st, err := New(ctx, js, "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kv := natstest.LoseReplies(st.kv)
+	s := &Store{kv: kv}
+	inc := func(r *Record) (bool, error) {
+		r.Attempts++
+		return true, nil
+	}
+	for _, tc := range []struct {
+		name     string
+		fault    func(int)
+		attempts int
+		fails    bool
+	}{
+		{"created, reply lost", kv.Lose, 1, false},
+		{"updated, reply lost", kv.Lose, 2, false},
+		{"update not made", kv.Drop, 2, true},
+		{"updated", func(int) {}, 3, false},
+	} {
+		tc.fault(1)
+		_, err := s.Update(ctx, "n1", inc)
+		if (err != nil) != tc.fails {
+			t.Fatalf("%s: Update = %v", tc.name, err)
+		}
+		if r, err := s.Get(ctx, "n1"); err != nil || r.Attempts != tc.attempts {
+			t.Fatalf("%s: record %+v %v, want %d attempts", tc.name, r, err, tc.attempts)
+		}
+	}
+	if kv.Left() != 0 {
+		t.Fatalf("%d faulty writes never happened", kv.Left())
+	}
+}
+
 // TestCompleteCountsOnce: a configured certificate is counted once whether
 // its restart is confirmed, the node is seen arriving with it, or both, in
 // either order, repeatedly; an unknown serial changes nothing.
