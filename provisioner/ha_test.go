@@ -3,6 +3,7 @@ package provisioner
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -45,17 +46,27 @@ func startHA(t *testing.T, url, name, mode string, h helper.Helper) *haProvision
 // configured and restarted by one provisioner only. A provisioner may send
 // one of those requests twice: the RPC retry after a reply that came later
 // than rpc_timeout (the node handles the repeat; a real agent restarts
-// once), which is not a second provisioning.
-func exactlyOnce(t *testing.T, fleet *simFleet, ids []string, timeout time.Duration) {
+// once), which is not a second provisioning. On a timeout it says, for each
+// node not restarted, what the node was asked and what each of ps knows of
+// it.
+func exactlyOnce(t *testing.T, fleet *simFleet, ids []string, timeout time.Duration, ps ...*haProvisioner) {
 	t.Helper()
-	waitFor(t, timeout, "every node provisioned", func() bool {
+	waiting := func() []string {
+		var left []string
 		for _, id := range ids {
 			if _, restarted, _ := fleet.nodes[id].stats(); restarted == 0 {
-				return false
+				left = append(left, id)
 			}
 		}
-		return true
-	})
+		return left
+	}
+	deadline := time.Now().Add(timeout)
+	for left := waiting(); len(left) > 0; left = waiting() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for every node provisioned; %d of %d not restarted:\n%s", len(left), len(ids), diagnoseNodes(fleet, left, ps))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	for _, id := range ids {
 		n := fleet.nodes[id]
 		cfg, rst := n.sendersOf(protocol.ActionConfigure), n.sendersOf(protocol.ActionRestart)
@@ -67,6 +78,32 @@ func exactlyOnce(t *testing.T, fleet *simFleet, ids []string, timeout time.Durat
 			t.Errorf("%s configured by %v and restarted by %v, want one provisioner", id, cfg, rst)
 		}
 	}
+}
+
+// diagnoseNodes describes nodes for a failure message: the requests each
+// received, each provisioner's view of it and its last log lines about it.
+func diagnoseNodes(fleet *simFleet, ids []string, ps []*haProvisioner) string {
+	var b strings.Builder
+	for _, id := range ids {
+		n := fleet.nodes[id]
+		n.mu.Lock()
+		fmt.Fprintf(&b, "%s: requests %v, configure/restart senders %v\n", id, n.counts, n.senders)
+		n.mu.Unlock()
+		for _, p := range ps {
+			st, ok := nodeState(p.p, id)
+			fmt.Fprintf(&b, "  %s: known %v, %+v\n", p.p.cfg.Name, ok, st)
+			var lines []string
+			for _, l := range strings.Split(p.logs.String(), "\n") {
+				if strings.Contains(l, id) {
+					lines = append(lines, l)
+				}
+			}
+			for _, l := range lines[max(0, len(lines)-8):] {
+				fmt.Fprintf(&b, "    %s\n", l)
+			}
+		}
+	}
+	return b.String()
 }
 
 func simNodes(t *testing.T, fleet *simFleet, n int) []string {
@@ -92,7 +129,7 @@ func TestClaimsModeProvisionsEachNodeOnce(t *testing.T) {
 	for _, id := range ids {
 		fleet.publishMetadata(id)
 	}
-	exactlyOnce(t, fleet, ids, 60*time.Second)
+	exactlyOnce(t, fleet, ids, 60*time.Second, ps...)
 
 	// The shared node state says who provisioned each node.
 	js, _ := jetstream.New(connect(t, url))
@@ -155,9 +192,8 @@ func TestClaimsModeCrashedProvisionerIsReplaced(t *testing.T) {
 	// Crash A: its connection goes away without releasing anything.
 	crashed := time.Now()
 	a.nc.Close()
-	exactlyOnce(t, fleet, ids, 90*time.Second)
+	exactlyOnce(t, fleet, ids, 90*time.Second, a, b)
 	t.Logf("all %d nodes provisioned by B %.1fs after A crashed (lease 2s)", len(ids), time.Since(crashed).Seconds())
-	_ = b
 }
 
 func TestLeaderModeOneActiveAndFailover(t *testing.T) {
@@ -176,7 +212,7 @@ func TestLeaderModeOneActiveAndFailover(t *testing.T) {
 	for _, id := range ids[:5] {
 		fleet.publishMetadata(id)
 	}
-	exactlyOnce(t, fleet, ids[:5], 60*time.Second)
+	exactlyOnce(t, fleet, ids[:5], 60*time.Second, a, b)
 
 	// Crash the leader: B takes over within about a lease.
 	crashed := time.Now()
@@ -186,5 +222,5 @@ func TestLeaderModeOneActiveAndFailover(t *testing.T) {
 	for _, id := range ids[5:] {
 		fleet.publishMetadata(id)
 	}
-	exactlyOnce(t, fleet, ids, 60*time.Second)
+	exactlyOnce(t, fleet, ids, 60*time.Second, a, b)
 }
