@@ -59,11 +59,17 @@ func (v *kvView) record(id string) *nodestate.Record {
 // the broker imports it into the provisioning account).
 func (f *simFleet) publishArrival(id, eventID, serial string) {
 	f.t.Helper()
-	b, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: eventID, Identity: id, Component: protocol.AgentComponent,
-		Type: protocol.EventProvisioned, Time: time.Now().UTC(), Serial: serial})
-	if err := f.nc.Publish("production."+protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, id), b); err != nil {
+	if err := f.arrival(id, eventID, serial); err != nil {
 		f.t.Fatal(err)
 	}
+}
+
+// arrival publishes a node's provisioned event from production (safe from
+// any goroutine).
+func (f *simFleet) arrival(id, eventID, serial string) error {
+	b, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: eventID, Identity: id, Component: protocol.AgentComponent,
+		Type: protocol.EventProvisioned, Time: time.Now().UTC(), Serial: serial})
+	return f.nc.Publish("production."+protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, id), b)
 }
 
 // announceUntil publishes the node's metadata every 100 ms until cond

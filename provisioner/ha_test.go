@@ -9,6 +9,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/nats-io/nuid"
 
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/natstest"
@@ -106,13 +107,25 @@ func diagnoseNodes(fleet *simFleet, ids []string, ps []*haProvisioner) string {
 	return b.String()
 }
 
+// simNodes adds n nodes that behave as agents do where it matters to
+// several provisioners: a node keeps its key across attempts, and at its
+// restart goes to production and announces its arrival there (so a
+// provisioner that lost its claim or the restart's reply under load learns
+// of it as in a real fleet).
 func simNodes(t *testing.T, fleet *simFleet, n int) []string {
 	t.Helper()
 	var ids []string
 	for i := 0; i < n; i++ {
 		id := fmt.Sprintf("ha%03d.example.net", i)
 		ids = append(ids, id)
-		fleet.add(id, nil)
+		node := keyReusingNode(fleet, id, nil)
+		node.mu.Lock()
+		node.arrive = func(serial string) {
+			if err := fleet.arrival(id, nuid.Next(), serial); err != nil {
+				t.Errorf("%s: announce the arrival: %v", id, err)
+			}
+		}
+		node.mu.Unlock()
 	}
 	return ids
 }

@@ -262,8 +262,17 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 	if st.HoldReason != HoldKeyChanged || st.KeyFingerprint != heldKey || !strings.Contains(st.LastError, "key_changed") || !obs.has(id, "held/gencsr") {
 		t.Fatalf("held status %+v, events %v", st, obs.of(id))
 	}
-	if v := testutil.ToFloat64(r.p.m.errors.WithLabelValues(string(StageGenCSR))); v != 0 {
-		t.Errorf("a hold counted as an error: %v", v)
+	// A hold is not an error. Under load an attempt can also fail at
+	// gencsr (its request timed out on every try); each of those is an
+	// error and a "failed/gencsr" event.
+	failed := 0
+	for _, e := range obs.of(id) {
+		if e == "failed/gencsr" {
+			failed++
+		}
+	}
+	if v := testutil.ToFloat64(r.p.m.errors.WithLabelValues(string(StageGenCSR))); v != float64(failed) {
+		t.Errorf("errors at gencsr %v, attempts failed there %d (events %v): a hold counted as an error", v, failed, obs.of(id))
 	}
 	afterHold := snapshot(t, dir2)
 	// Nothing changes on a held node's disk: gencsr keeps its key in

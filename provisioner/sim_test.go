@@ -105,6 +105,10 @@ type simNode struct {
 	senders map[string]map[string]int
 	// subs are its subscriptions on the provisioning side.
 	subs []*nats.Subscription
+	// arrive, when set, makes the node go to production at its first
+	// restart, as an agent does: it stops answering on the provisioning
+	// side and arrive announces it there with its certificate's serial.
+	arrive func(serial string)
 }
 
 // leave ends the node's provisioning-side subscriptions, as a node that
@@ -309,8 +313,22 @@ func (n *simNode) handle(m *nats.Msg) {
 	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionRestart:
 		n.mu.Lock()
 		n.restarted++
+		arrive := n.arrive
+		if n.restarted > 1 || len(n.serials) == 0 {
+			arrive = nil
+		}
+		serial := ""
+		if len(n.serials) > 0 {
+			serial = n.serials[len(n.serials)-1]
+		}
 		n.mu.Unlock()
 		n.respond(m, req, protocol.CodeOK, "", nil)
+		if arrive != nil {
+			for _, sub := range n.subs {
+				_ = sub.Unsubscribe()
+			}
+			arrive(serial)
+		}
 	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionShutdown:
 		n.mu.Lock()
 		n.shutdowns++
