@@ -71,6 +71,23 @@ func TestLifecycle(t *testing.T) {
 	if md.Identity != id || md.Facts["country"] != "mt" || md.Facts["rack"] != "12" || md.Facts["role"] != "web" || md.Version != "1.2.3" {
 		t.Fatalf("metadata %+v", md)
 	}
+	// Every announcement of a life says when that life started: at or
+	// before its startup event.
+	firstLife := md.Started
+	metadata.mu.Lock()
+	second := metadata.msgs[1]
+	metadata.mu.Unlock()
+	md2, err := protocol.DecodeMetadata(second.Data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	startup, err := protocol.DecodeEvent(events.first(eventsOf(protocol.EventStartup, id)).Data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if firstLife.IsZero() || !md2.Started.Equal(firstLife) || firstLife.After(startup.Time) {
+		t.Fatalf("metadata started %s and %s, startup event at %s", firstLife, md2.Started, startup.Time)
+	}
 	if a.Mode() != ModeProvisioning {
 		t.Fatalf("mode %s", a.Mode())
 	}
@@ -312,6 +329,13 @@ func TestLifecycle(t *testing.T) {
 		if a.Mode() != ModeProvisioning {
 			t.Fatalf("mode %s", a.Mode())
 		}
+		// The new life's announcements say it started after the first.
+		eventually(t, "metadata of the new life", func() bool {
+			metadata.mu.Lock()
+			defer metadata.mu.Unlock()
+			md, err := protocol.DecodeMetadata(metadata.msgs[len(metadata.msgs)-1].Data)
+			return err == nil && md.Started.After(firstLife)
+		})
 		cfg, err := config.Load(filepath.Join(stateDir, ConfigFileName))
 		if err != nil {
 			t.Fatal(err)

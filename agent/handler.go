@@ -50,6 +50,9 @@ type session struct {
 	// provisioned event of a production session.
 	arrivalID string
 	serial    string
+	// started is when a provisioning session (one provisioning-mode life)
+	// began; its metadata carries it.
+	started time.Time
 }
 
 // outcome of an action handler: the reply code, message and body.

@@ -161,6 +161,18 @@ func (r *recorder) count(match func(*nats.Msg) bool) int {
 	return n
 }
 
+// first returns the first message match accepts (nil when none did).
+func (r *recorder) first(match func(*nats.Msg) bool) *nats.Msg {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, m := range r.msgs {
+		if match(m) {
+			return m
+		}
+	}
+	return nil
+}
+
 // eventsOf matches lifecycle events of one type for one identity.
 func eventsOf(typ, id string) func(*nats.Msg) bool {
 	return func(m *nats.Msg) bool {

@@ -28,6 +28,7 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 	s := &session{
 		a:              a,
 		mode:           ModeProvisioning,
+		started:        time.Now().UTC(),
 		cfg:            d.Config,
 		facts:          a.currentFacts(),
 		collectives:    []string{protocol.ProvisioningCollective},
@@ -236,7 +237,7 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 			now := time.Now()
 			if s.mode == ModeProvisioning {
 				a.publishEvent(nc, protocol.Event{ID: nuid.Next(), Type: protocol.EventStartup, Time: now})
-				a.publishMetadata(nc, s.facts, now)
+				a.publishMetadata(nc, s, now)
 				mdTimer = time.NewTimer(jitter(a.mdInterval, 0.25))
 				mdC = mdTimer.C
 			} else {
@@ -251,12 +252,12 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 				continue
 			}
 			if s.mode == ModeProvisioning {
-				a.publishMetadata(nc, s.facts, time.Now())
+				a.publishMetadata(nc, s, time.Now())
 			} else {
 				a.publishEvent(nc, s.arrival(time.Now()))
 			}
 		case <-mdC:
-			a.publishMetadata(nc, s.facts, time.Now())
+			a.publishMetadata(nc, s, time.Now())
 			mdTimer.Reset(jitter(a.mdInterval, 0.25))
 		case <-restartC:
 			_ = nc.FlushTimeout(flushTimeout)
@@ -314,13 +315,14 @@ func (a *Agent) publishEvent(nc *nats.Conn, ev protocol.Event) {
 	}
 }
 
-func (a *Agent) publishMetadata(nc *nats.Conn, facts map[string]string, now time.Time) {
+func (a *Agent) publishMetadata(nc *nats.Conn, s *session, now time.Time) {
 	md := protocol.Metadata{
 		Protocol: protocol.MetadataProto,
 		Identity: a.id,
 		Time:     now.UTC(),
+		Started:  s.started,
 		Version:  a.version,
-		Facts:    facts,
+		Facts:    s.facts,
 	}
 	data, err := protocol.Marshal(md)
 	if err == nil {

@@ -258,17 +258,80 @@ func TestClaimsModeReprovisionAfterProduction(t *testing.T) {
 	c := newCA(t)
 	fleet := newSimFleet(t, url, c.CertificatePEM())
 	node := keyReusingNode(fleet, id, nil)
-	startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	a := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
 	kv := openKV(t, url)
 	announceUntil(t, fleet, id, 30*time.Second, "the first provisioning", func() bool { return kv.record(id).Provisions == 1 })
 	fleet.publishArrival(id, nuid.Next(), node.configuredSerials()[0])
-	waitFor(t, 20*time.Second, "the node in production", func() bool { return kv.record(id).State == string(StateProduction) })
+	// The shared record, and this provisioner's own view: under load the
+	// first attempt can still be finishing when the record shows
+	// production, and a startup event then finds the node in progress (an
+	// agent's metadata would carry the new life's start; this test checks
+	// the startup event alone).
+	waitFor(t, 20*time.Second, "the node in production", func() bool {
+		st, _ := nodeState(a.p, id)
+		return kv.record(id).State == string(StateProduction) && st.State == StateProduction
+	})
 
 	fleet.publishStartup(id) // reprovisioned: it starts in provisioning mode again
 	waitFor(t, 30*time.Second, "the second provisioning", func() bool { return kv.record(id).Provisions == 2 })
 	serials := node.configuredSerials()
 	if r := kv.record(id); r.Serial != serials[len(serials)-1] {
 		t.Fatalf("state %+v, configured %v", r, serials)
+	}
+}
+
+// TestClaimsModeReprovisionWithoutStartupEvent: a node reinstalled after it
+// arrived in production whose startup event no provisioner took (it came
+// while the last attempt was finishing, the claim could not be written, the
+// queue was full) is taken again from its metadata, which says when its new
+// life started; the old life's late announcements, which say it started
+// before the arrival, are not.
+func TestClaimsModeReprovisionWithoutStartupEvent(t *testing.T) {
+	const id = "reinstalled.example.net"
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	node := keyReusingNode(fleet, id, nil)
+	node.mu.Lock()
+	node.silent = true // found only through its announcements
+	node.mu.Unlock()
+	firstLife := time.Now().UTC()
+	a := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	kv := openKV(t, url)
+	announceUntil(t, fleet, id, 30*time.Second, "the first provisioning", func() bool { return kv.record(id).Provisions == 1 })
+	arrived := time.Now().UTC()
+	fleet.publishArrival(id, nuid.Next(), node.configuredSerials()[0])
+	waitFor(t, 20*time.Second, "the node in production", func() bool { return kv.record(id).State == string(StateProduction) })
+	before := kv.record(id)
+
+	// The first life's late announcements, and one that says no start,
+	// do not queue the node.
+	seen := testutil.ToFloat64(a.p.m.discovered.WithLabelValues(sourceMetadata))
+	for range 5 {
+		fleet.publishLifeMetadata(id, firstLife)
+	}
+	fleet.publishMetadata(id)
+	waitFor(t, 20*time.Second, "the announcements taken in", func() bool {
+		return testutil.ToFloat64(a.p.m.discovered.WithLabelValues(sourceMetadata)) == seen+6
+	})
+	if st, _ := nodeState(a.p, id); st.State != StateProduction {
+		t.Fatalf("after the old life's announcements: %+v", st)
+	}
+	// Reinstalled: announcements of a life started after the arrival.
+	secondLife := arrived.Add(time.Millisecond)
+	deadline := time.Now().Add(30 * time.Second)
+	for kv.record(id).Provisions < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("not provisioned again from its metadata: %+v", kv.record(id))
+		}
+		fleet.publishLifeMetadata(id, secondLife)
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r := kv.record(id); r.Attempts != before.Attempts+1 {
+		t.Fatalf("%d attempts after the arrival, want 1 (the old life's announcements were taken): %+v", r.Attempts-before.Attempts, r)
+	}
+	if cfg := node.sendersOf(protocol.ActionConfigure); cfg["prov-a"] != 2 {
+		t.Fatalf("configure from %v, want twice from prov-a", cfg)
 	}
 }
 

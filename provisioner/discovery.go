@@ -58,7 +58,11 @@ func (p *Provisioner) handleMessage(m *nats.Msg) {
 			return
 		}
 		p.m.discovered.WithLabelValues(sourceMetadata).Inc()
-		p.offer(md.Identity, sourceMetadata, time.Time{})
+		// The life's start, so that a node reinstalled after it arrived
+		// in production is taken again even when its startup event was
+		// missed (it came while the last attempt was finishing, the
+		// claim could not be written, the queue was full).
+		p.offer(md.Identity, sourceMetadata, md.Started)
 	case strings.HasPrefix(m.Subject, productionPrefix):
 		ev, err := protocol.DecodeEventFrom(strings.TrimPrefix(m.Subject, productionPrefix), m.Data)
 		if err != nil || ev.Type != protocol.EventProvisioned {
@@ -131,16 +135,23 @@ func (p *Provisioner) markProduction(ev *protocol.Event) {
 		n.RetryAt = time.Time{}
 	}
 	n.Updated = now
-	n.productionSince = now
+	// The node's clock, as the start times it is compared with: a skew
+	// between node and provisioner neither hides a new life nor makes
+	// one of an old announcement.
+	n.productionSince = ev.Time
+	if n.productionSince.IsZero() {
+		n.productionSince = now
+	}
 	p.mu.Unlock()
 	p.log.WithField("identity", id).Debug("node arrived in production")
 }
 
 // offer queues a node unless it is queued, in progress, in production,
-// held, denied, or waiting (deferred, failed, grace). startedAt is the time
-// of a startup event (zero for other sources): a node in production that
-// starts up in provisioning mode afterwards was reprovisioned and is taken
-// again.
+// held, denied, or waiting (deferred, failed, grace). startedAt is when
+// the node's provisioning-mode life started, by its clock (a startup
+// event's time, or the start its metadata carries; zero when unknown): a
+// node in production whose life started afterwards was reprovisioned and is
+// taken again.
 // It reports whether the node was queued.
 func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
 	now := time.Now()

@@ -372,8 +372,8 @@ func (h *heldClaim) lost() bool { return errors.Is(context.Cause(h.ctx), claims.
 // the shared state. The claim's context ends when the claim is lost (the
 // attempt must stop). errElsewhere when another provisioner has the node,
 // or finished it: provisioned within grace, or in production, unless the
-// node announced a startup (startedAt) after it arrived there (it was
-// reprovisioned).
+// node's provisioning life started (startedAt, from its startup event or
+// metadata) after it arrived there (it was reprovisioned).
 func (p *Provisioner) claimNode(ctx context.Context, identity string, startedAt time.Time) (*heldClaim, error) {
 	sh := p.shared
 	c, err := sh.claims.Claim(ctx, identity)

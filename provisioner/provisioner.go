@@ -172,9 +172,10 @@ type node struct {
 	// the node's last provisioned event from production.
 	arrivedSerial string
 	arrivedAt     time.Time
-	// productionSince is when this provisioner last saw the node arrive in
-	// production (its clock): a startup event after it is a new life of
-	// the node. Not Updated, which a late attempt result moves.
+	// productionSince is when the node last arrived in production, by
+	// its clock (its provisioned event's time; this provisioner's when
+	// the event has none): a provisioning life started after it is a new
+	// one. Not Updated, which a late attempt result moves.
 	productionSince time.Time
 
 	// heldCSR is the gencsr reply of a node held for a changed key.
@@ -186,8 +187,8 @@ type node struct {
 type queueItem struct {
 	identity string
 	queuedAt time.Time
-	// startedAt is the time of the startup event that queued the node
-	// (zero for other sources).
+	// startedAt is when the node's provisioning life started, from the
+	// startup event or metadata that queued it (zero when unknown).
 	startedAt time.Time
 }
 

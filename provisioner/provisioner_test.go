@@ -409,7 +409,8 @@ func TestInvalidMessagesCounted(t *testing.T) {
 		t.Fatalf("forged messages made the provisioner track the victim: %+v", st)
 	}
 	// A provisioned event from production marks the node done.
-	ev, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: "1", Identity: "p1.example.net", Component: protocol.AgentComponent, Type: protocol.EventProvisioned, Time: time.Now().UTC()})
+	arrivedAt := time.Now().UTC()
+	ev, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: "1", Identity: "p1.example.net", Component: protocol.AgentComponent, Type: protocol.EventProvisioned, Time: arrivedAt})
 	if err := nc.Publish(productionPrefix+protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, "p1.example.net"), ev); err != nil {
 		t.Fatal(err)
 	}
@@ -420,13 +421,17 @@ func TestInvalidMessagesCounted(t *testing.T) {
 	if r.p.offer("p1.example.net", sourceMetadata, time.Time{}) {
 		t.Error("node in production was queued again")
 	}
-	arrived, _ := nodeState(r.p, "p1.example.net")
-	if r.p.offer("p1.example.net", sourceStartup, arrived.Updated.Add(-time.Millisecond)) {
+	// Start times are the node's clock, as the arrival's time is.
+	if r.p.offer("p1.example.net", sourceStartup, arrivedAt.Add(-time.Millisecond)) {
 		t.Error("a startup from before the arrival queued the node again")
+	}
+	if r.p.offer("p1.example.net", sourceMetadata, arrivedAt.Add(-time.Second)) {
+		t.Error("a late announcement of the life before the arrival queued the node again")
 	}
 	// The attempt's result can come after the arrival (a restart reply
 	// that came late): a new life that started in between is still a new
-	// life.
+	// life. (Paused: no worker takes the node these offers queue.)
+	r.p.Pause()
 	newLife := time.Now()
 	r.p.finish(&attempt{p: r.p, id: "p1.example.net", log: r.p.log, started: newLife, stage: StageRestart, outcome: OutcomeProvisioned}, nil, false)
 	if st, _ := nodeState(r.p, "p1.example.net"); st.State != StateProduction || !st.Updated.After(newLife) {
@@ -434,6 +439,51 @@ func TestInvalidMessagesCounted(t *testing.T) {
 	}
 	if !r.p.offer("p1.example.net", sourceStartup, newLife) {
 		t.Error("a node started again after its arrival was not queued: the late attempt result hid it")
+	}
+	// The same new life, known from its metadata only (its startup event
+	// was missed), is a new life too.
+	select {
+	case <-r.p.queue:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the queued node was not in the queue")
+	}
+	r.p.mu.Lock()
+	r.p.nodes["p1.example.net"].State = StateProduction
+	r.p.mu.Unlock()
+	if !r.p.offer("p1.example.net", sourceMetadata, newLife) {
+		t.Error("metadata of a life started after the arrival did not queue the node")
+	}
+	r.stop(t)
+}
+
+// TestNewLifeByNodeClock: whether a node in production started a new
+// provisioning life is judged on the node's clock alone. A node whose clock
+// is an hour behind the provisioner's is still taken again when
+// reinstalled; one an hour ahead is not taken on its old life's late
+// announcement.
+func TestNewLifeByNodeClock(t *testing.T) {
+	url := startServer(t)
+	c := newCA(t)
+	cfg := testConfig()
+	cfg.Interval = Duration(time.Hour)
+	r := startProvisioner(t, url, cfg, newTestHelper(c, nil), nil, nil)
+	r.p.Pause() // no worker takes what the offers queue
+	for _, tc := range []struct {
+		id   string
+		skew time.Duration
+	}{
+		{"behind.example.net", -time.Hour},
+		{"ahead.example.net", time.Hour},
+	} {
+		arrived := time.Now().UTC().Add(tc.skew) // the node's clock
+		r.p.markProduction(&protocol.Event{Protocol: protocol.EventProtocol, ID: "a", Identity: tc.id, Component: protocol.AgentComponent,
+			Type: protocol.EventProvisioned, Time: arrived, Serial: "5c"})
+		if r.p.offer(tc.id, sourceMetadata, arrived.Add(-time.Second)) {
+			t.Errorf("%s: the old life's late announcement queued the node", tc.id)
+		}
+		if !r.p.offer(tc.id, sourceMetadata, arrived.Add(time.Second)) {
+			t.Errorf("%s: a life started after the arrival was not taken", tc.id)
+		}
 	}
 	r.stop(t)
 }

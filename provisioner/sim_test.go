@@ -182,7 +182,14 @@ func (f *simFleet) add(id string, behave nodeBehaviour) *simNode {
 
 func (f *simFleet) publishMetadata(id string) {
 	f.t.Helper()
-	b, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: id, Time: time.Now().UTC(), Version: "test", Facts: map[string]string{"rack": "r1"}})
+	f.publishLifeMetadata(id, time.Time{})
+}
+
+// publishLifeMetadata publishes a node's metadata saying its provisioning
+// life started at started (zero: not said).
+func (f *simFleet) publishLifeMetadata(id string, started time.Time) {
+	f.t.Helper()
+	b, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: id, Time: time.Now().UTC(), Started: started, Version: "test", Facts: map[string]string{"rack": "r1"}})
 	if err := f.nc.Publish(protocol.MetadataSubjectFor(id), b); err != nil {
 		f.t.Fatal(err)
 	}

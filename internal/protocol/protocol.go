@@ -245,11 +245,17 @@ func (e *ReplyError) Error() string {
 
 // Metadata is what a waiting node publishes on MetadataSubject.
 type Metadata struct {
-	Protocol string            `json:"protocol"`
-	Identity string            `json:"identity"`
-	Time     time.Time         `json:"time"`
-	Version  string            `json:"version"`
-	Facts    map[string]string `json:"facts"`
+	Protocol string    `json:"protocol"`
+	Identity string    `json:"identity"`
+	Time     time.Time `json:"time"`
+	// Started is when the node entered this provisioning-mode life (its
+	// clock, at or before its startup event): a provisioner that missed
+	// that event tells a node reinstalled after it arrived in production
+	// from the previous life's late announcement by it. Zero from agents
+	// that do not send it.
+	Started time.Time         `json:"started,omitzero"`
+	Version string            `json:"version"`
+	Facts   map[string]string `json:"facts"`
 }
 
 // Event is a lifecycle event, published on LifecycleSubject(Type, Component).
@@ -517,6 +523,10 @@ func DecodeMetadata(data []byte) (*Metadata, error) {
 	}
 	if err := ValidateIdentity(m.Identity); err != nil {
 		return nil, fmt.Errorf("decode metadata: %w", err)
+	}
+	if !m.Started.IsZero() && m.Started.After(m.Time) {
+		// A life cannot start after it announced itself (one clock).
+		return nil, fmt.Errorf("decode metadata: started after time: %w", ErrBadField)
 	}
 	return &m, nil
 }

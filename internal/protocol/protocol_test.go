@@ -193,16 +193,46 @@ func TestDecodeEventSerial(t *testing.T) {
 	}
 }
 
+// TestMetadataStarted: a life's start comes with its announcements, and
+// cannot be after them.
+func TestMetadataStarted(t *testing.T) {
+	now := time.Date(2026, 12, 1, 22, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		name    string
+		started time.Time
+		ok      bool
+	}{
+		{"not sent", time.Time{}, true},
+		{"before", now.Add(-time.Hour), true},
+		{"at the announcement", now, true},
+		{"after the announcement", now.Add(time.Second), false},
+	} {
+		b, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Time: now, Started: tc.started})
+		md, err := DecodeMetadata(b)
+		if tc.ok && (err != nil || !md.Started.Equal(tc.started)) || !tc.ok && !errors.Is(err, ErrBadField) {
+			t.Errorf("%s: %+v, %v", tc.name, md, err)
+		}
+	}
+	// Omitted when zero (Choria's consumers see the metadata they know).
+	b, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Time: now})
+	if strings.Contains(string(b), "started") {
+		t.Errorf("zero start encoded: %s", b)
+	}
+}
+
 func FuzzDecodeMetadataEvent(f *testing.F) {
 	m, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Facts: map[string]string{"a": "b"}})
 	e, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventStartup, Component: AgentComponent})
 	p, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventProvisioned, Component: AgentComponent, Serial: "1f0a"})
+	now := time.Date(2026, 12, 1, 22, 0, 0, 0, time.UTC)
+	s, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Time: now, Started: now.Add(-time.Minute)})
 	f.Add(m)
 	f.Add(e)
 	f.Add(p)
+	f.Add(s)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		if md, err := DecodeMetadata(data); err == nil && ValidateIdentity(md.Identity) != nil {
-			t.Fatal("metadata with invalid identity accepted")
+		if md, err := DecodeMetadata(data); err == nil && (ValidateIdentity(md.Identity) != nil || md.Started.After(md.Time)) {
+			t.Fatal("invalid metadata accepted")
 		}
 		if ev, err := DecodeEvent(data); err == nil && (ValidateIdentity(ev.Identity) != nil || ev.Type == "" || !ValidSerial(ev.Serial)) {
 			t.Fatal("invalid event accepted")
