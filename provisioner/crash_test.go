@@ -305,14 +305,19 @@ func TestClaimsModeReprovisionWithoutStartupEvent(t *testing.T) {
 	before := kv.record(id)
 
 	// The first life's late announcements, and one that says no start,
-	// do not queue the node.
-	seen := testutil.ToFloat64(a.p.m.discovered.WithLabelValues(sourceMetadata))
+	// do not queue the node. The provisioner takes its messages in order
+	// from one connection: once it counted the malformed one sent after
+	// them, it has taken them all.
+	invalid := testutil.ToFloat64(a.p.m.invalid.WithLabelValues(sourceMetadata))
 	for range 5 {
 		fleet.publishLifeMetadata(id, firstLife)
 	}
 	fleet.publishMetadata(id)
+	if err := fleet.nc.Publish(protocol.MetadataSubjectFor(id), []byte("{")); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, 20*time.Second, "the announcements taken in", func() bool {
-		return testutil.ToFloat64(a.p.m.discovered.WithLabelValues(sourceMetadata)) == seen+6
+		return testutil.ToFloat64(a.p.m.invalid.WithLabelValues(sourceMetadata)) == invalid+1
 	})
 	if st, _ := nodeState(a.p, id); st.State != StateProduction {
 		t.Fatalf("after the old life's announcements: %+v", st)
