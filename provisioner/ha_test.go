@@ -3,6 +3,7 @@ package provisioner
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -74,18 +75,19 @@ func exactlyOnce(t *testing.T, fleet *simFleet, ids []string, timeout time.Durat
 	for _, id := range ids {
 		n := fleet.nodes[id]
 		cfg, rst := n.sendersOf(protocol.ActionConfigure), n.sendersOf(protocol.ActionRestart)
-		one := len(rst) == 1
+		restarters, others := 0, 0
 		var lost []string
 		for p := range cfg {
 			switch {
 			case rst[p] > 0:
+				restarters++
 			case lostClaim(ps, p, id):
 				lost = append(lost, p)
 			default:
-				one = false
+				others++
 			}
 		}
-		if one = one && len(cfg) == len(lost)+1; !one {
+		if len(rst) != 1 || restarters != 1 || others != 0 {
 			t.Errorf("%s configured by %v and restarted by %v, want one provisioner\n%s", id, cfg, rst, diagnoseNodes(fleet, []string{id}, ps))
 		} else if len(lost) > 0 {
 			t.Logf("%s: configured by %v, restarted by %v; %v lost the claim first", id, cfg, rst, lost)
@@ -97,16 +99,22 @@ func exactlyOnce(t *testing.T, fleet *simFleet, ids []string, timeout time.Durat
 // its claim on the node id.
 func lostClaim(ps []*haProvisioner, name, id string) bool {
 	for _, p := range ps {
-		if p.p.cfg.Name != name {
-			continue
-		}
-		for _, l := range strings.Split(p.logs.String(), "\n") {
-			if strings.Contains(l, "claim lost") && strings.Contains(l, "identity="+id) {
-				return true
-			}
+		if p.p.cfg.Name == name && slices.ContainsFunc(logLinesAbout(p, id), func(l string) bool { return strings.Contains(l, "claim lost") }) {
+			return true
 		}
 	}
 	return false
+}
+
+// logLinesAbout returns p's log lines about the node id.
+func logLinesAbout(p *haProvisioner, id string) []string {
+	var lines []string
+	for _, l := range strings.Split(p.logs.String(), "\n") {
+		if strings.Contains(l, "identity="+id) {
+			lines = append(lines, l)
+		}
+	}
+	return lines
 }
 
 // diagnoseNodes describes nodes for a failure message: the requests each
@@ -121,12 +129,7 @@ func diagnoseNodes(fleet *simFleet, ids []string, ps []*haProvisioner) string {
 		for _, p := range ps {
 			st, ok := nodeState(p.p, id)
 			fmt.Fprintf(&b, "  %s: known %v, %+v\n", p.p.cfg.Name, ok, st)
-			var lines []string
-			for _, l := range strings.Split(p.logs.String(), "\n") {
-				if strings.Contains(l, id) {
-					lines = append(lines, l)
-				}
-			}
+			lines := logLinesAbout(p, id)
 			for _, l := range lines[max(0, len(lines)-8):] {
 				fmt.Fprintf(&b, "    %s\n", l)
 			}

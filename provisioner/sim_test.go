@@ -115,11 +115,19 @@ type simNode struct {
 // went to production does: requests to it find no responders.
 func (n *simNode) leave(t *testing.T) {
 	t.Helper()
-	for _, sub := range n.subs {
-		if err := sub.Unsubscribe(); err != nil {
-			t.Fatal(err)
-		}
+	if err := n.unsubscribe(); err != nil {
+		t.Fatal(err)
 	}
+}
+
+// unsubscribe ends the node's provisioning-side subscriptions (safe from
+// any goroutine, its own handlers included).
+func (n *simNode) unsubscribe() error {
+	var errs []error
+	for _, sub := range n.subs {
+		errs = append(errs, sub.Unsubscribe())
+	}
+	return errors.Join(errs...)
 }
 
 // sendersOf returns how many requests for action each provisioner sent.
@@ -320,20 +328,14 @@ func (n *simNode) handle(m *nats.Msg) {
 	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionRestart:
 		n.mu.Lock()
 		n.restarted++
-		arrive := n.arrive
-		if n.restarted > 1 || len(n.serials) == 0 {
-			arrive = nil
-		}
-		serial := ""
-		if len(n.serials) > 0 {
+		arrive, serial := n.arrive, ""
+		if n.restarted == 1 && len(n.serials) > 0 {
 			serial = n.serials[len(n.serials)-1]
 		}
 		n.mu.Unlock()
 		n.respond(m, req, protocol.CodeOK, "", nil)
-		if arrive != nil {
-			for _, sub := range n.subs {
-				_ = sub.Unsubscribe()
-			}
+		if arrive != nil && serial != "" {
+			_ = n.unsubscribe() // the restart's reply is out; it leaves
 			arrive(serial)
 		}
 	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionShutdown:
@@ -466,14 +468,7 @@ func (o *observed) of(id string) []string {
 }
 
 func (o *observed) has(id, ev string) bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	for _, e := range o.events[id] {
-		if e == ev {
-			return true
-		}
-	}
-	return false
+	return slices.Contains(o.of(id), ev)
 }
 
 // testConfig is a fast configuration for tests.

@@ -61,10 +61,12 @@ func LoseReplies(kv jetstream.KeyValue) *LosingKV {
 	return &LosingKV{KeyValue: kv}
 }
 
-// Lose makes the next n writes (Create, Update, Put) lose their replies.
+// Lose makes the next n compare-and-set writes (Create, Update) lose their
+// replies.
 func (l *LosingKV) Lose(n int) { l.lose.Store(int32(n)) }
 
-// Drop makes the next n writes time out without being made.
+// Drop makes the next n compare-and-set writes time out without being
+// made.
 func (l *LosingKV) Drop(n int) { l.drop.Store(int32(n)) }
 
 // Left is how many of the writes Lose and Drop asked for are still to come.
@@ -104,9 +106,4 @@ func (l *LosingKV) Create(ctx context.Context, key string, value []byte, opts ..
 // Update updates key, unless dropped; the reply may be lost.
 func (l *LosingKV) Update(ctx context.Context, key string, value []byte, revision uint64) (uint64, error) {
 	return l.write(func() (uint64, error) { return l.KeyValue.Update(ctx, key, value, revision) })
-}
-
-// Put puts key, unless dropped; the reply may be lost.
-func (l *LosingKV) Put(ctx context.Context, key string, value []byte) (uint64, error) {
-	return l.write(func() (uint64, error) { return l.KeyValue.Put(ctx, key, value) })
 }
