@@ -332,7 +332,7 @@ func TestClusterJetStreamR3SurvivesBrokerLoss(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	var kv jetstream.KeyValue
 	waitUntil(t, 30*time.Second, "an R3 KV bucket", func() bool {
@@ -361,10 +361,21 @@ func TestClusterJetStreamR3SurvivesBrokerLoss(t *testing.T) {
 	}
 	killedAt := time.Now()
 	victim.Shutdown()
-	waitUntil(t, 30*time.Second, "a write after losing a broker", func() bool {
-		_, err := kv.Put(ctx, "node2", []byte("claimed"))
-		return err == nil
-	})
+	// Each write on its own deadline, so that one stuck in the election
+	// does not use up the wait; a loaded machine (several race-enabled
+	// suites at once) has taken more than 30 s to elect.
+	for deadline := time.Now().Add(60 * time.Second); ; {
+		pctx, pcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := kv.Put(pctx, "node2", []byte("claimed"))
+		pcancel()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no write within 60 s of losing a broker; the last one: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	t.Logf("R3 bucket writable again %s after a broker began shutting down (it led the stream: %t)",
 		time.Since(killedAt).Round(time.Millisecond), victim.cfg.Cluster.ServerName == info.Cluster.Leader)
 	waitUntil(t, 20*time.Second, "muster_broker_cluster_peers to drop to 1", func() bool { return clusterPeers(t, c) == 1 })
