@@ -88,6 +88,12 @@ func TestLifecycle(t *testing.T) {
 	if firstLife.IsZero() || !md2.Started.Equal(firstLife) || firstLife.After(startup.Time) {
 		t.Fatalf("metadata started %s and %s, startup event at %s", firstLife, md2.Started, startup.Time)
 	}
+	// And names it by one ID: the startup event, metadata, discovery
+	// replies and inventory alike.
+	lifeID := md.Life
+	if len(lifeID) != protocol.LifeLen || md2.Life != lifeID || startup.Life != lifeID {
+		t.Fatalf("life IDs: metadata %q and %q, startup event %q", lifeID, md2.Life, startup.Life)
+	}
 	if a.Mode() != ModeProvisioning {
 		t.Fatalf("mode %s", a.Mode())
 	}
@@ -112,7 +118,7 @@ func TestLifecycle(t *testing.T) {
 			t.Fatal(err)
 		}
 		var pr protocol.PingReply
-		if err := json.Unmarshal(rep.Body, &pr); err != nil || pr.Identity != id || pr.Mode != "provisioning" {
+		if err := json.Unmarshal(rep.Body, &pr); err != nil || pr.Identity != id || pr.Mode != "provisioning" || pr.Life != lifeID {
 			t.Fatalf("ping reply %+v (%v)", pr, err)
 		}
 	})
@@ -124,7 +130,7 @@ func TestLifecycle(t *testing.T) {
 		if err := json.Unmarshal(rep.Body, &inv); err != nil {
 			t.Fatal(err)
 		}
-		if inv.MainCollective != "provisioning" || len(inv.Collectives) != 1 || inv.Facts["country"] != "mt" || inv.Version != "1.2.3" {
+		if inv.MainCollective != "provisioning" || len(inv.Collectives) != 1 || inv.Facts["country"] != "mt" || inv.Version != "1.2.3" || inv.Life != lifeID {
 			t.Fatalf("inventory %+v", inv)
 		}
 	})
@@ -301,7 +307,7 @@ func TestLifecycle(t *testing.T) {
 		rep := call(t, nc, protocol.DefaultMainCollective, id, protocol.AgentRPCUtil, protocol.ActionPing, reqOpts{}, nil)
 		mustOK(t, rep)
 		var pr protocol.PingReply
-		if err := json.Unmarshal(rep.Body, &pr); err != nil || pr.Mode != "production" {
+		if err := json.Unmarshal(rep.Body, &pr); err != nil || pr.Mode != "production" || pr.Life != "" {
 			t.Fatalf("ping %+v %v", pr, err)
 		}
 		cz, err := e.srv.Connz(&server.ConnzOptions{Username: true})
@@ -329,13 +335,27 @@ func TestLifecycle(t *testing.T) {
 		if a.Mode() != ModeProvisioning {
 			t.Fatalf("mode %s", a.Mode())
 		}
-		// The new life's announcements say it started after the first.
+		// The new life's announcements say it started after the first,
+		// and name it by a new ID, as its startup event does.
+		var md *protocol.Metadata
 		eventually(t, "metadata of the new life", func() bool {
 			metadata.mu.Lock()
 			defer metadata.mu.Unlock()
-			md, err := protocol.DecodeMetadata(metadata.msgs[len(metadata.msgs)-1].Data)
+			var err error
+			md, err = protocol.DecodeMetadata(metadata.msgs[len(metadata.msgs)-1].Data)
 			return err == nil && md.Started.After(firstLife)
 		})
+		events.mu.Lock()
+		var startups []*protocol.Event
+		for _, m := range events.msgs {
+			if ev, err := protocol.DecodeEvent(m.Data); err == nil && ev.Type == protocol.EventStartup {
+				startups = append(startups, ev)
+			}
+		}
+		events.mu.Unlock()
+		if md.Life == lifeID || !protocol.ValidLife(md.Life) || md.Life == "" || len(startups) != 2 || startups[1].Life != md.Life {
+			t.Fatalf("the new life's ID: metadata %q, startup events %+v (the first life's %q)", md.Life, startups, lifeID)
+		}
 		cfg, err := config.Load(filepath.Join(stateDir, ConfigFileName))
 		if err != nil {
 			t.Fatal(err)

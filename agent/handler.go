@@ -51,8 +51,10 @@ type session struct {
 	arrivalID string
 	serial    string
 	// started is when a provisioning session (one provisioning-mode life)
-	// began; its metadata carries it.
+	// began, and life its ID; its announcements carry both, its discovery
+	// replies and inventory the ID.
 	started time.Time
+	life    string
 }
 
 // outcome of an action handler: the reply code, message and body.
@@ -325,7 +327,7 @@ func (s *session) dispatch(req *protocol.Request, now time.Time, log *logrus.Ent
 		if a := decodeBody(req, &struct{}{}); a != nil {
 			return *a
 		}
-		return ok(protocol.PingReply{Identity: s.a.id, Mode: s.mode.String(), Time: now.UTC()})
+		return ok(protocol.PingReply{Identity: s.a.id, Mode: s.mode.String(), Time: now.UTC(), Life: s.life})
 	case protocol.AgentRPCUtil + "." + protocol.ActionInventory:
 		if a := decodeBody(req, &struct{}{}); a != nil {
 			return *a
@@ -397,6 +399,7 @@ func (s *session) inventory() protocol.Inventory {
 		MainCollective: s.mainCollective,
 		Version:        s.a.version,
 		DataPlugins:    []string{},
+		Life:           s.life,
 	}
 	if s.cfg != nil {
 		inv.Config = s.cfg.Masked()

@@ -29,6 +29,7 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 		a:              a,
 		mode:           ModeProvisioning,
 		started:        time.Now().UTC(),
+		life:           protocol.NewLife(),
 		cfg:            d.Config,
 		facts:          a.currentFacts(),
 		collectives:    []string{protocol.ProvisioningCollective},
@@ -236,7 +237,7 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 			announced = true
 			now := time.Now()
 			if s.mode == ModeProvisioning {
-				a.publishEvent(nc, protocol.Event{ID: nuid.Next(), Type: protocol.EventStartup, Time: now})
+				a.publishEvent(nc, protocol.Event{ID: nuid.Next(), Type: protocol.EventStartup, Time: now, Life: s.life})
 				a.publishMetadata(nc, s, now)
 				mdTimer = time.NewTimer(jitter(a.mdInterval, 0.25))
 				mdC = mdTimer.C
@@ -298,7 +299,7 @@ func (s *session) arrival(now time.Time) protocol.Event {
 	return protocol.Event{ID: s.arrivalID, Type: protocol.EventProvisioned, Time: now, Serial: s.serial}
 }
 
-// publishEvent publishes ev (its ID, Type, Time and Serial set) as this
+// publishEvent publishes ev (its ID, Type, Time, Serial and Life set) as this
 // agent's lifecycle event.
 func (a *Agent) publishEvent(nc *nats.Conn, ev protocol.Event) {
 	ev.Protocol = protocol.EventProtocol
@@ -321,6 +322,7 @@ func (a *Agent) publishMetadata(nc *nats.Conn, s *session, now time.Time) {
 		Identity: a.id,
 		Time:     now.UTC(),
 		Started:  s.started,
+		Life:     s.life,
 		Version:  a.version,
 		Facts:    s.facts,
 	}

@@ -86,6 +86,26 @@ func announceUntil(t *testing.T, fleet *simFleet, id string, timeout time.Durati
 	}
 }
 
+// lifeNode adds a key-reusing node found only through its announcements,
+// in a provisioning life with an ID (first); second is an ID for its next
+// life (setLife).
+func lifeNode(fleet *simFleet, id string) (n *simNode, first, second string) {
+	n = keyReusingNode(fleet, id, nil)
+	first, second = protocol.NewLife(), protocol.NewLife()
+	n.mu.Lock()
+	n.silent = true
+	n.life = first
+	n.mu.Unlock()
+	return n, first, second
+}
+
+// setLife starts a new provisioning life of the node, with the ID life.
+func (n *simNode) setLife(life string) {
+	n.mu.Lock()
+	n.life = life
+	n.mu.Unlock()
+}
+
 // keyReusingNode adds a simulated node that keeps its key across gencsr
 // requests, as Muster's agent does.
 func keyReusingNode(fleet *simFleet, id string, behave nodeBehaviour) *simNode {
@@ -315,7 +335,7 @@ func TestClaimsModeReprovisionWithoutStartupEvent(t *testing.T) {
 	// them, it has taken them all.
 	invalid := testutil.ToFloat64(a.p.m.invalid.WithLabelValues(sourceMetadata))
 	for range 5 {
-		fleet.publishLifeMetadata(id, firstLife)
+		fleet.publishLifeMetadata(id, nodeLife{started: firstLife})
 	}
 	fleet.publishMetadata(id)
 	if err := fleet.nc.Publish(protocol.MetadataSubjectFor(id), []byte("{")); err != nil {
@@ -334,7 +354,7 @@ func TestClaimsModeReprovisionWithoutStartupEvent(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("not provisioned again from its metadata: %+v", kv.record(id))
 		}
-		fleet.publishLifeMetadata(id, secondLife)
+		fleet.publishLifeMetadata(id, nodeLife{started: secondLife})
 		time.Sleep(100 * time.Millisecond)
 	}
 	if r := kv.record(id); r.Attempts != before.Attempts+1 {
@@ -342,6 +362,72 @@ func TestClaimsModeReprovisionWithoutStartupEvent(t *testing.T) {
 	}
 	if cfg := node.sendersOf(protocol.ActionConfigure); cfg["prov-a"] != 2 {
 		t.Fatalf("configure from %v, want twice from prov-a", cfg)
+	}
+}
+
+// TestClaimsModeNewLifeByID: in the claims mode the shared record keeps the
+// life a node was provisioned in, so a provisioner that did not configure
+// the node tells its lives apart too. B only saw the node arrive, and A,
+// which configured it, is gone: the node reinstalled with its clock set
+// back (before its arrival) is taken by B, whose own view knows no life to
+// compare. C, started later, takes the new life's late announcements (its
+// clock moved forward: a start after the arrival) to the shared record,
+// finds the node in production in that life, and leaves it there without
+// an attempt, knowing the life from then on.
+func TestClaimsModeNewLifeByID(t *testing.T) {
+	const id = "iot.example.net"
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	node, first, second := lifeNode(fleet, id)
+	a := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	kv := openKV(t, url)
+	announceUntil(t, fleet, id, 30*time.Second, "the first provisioning", func() bool { return kv.record(id).Provisions == 1 })
+	b := startHA(t, url, "prov-b", HAClaims, newTestHelper(c, nil))
+	arrived := time.Now().UTC()
+	fleet.publishArrival(id, nuid.Next(), node.configuredSerials()[0])
+	waitFor(t, 20*time.Second, "the node in production", func() bool {
+		r := kv.record(id)
+		st, _ := nodeState(b.p, id)
+		return r.State == string(StateProduction) && r.Life == first && st.State == StateProduction
+	})
+	a.stop(t)
+
+	// Reinstalled, its clock an hour before the arrival.
+	node.setLife(second)
+	before := kv.record(id)
+	deadline := time.Now().Add(30 * time.Second)
+	for kv.record(id).Provisions < 2 {
+		if time.Now().After(deadline) {
+			st, _ := nodeState(b.p, id)
+			t.Fatalf("the reinstalled node was not provisioned again: %+v; B: %+v", kv.record(id), st)
+		}
+		fleet.publishLifeMetadata(id, nodeLife{id: second, started: arrived.Add(-time.Hour)})
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r := kv.record(id); r.Attempts != before.Attempts+1 || r.Life != second || r.ProvisionedBy != "prov-b" {
+		t.Fatalf("after the reinstall: %+v (want one attempt more than %d, life %s, by prov-b)", r, before.Attempts, second)
+	}
+
+	cp := startHA(t, url, "prov-c", HAClaims, newTestHelper(c, nil))
+	arrived = time.Now().UTC()
+	fleet.publishArrival(id, nuid.Next(), node.configuredSerials()[1])
+	waitFor(t, 20*time.Second, "the node in production again", func() bool {
+		st, _ := nodeState(cp.p, id)
+		return kv.record(id).State == string(StateProduction) && st.State == StateProduction
+	})
+	before = kv.record(id)
+	waitFor(t, 30*time.Second, "C knows the node in production in its second life", func() bool {
+		fleet.publishLifeMetadata(id, nodeLife{id: second, started: arrived.Add(time.Hour)})
+		time.Sleep(50 * time.Millisecond)
+		st, _ := nodeState(cp.p, id)
+		return st.State == StateProduction && st.Life == second
+	})
+	if r := kv.record(id); r.Attempts != before.Attempts || r.Provisions != 2 || r.State != string(StateProduction) {
+		t.Fatalf("the second life's late announcements made an attempt: %+v (before %+v)", r, before)
+	}
+	if n := node.count(protocol.ActionConfigure); n != 2 {
+		t.Fatalf("%d configures, want 2", n)
 	}
 }
 

@@ -62,7 +62,7 @@ func (p *Provisioner) handleMessage(m *nats.Msg) {
 		// in production is taken again even when its startup event was
 		// missed (it came while the last attempt was finishing, the
 		// claim could not be written, the queue was full).
-		p.offer(md.Identity, sourceMetadata, md.Started)
+		p.offer(md.Identity, sourceMetadata, nodeLife{id: md.Life, started: md.Started})
 	case strings.HasPrefix(m.Subject, productionPrefix):
 		ev, err := protocol.DecodeEventFrom(strings.TrimPrefix(m.Subject, productionPrefix), m.Data)
 		if err != nil || ev.Type != protocol.EventProvisioned {
@@ -84,7 +84,7 @@ func (p *Provisioner) handleMessage(m *nats.Msg) {
 			return
 		}
 		p.m.discovered.WithLabelValues(sourceStartup).Inc()
-		p.offer(ev.Identity, sourceStartup, ev.Time)
+		p.offer(ev.Identity, sourceStartup, nodeLife{id: ev.Life, started: ev.Time})
 	}
 }
 
@@ -147,13 +147,12 @@ func (p *Provisioner) markProduction(ev *protocol.Event) {
 }
 
 // offer queues a node unless it is queued, in progress, in production,
-// held, denied, or waiting (deferred, failed, grace). startedAt is when
-// the node's provisioning-mode life started, by its clock (a startup
-// event's time, or the start its metadata carries; zero when unknown): a
-// node in production whose life started afterwards was reprovisioned and is
-// taken again.
+// held, denied, or waiting (deferred, failed, grace). l is the
+// provisioning-mode life the announcement names: a node in production that
+// began a new life since (nodeLife.newer) was reprovisioned and is taken
+// again.
 // It reports whether the node was queued.
-func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
+func (p *Provisioner) offer(id, source string, l nodeLife) bool {
 	now := time.Now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -166,11 +165,13 @@ func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
 	case StateQueued, StateInProgress, StateHeld, StateDenied:
 		return false
 	case StateProduction:
-		// Only a startup after the arrival is a new life: a metadata
-		// announcement may be the old life's last one. The arrival's
-		// time, not Updated, which the attempt's result sets when it
-		// comes after the arrival (a late restart reply).
-		if startedAt.IsZero() || !startedAt.After(n.productionSince) {
+		// Only a new life is taken: an announcement may be the old
+		// life's last one. The arrival's time, not Updated, which the
+		// attempt's result sets when it comes after the arrival (a late
+		// restart reply). A life ID this provisioner cannot compare
+		// (another configured the node) goes to the claim, which
+		// compares it with the shared record's.
+		if !(l.id != "" && n.Life == "" && p.shared != nil) && !l.newer(n.Life, n.productionSince) {
 			return false
 		}
 	case StateDeferred, StateFailed, StateProvisioned, StateShutdown:
@@ -179,7 +180,7 @@ func (p *Provisioner) offer(id, source string, startedAt time.Time) bool {
 		}
 	}
 	select {
-	case p.queue <- queueItem{identity: id, queuedAt: now, startedAt: startedAt}:
+	case p.queue <- queueItem{identity: id, queuedAt: now, life: l}:
 	default:
 		p.m.shed.Inc()
 		if n.State == "" {
@@ -262,7 +263,7 @@ func (p *Provisioner) Discover(ctx context.Context) (int, error) {
 			}
 			return len(seen), fmt.Errorf("discovery: %w", err)
 		}
-		id, err := p.decodePing(m.Data, req.ID)
+		id, life, err := p.decodePing(m.Data, req.ID)
 		if err != nil {
 			p.invalid(sourceDiscovery, err)
 			continue
@@ -272,36 +273,39 @@ func (p *Provisioner) Discover(ctx context.Context) (int, error) {
 		}
 		seen[id] = true
 		p.m.discovered.WithLabelValues(sourceDiscovery).Inc()
-		p.offer(id, sourceDiscovery, time.Time{})
+		p.offer(id, sourceDiscovery, nodeLife{id: life})
 	}
 	p.log.WithField("nodes", len(seen)).Debug("broadcast discovery done")
 	return len(seen), ctx.Err()
 }
 
-// decodePing returns the identity of a waiting node's discovery reply, ""
-// for a node that is not in provisioning mode.
-func (p *Provisioner) decodePing(data []byte, reqID string) (string, error) {
+// decodePing returns the identity and life ID of a waiting node's discovery
+// reply; no identity for a node that is not in provisioning mode.
+func (p *Provisioner) decodePing(data []byte, reqID string) (id, life string, err error) {
 	rep, err := protocol.DecodeReply(data)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	if rep.ID != reqID {
-		return "", fmt.Errorf("reply to request %q: %w", rep.ID, ErrBadReply)
+		return "", "", fmt.Errorf("reply to request %q: %w", rep.ID, ErrBadReply)
 	}
 	if err := rep.Err(); err != nil {
-		return "", err
+		return "", "", err
 	}
 	var body protocol.PingReply
 	if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &body); err != nil {
-		return "", fmt.Errorf("ping body: %w", err)
+		return "", "", fmt.Errorf("ping body: %w", err)
 	}
 	if body.Identity != rep.Sender {
-		return "", fmt.Errorf("ping body names %q: %w", body.Identity, ErrWrongSender)
+		return "", "", fmt.Errorf("ping body names %q: %w", body.Identity, ErrWrongSender)
+	}
+	if !protocol.ValidLife(body.Life) {
+		return "", "", fmt.Errorf("ping body: life: %w", ErrBadReply)
 	}
 	if body.Mode != "" && body.Mode != protocol.ProvisioningCollective {
-		return "", nil
+		return "", "", nil
 	}
-	return rep.Sender, nil
+	return rep.Sender, body.Life, nil
 }
 
 // ttl is the request TTL in seconds: RPCTimeout rounded up, at least 5.

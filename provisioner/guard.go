@@ -660,6 +660,9 @@ func (p *Provisioner) recordConfigured(ctx context.Context, a *attempt) error {
 		n.HoldReason = ""
 		n.HeldAt = time.Time{}
 		n.heldCSR = nil
+		// The life configured: another life's announcement after the
+		// node's arrival is a reinstall.
+		n.Life = a.life
 	}
 	p.mu.Unlock()
 	rec := Record{Identity: a.id, KeyFingerprint: a.keyFP, Serial: a.serial, ProvisionedAt: now, TokenID: a.tokenID}

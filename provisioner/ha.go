@@ -372,9 +372,9 @@ func (h *heldClaim) lost() bool { return errors.Is(context.Cause(h.ctx), claims.
 // the shared state. The claim's context ends when the claim is lost (the
 // attempt must stop). errElsewhere when another provisioner has the node,
 // or finished it: provisioned within grace, or in production, unless the
-// node's provisioning life started (startedAt, from its startup event or
-// metadata) after it arrived there (it was reprovisioned).
-func (p *Provisioner) claimNode(ctx context.Context, identity string, startedAt time.Time) (*heldClaim, error) {
+// announcement that queued it names a life begun since it arrived there (it
+// was reprovisioned; nodeLife.newer): then an *inProduction.
+func (p *Provisioner) claimNode(ctx context.Context, identity string, l nodeLife) (*heldClaim, error) {
 	sh := p.shared
 	c, err := sh.claims.Claim(ctx, identity)
 	if errors.Is(err, claims.ErrClaimed) {
@@ -388,9 +388,10 @@ func (p *Provisioner) claimNode(ctx context.Context, identity string, startedAt 
 	_, err = sh.nodes.Update(octx, identity, func(r *nodestate.Record) (bool, error) {
 		prior, priorStage = r.State, r.Stage
 		switch {
-		case r.State == string(StateProvisioned) && time.Since(r.ProvisionedAt) < sh.grace,
-			r.State == string(StateProduction) && !startedAt.After(r.ArrivedAt):
+		case r.State == string(StateProvisioned) && time.Since(r.ProvisionedAt) < sh.grace:
 			return false, errElsewhere
+		case r.State == string(StateProduction) && !l.newer(r.Life, r.ArrivedAt):
+			return false, &inProduction{life: r.Life, arrivedAt: r.ArrivedAt}
 		}
 		r.State, r.Stage, r.ClaimedBy, r.LastError = string(StateInProgress), string(StageInventory), sh.claims.Owner(), ""
 		r.Attempts++
@@ -455,7 +456,7 @@ func (p *Provisioner) confirmClaim(ctx context.Context, a *attempt) error {
 	defer ocancel()
 	_, err = sh.nodes.Update(octx, a.id, func(r *nodestate.Record) (bool, error) {
 		r.State, r.Stage, r.ClaimedBy = string(StateInProgress), string(StageConfigure), sh.claims.Owner()
-		r.Pending = &nodestate.Pending{Serial: a.serial, KeyFingerprint: a.keyFP, TokenID: a.tokenID, By: sh.claims.Owner(), At: time.Now().UTC()}
+		r.Pending = &nodestate.Pending{Serial: a.serial, KeyFingerprint: a.keyFP, TokenID: a.tokenID, Life: a.life, By: sh.claims.Owner(), At: time.Now().UTC()}
 		return true, nil
 	})
 	if err != nil {
@@ -504,7 +505,7 @@ func (p *Provisioner) recordShared(a *attempt, err error, abandoned bool) error 
 			if r.Complete(a.serial, now, arrivedAt) == nil && r.Serial != a.serial {
 				// The pending record was lost (an operator edited the
 				// bucket): count the provisioning all the same.
-				r.Pending = &nodestate.Pending{Serial: a.serial, By: sh.claims.Owner()}
+				r.Pending = &nodestate.Pending{Serial: a.serial, Life: a.life, By: sh.claims.Owner()}
 				r.Complete(a.serial, now, arrivedAt)
 			}
 		case err == nil:
@@ -578,6 +579,40 @@ func (p *Provisioner) arrivedWith(identity, serial string) time.Time {
 		return n.arrivedAt
 	}
 	return time.Time{}
+}
+
+// inProduction is claimNode's errElsewhere for a node the shared record has
+// in production, provisioned in life and arrived at arrivedAt (its clock),
+// with no new life since.
+type inProduction struct {
+	life      string
+	arrivedAt time.Time
+}
+
+func (e *inProduction) Error() string { return "in production, in the life it was provisioned in" }
+func (e *inProduction) Unwrap() error { return errElsewhere }
+
+// backToProduction puts a node in progress back in production, as the
+// shared record has it: the announcement that queued it came from the life
+// the node was provisioned in (late), or from one that began before it
+// arrived. Its life and arrival are the record's from now on, so that the
+// old life's next announcement is dropped at once.
+func (p *Provisioner) backToProduction(identity string, ip *inProduction) {
+	now := time.Now()
+	p.mu.Lock()
+	if n := p.nodes[identity]; n != nil && n.State == StateInProgress {
+		n.State = StateProduction
+		n.Stage = ""
+		n.Attempts--
+		n.Updated = now
+		if ip.life != "" {
+			n.Life = ip.life
+		}
+		if n.productionSince.IsZero() {
+			n.productionSince = ip.arrivedAt
+		}
+	}
+	p.mu.Unlock()
 }
 
 // markElsewhere parks a node another provisioner has: looked at again after

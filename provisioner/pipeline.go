@@ -56,6 +56,7 @@ type attempt struct {
 	keyFP      string // fingerprint of the node's key
 	serial     string // serial of the certificate sent
 	tokenID    string // jti of the node's provisioning token
+	life       string // the node's provisioning-mode life ID (its inventory's)
 }
 
 // process runs one node through the pipeline and records the result.
@@ -82,8 +83,13 @@ func (p *Provisioner) process(ctx context.Context, it queueItem) {
 		log: p.log.WithField("identity", it.identity)}
 	if p.shared != nil {
 		// Several provisioners: work on the node only under its claim.
-		h, err := p.claimNode(ctx, it.identity, it.startedAt)
-		if err != nil {
+		h, err := p.claimNode(ctx, it.identity, it.life)
+		var ip *inProduction
+		switch {
+		case errors.As(err, &ip):
+			p.backToProduction(it.identity, ip)
+			return
+		case err != nil:
 			if !errors.Is(err, errElsewhere) {
 				p.log.WithError(err).WithField("identity", it.identity).Warn("could not claim node")
 			}
@@ -119,10 +125,11 @@ func (a *attempt) run(ctx context.Context) error {
 	if err != nil {
 		return failAt(StageInventory, err)
 	}
-	var inv protocol.Inventory
-	if err := protocol.DecodeLenient(rep.Body, protocol.MaxMessageSize, &inv); err != nil {
-		return failAt(StageInventory, fmt.Errorf("inventory body: %w: %v", ErrBadReply, err))
+	inv, err := decodeInventory(rep.Body)
+	if err != nil {
+		return failAt(StageInventory, err)
 	}
+	a.life = inv.Life
 	claims, tokenID, err := p.checkToken(a.id, inv.ProvisioningToken)
 	if err != nil {
 		return failAt(StageInventory, err)
@@ -242,6 +249,18 @@ func (a *attempt) run(ctx context.Context) error {
 	}
 	a.outcome = OutcomeProvisioned
 	return nil
+}
+
+// decodeInventory decodes the body of a node's inventory reply.
+func decodeInventory(body []byte) (*protocol.Inventory, error) {
+	var inv protocol.Inventory
+	if err := protocol.DecodeLenient(body, protocol.MaxMessageSize, &inv); err != nil {
+		return nil, fmt.Errorf("inventory body: %w: %v", ErrBadReply, err)
+	}
+	if !protocol.ValidLife(inv.Life) {
+		return nil, fmt.Errorf("inventory body: life: %w", ErrBadReply)
+	}
+	return &inv, nil
 }
 
 // checkCSR checks a gencsr reply: the CSR's signature, its CN and the public

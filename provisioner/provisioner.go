@@ -163,6 +163,10 @@ type NodeStatus struct {
 	// duplicate_connection).
 	HoldReason string    `json:"hold_reason,omitempty"`
 	HeldAt     time.Time `json:"held_at,omitzero"`
+	// Life is the ID of the provisioning-mode life the node was last
+	// configured in (by this provisioner, or as the shared state says);
+	// empty when unknown.
+	Life string `json:"life,omitempty"`
 }
 
 type node struct {
@@ -187,9 +191,31 @@ type node struct {
 type queueItem struct {
 	identity string
 	queuedAt time.Time
-	// startedAt is when the node's provisioning life started, from the
-	// startup event or metadata that queued it (zero when unknown).
-	startedAt time.Time
+	// life is the node's provisioning life, as named by the startup
+	// event, metadata or discovery reply that queued it.
+	life nodeLife
+}
+
+// nodeLife is a node's provisioning-mode life as an announcement names it:
+// its ID and its start by the node's clock, either unknown (empty, zero)
+// from agents that do not send it.
+type nodeLife struct {
+	id      string
+	started time.Time
+}
+
+// newer reports whether l is a life the node began after it arrived in
+// production, provisioned in the life with ID known ("" when unknown) and
+// arriving at arrivedAt by its clock. Known IDs decide alone: no clock is
+// involved, so a node whose clock went back across a reinstall is still
+// taken again, and an old life's late announcement is never taken for a
+// new one whatever the node's clock did. Otherwise the life must have
+// started after the arrival.
+func (l nodeLife) newer(known string, arrivedAt time.Time) bool {
+	if l.id != "" && known != "" {
+		return l.id != known
+	}
+	return !l.started.IsZero() && l.started.After(arrivedAt)
 }
 
 // Provisioner discovers and provisions nodes. Build it with New; run it

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nuid"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/muster-io/muster/helper"
@@ -418,14 +419,14 @@ func TestInvalidMessagesCounted(t *testing.T) {
 		st, ok := nodeState(r.p, "p1.example.net")
 		return ok && st.State == StateProduction && testutil.ToFloat64(r.p.m.arrivals) == 1
 	})
-	if r.p.offer("p1.example.net", sourceMetadata, time.Time{}) {
+	if r.p.offer("p1.example.net", sourceMetadata, nodeLife{}) {
 		t.Error("node in production was queued again")
 	}
 	// Start times are the node's clock, as the arrival's time is.
-	if r.p.offer("p1.example.net", sourceStartup, arrivedAt.Add(-time.Millisecond)) {
+	if r.p.offer("p1.example.net", sourceStartup, nodeLife{started: arrivedAt.Add(-time.Millisecond)}) {
 		t.Error("a startup from before the arrival queued the node again")
 	}
-	if r.p.offer("p1.example.net", sourceMetadata, arrivedAt.Add(-time.Second)) {
+	if r.p.offer("p1.example.net", sourceMetadata, nodeLife{started: arrivedAt.Add(-time.Second)}) {
 		t.Error("a late announcement of the life before the arrival queued the node again")
 	}
 	// The attempt's result can come after the arrival (a restart reply
@@ -437,7 +438,7 @@ func TestInvalidMessagesCounted(t *testing.T) {
 	if st, _ := nodeState(r.p, "p1.example.net"); st.State != StateProduction || !st.Updated.After(newLife) {
 		t.Fatalf("after the late result: %+v", st)
 	}
-	if !r.p.offer("p1.example.net", sourceStartup, newLife) {
+	if !r.p.offer("p1.example.net", sourceStartup, nodeLife{started: newLife}) {
 		t.Error("a node started again after its arrival was not queued: the late attempt result hid it")
 	}
 	// The same new life, known from its metadata only (its startup event
@@ -450,7 +451,7 @@ func TestInvalidMessagesCounted(t *testing.T) {
 	r.p.mu.Lock()
 	r.p.nodes["p1.example.net"].State = StateProduction
 	r.p.mu.Unlock()
-	if !r.p.offer("p1.example.net", sourceMetadata, newLife) {
+	if !r.p.offer("p1.example.net", sourceMetadata, nodeLife{started: newLife}) {
 		t.Error("metadata of a life started after the arrival did not queue the node")
 	}
 	r.stop(t)
@@ -478,14 +479,79 @@ func TestNewLifeByNodeClock(t *testing.T) {
 		arrived := time.Now().UTC().Add(tc.skew) // the node's clock
 		r.p.markProduction(&protocol.Event{Protocol: protocol.EventProtocol, ID: "a", Identity: tc.id, Component: protocol.AgentComponent,
 			Type: protocol.EventProvisioned, Time: arrived, Serial: "5c"})
-		if r.p.offer(tc.id, sourceMetadata, arrived.Add(-time.Second)) {
+		if r.p.offer(tc.id, sourceMetadata, nodeLife{started: arrived.Add(-time.Second)}) {
 			t.Errorf("%s: the old life's late announcement queued the node", tc.id)
 		}
-		if !r.p.offer(tc.id, sourceMetadata, arrived.Add(time.Second)) {
+		if !r.p.offer(tc.id, sourceMetadata, nodeLife{started: arrived.Add(time.Second)}) {
 			t.Errorf("%s: a life started after the arrival was not taken", tc.id)
 		}
 	}
 	r.stop(t)
+}
+
+// TestNewLifeByID: a node's life ID decides whether it began a new
+// provisioning life, whatever its clock did. The old life's late
+// announcements are not taken even with a start after the arrival (the
+// node's clock moved forward, say by NTP, since it started that life); a
+// reinstall is taken although its clock went back to before the arrival
+// (an IoT device without a battery-backed clock). Without IDs (older
+// agents) the start times decide: TestNewLifeByNodeClock.
+func TestNewLifeByID(t *testing.T) {
+	const id = "iot.example.net"
+	url := startServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	node, first, second := lifeNode(fleet, id)
+	cfg := testConfig()
+	cfg.Interval = Duration(time.Hour)
+	cfg.Grace = Duration(time.Hour) // production, not grace, keeps it from being taken again
+	r := startProvisioner(t, url, cfg, newTestHelper(c, nil), nil, nil)
+	announceUntil(t, fleet, id, 30*time.Second, "the first provisioning", func() bool {
+		_, restarted, _ := node.stats()
+		return restarted == 1
+	})
+	if st, _ := nodeState(r.p, id); st.Life != first {
+		t.Fatalf("the life configured is not recorded: %+v (want life %s)", st, first)
+	}
+	arrived := time.Now().UTC()
+	fleet.publishArrival(id, nuid.Next(), node.configuredSerials()[0])
+	waitFor(t, 10*time.Second, "the node in production", func() bool {
+		st, _ := nodeState(r.p, id)
+		return st.State == StateProduction
+	})
+
+	// The provisioner takes its messages in order from one connection:
+	// once it counted the malformed one sent after them, it has taken
+	// them all.
+	invalid := testutil.ToFloat64(r.p.m.invalid.WithLabelValues(sourceMetadata))
+	for range 5 {
+		fleet.publishLifeMetadata(id, nodeLife{id: first, started: arrived.Add(time.Hour)})
+	}
+	if err := fleet.nc.Publish(protocol.MetadataSubjectFor(id), []byte("{")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the announcements taken in", func() bool {
+		return testutil.ToFloat64(r.p.m.invalid.WithLabelValues(sourceMetadata)) == invalid+1
+	})
+	if st, _ := nodeState(r.p, id); st.State != StateProduction || st.Attempts != 1 {
+		t.Fatalf("the old life's announcements with a later start took the node: %+v", st)
+	}
+
+	// Reinstalled, its clock an hour before the arrival.
+	node.setLife(second)
+	deadline := time.Now().Add(30 * time.Second)
+	for _, restarted, _ := node.stats(); restarted < 2; _, restarted, _ = node.stats() {
+		if time.Now().After(deadline) {
+			st, _ := nodeState(r.p, id)
+			t.Fatalf("the reinstalled node was not provisioned again: %+v", st)
+		}
+		fleet.publishLifeMetadata(id, nodeLife{id: second, started: arrived.Add(-time.Hour)})
+		time.Sleep(100 * time.Millisecond)
+	}
+	r.stop(t)
+	if st, _ := nodeState(r.p, id); st.Attempts != 2 || st.Life != second || node.count(protocol.ActionConfigure) != 2 {
+		t.Fatalf("after the reinstall: %+v, %d configures (want 2 attempts, 2 configures, life %s)", st, node.count(protocol.ActionConfigure), second)
+	}
 }
 
 // TestShutdownJoinsGoroutines checks Run's goroutines end and that a node

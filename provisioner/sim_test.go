@@ -92,6 +92,10 @@ type simNode struct {
 	// silent nodes do not answer broadcast discovery (they announce
 	// themselves instead).
 	silent bool
+	// life is the node's provisioning-mode life ID, in its discovery
+	// replies, inventory and announcements (empty: an agent that sends
+	// none).
+	life string
 	// makeCSR, when set, makes the node's key and CSR in gencsr (a hostile
 	// or unusual node); default: a key of the requested type and a CSR
 	// from pki.CreateCSR.
@@ -188,24 +192,44 @@ func (f *simFleet) add(id string, behave nodeBehaviour) *simNode {
 	return n
 }
 
+// publishMetadata publishes a node's metadata with its life ID and no
+// start.
 func (f *simFleet) publishMetadata(id string) {
 	f.t.Helper()
-	f.publishLifeMetadata(id, time.Time{})
+	f.publishLifeMetadata(id, nodeLife{id: f.life(id)})
 }
 
-// publishLifeMetadata publishes a node's metadata saying its provisioning
-// life started at started (zero: not said).
-func (f *simFleet) publishLifeMetadata(id string, started time.Time) {
+// publishLifeMetadata publishes a node's metadata naming the provisioning
+// life l (its ID and start; either may be unknown: not said). Its time is
+// now, or the start when that is later (a node clock ahead).
+func (f *simFleet) publishLifeMetadata(id string, l nodeLife) {
 	f.t.Helper()
-	b, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: id, Time: time.Now().UTC(), Started: started, Version: "test", Facts: map[string]string{"rack": "r1"}})
+	now := time.Now().UTC()
+	if l.started.After(now) {
+		now = l.started
+	}
+	b, _ := json.Marshal(protocol.Metadata{Protocol: protocol.MetadataProto, Identity: id, Time: now, Started: l.started, Life: l.id, Version: "test", Facts: map[string]string{"rack": "r1"}})
 	if err := f.nc.Publish(protocol.MetadataSubjectFor(id), b); err != nil {
 		f.t.Fatal(err)
 	}
 }
 
+// life is the life ID of the fleet's node id ("" for none, or no such
+// node).
+func (f *simFleet) life(id string) string {
+	n := f.nodes[id]
+	if n == nil {
+		return ""
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.life
+}
+
+// publishStartup publishes a node's startup event, with its life ID.
 func (f *simFleet) publishStartup(id string) {
 	f.t.Helper()
-	b, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: nuid.Next(), Identity: id, Component: protocol.AgentComponent, Type: protocol.EventStartup, Time: time.Now().UTC()})
+	b, _ := json.Marshal(protocol.Event{Protocol: protocol.EventProtocol, ID: nuid.Next(), Identity: id, Component: protocol.AgentComponent, Type: protocol.EventStartup, Time: time.Now().UTC(), Life: f.life(id)})
 	if err := f.nc.Publish(protocol.LifecycleSubject(protocol.EventStartup, protocol.AgentComponent, id), b); err != nil {
 		f.t.Fatal(err)
 	}
@@ -258,17 +282,20 @@ func (n *simNode) handle(m *nats.Msg) {
 	switch {
 	case req.Agent == protocol.AgentDiscovery && req.Action == protocol.ActionPing:
 		n.mu.Lock()
-		silent := n.silent
+		silent, life := n.silent, n.life
 		n.mu.Unlock()
 		if silent {
 			return
 		}
-		n.respond(m, req, protocol.CodeOK, "", protocol.PingReply{Identity: n.id, Mode: "provisioning", Time: time.Now().UTC()})
+		n.respond(m, req, protocol.CodeOK, "", protocol.PingReply{Identity: n.id, Mode: "provisioning", Time: time.Now().UTC(), Life: life})
 	case req.Agent == protocol.AgentRPCUtil && req.Action == protocol.ActionInventory:
+		n.mu.Lock()
+		life := n.life
+		n.mu.Unlock()
 		n.respond(m, req, protocol.CodeOK, "", protocol.Inventory{
 			Agents: []string{"rpcutil", "choria_provision"}, Facts: map[string]string{"identity": n.id},
 			Classes: []string{}, Collectives: []string{"provisioning"}, MainCollective: "provisioning",
-			Version: "test", DataPlugins: []string{}, ProvisioningToken: n.token,
+			Version: "test", DataPlugins: []string{}, ProvisioningToken: n.token, Life: life,
 		})
 	case req.Agent == protocol.AgentProvision && req.Action == protocol.ActionGenCSR:
 		var g protocol.GenCSRRequest

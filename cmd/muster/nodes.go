@@ -180,6 +180,7 @@ func printNodeDetail(w io.Writer, body []byte) error {
 		row("attempts", fmt.Sprint(d.Attempts))
 	}
 	row("key", d.KeyFingerprint)
+	row("life", d.Life)
 	row("last error", d.LastError)
 	row("updated", when(d.Updated))
 	row("provisioned at", when(d.ProvisionedAt))

@@ -43,7 +43,7 @@ func TestNodesFromKV(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, r := range []nodestate.Record{
-		{Identity: "a.example.net", State: "provisioned", ProvisionedBy: "prov-1", Serial: "0a", Attempts: 1},
+		{Identity: "a.example.net", State: "provisioned", ProvisionedBy: "prov-1", Serial: "0a", Attempts: 1, Life: "9f2c4e1a0b7d3e5f8a6c1d2e3f4a5b6c"},
 		{Identity: "b.example.net", State: "in_progress", Stage: "gencsr", ClaimedBy: "prov-2", Attempts: 2},
 	} {
 		if err := st.Put(context.Background(), r); err != nil {
@@ -66,7 +66,7 @@ func TestNodesFromKV(t *testing.T) {
 		t.Errorf("ls --state: %v\n%s", err, out)
 	}
 	out, err = runCLI(t, "nodes", "show", "--kv", "--broker", url, "--tls-ca", ca, "--nkey", seed, "a.example.net")
-	if err != nil || !strings.Contains(out, `"serial": "0a"`) {
+	if err != nil || !strings.Contains(out, `"serial": "0a"`) || !strings.Contains(out, `"life": "9f2c4e1a0b7d3e5f8a6c1d2e3f4a5b6c"`) {
 		t.Errorf("show --kv: %v\n%s", err, out)
 	}
 	if _, err := runCLI(t, "nodes", "ls", "--kv", "--broker", url); err == nil {

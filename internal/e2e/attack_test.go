@@ -977,7 +977,13 @@ func TestAttackNodeReturnsWithChangedKey(t *testing.T) {
 			if a.f.WaitProduction(ctx, 1) != 1 {
 				t.Fatalf("the victim never reached production: %v", a.f.Errors())
 			}
-			was := a.waitNode(v, "registered key", func(ns provisioner.NodeStatus) bool { return ns.KeyFingerprint != "" }).KeyFingerprint
+			first := a.waitNode(v, "registered key", func(ns provisioner.NodeStatus) bool { return ns.KeyFingerprint != "" })
+			was := first.KeyFingerprint
+			// The provisioner knows the provisioning life it configured:
+			// the other machine's is another.
+			if len(first.Life) != protocol.LifeLen {
+				t.Fatalf("the victim's life is not recorded: %+v", first)
+			}
 
 			// The impostor: a real agent with the victim's identity, a
 			// valid token for it, and a disk (so a key) of its own.
@@ -1034,9 +1040,12 @@ func TestAttackNodeReturnsWithChangedKey(t *testing.T) {
 				if err := a.f.Provisioner().Approve(v); err != nil {
 					t.Fatal(err)
 				}
-				a.waitNode(v, "provisioning after approval", func(ns provisioner.NodeStatus) bool {
+				ns := a.waitNode(v, "provisioning after approval", func(ns provisioner.NodeStatus) bool {
 					return ns.State == provisioner.StateProvisioned || ns.State == provisioner.StateProduction
 				})
+				if len(ns.Life) != protocol.LifeLen || ns.Life == first.Life {
+					t.Fatalf("the approved machine's life %q (the victim's %q)", ns.Life, first.Life)
+				}
 				if _, err := os.Stat(filepath.Join(dir, agent.ConfigFileName)); err != nil {
 					t.Fatalf("the approved node was not configured: %v", err)
 				}

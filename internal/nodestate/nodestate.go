@@ -71,7 +71,12 @@ type Record struct {
 	// ArrivedAt is the time (the node's clock) of the provisioned event in
 	// which the node last came to production with a known certificate.
 	ArrivedAt time.Time `json:"arrived_at,omitzero"`
-	Updated   time.Time `json:"updated"`
+	// Life is the ID of the provisioning-mode life the node was
+	// provisioned in (Serial's): an announcement of another life comes
+	// from the node reinstalled or fallen back since. Empty when the node
+	// sent none.
+	Life    string    `json:"life,omitempty"`
+	Updated time.Time `json:"updated"`
 }
 
 // Pending is a certificate on its way to a node.
@@ -82,6 +87,9 @@ type Pending struct {
 	KeyFingerprint string `json:"key_fingerprint,omitempty"`
 	// TokenID is the id of the node's provisioning token.
 	TokenID string `json:"token_id,omitempty"`
+	// Life is the ID of the node's provisioning-mode life the
+	// certificate is for (its inventory's).
+	Life string `json:"life,omitempty"`
 	// By is the provisioner configuring it.
 	By string `json:"by"`
 	// At is when the provisioner sent configure.
@@ -110,6 +118,7 @@ func (r *Record) Complete(serial string, now, arrivedAt time.Time) *Pending {
 	case p != nil && p.Serial == serial:
 		r.Provisions++
 		r.Serial = serial
+		r.Life = p.Life
 		r.ProvisionedBy = p.By
 		r.ProvisionedAt = now.UTC()
 		r.Pending = nil
@@ -312,6 +321,9 @@ func Decode(data []byte) (*Record, error) {
 	}
 	if !protocol.ValidSerial(r.Serial) || r.Pending != nil && (r.Pending.Serial == "" || !protocol.ValidSerial(r.Pending.Serial)) {
 		return nil, fmt.Errorf("decode node state: serial: %w", protocol.ErrBadField)
+	}
+	if !protocol.ValidLife(r.Life) || r.Pending != nil && !protocol.ValidLife(r.Pending.Life) {
+		return nil, fmt.Errorf("decode node state: life: %w", protocol.ErrBadField)
 	}
 	return &r, nil
 }

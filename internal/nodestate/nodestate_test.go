@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/muster-io/muster/internal/natstest"
+	"github.com/muster-io/muster/internal/protocol"
 )
 
 func TestPutGetList(t *testing.T) {
@@ -51,9 +52,10 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte(`{"identity":"n1","state":"provisioned","attempts":1}`))
 	f.Add([]byte(`{"identity":"a/b"}`))
 	f.Add([]byte(`{"identity":"n1","state":"production","provisions":1,"serial":"5c","pending":{"serial":"6d","by":"p1"}}`))
+	f.Add([]byte(`{"identity":"n1","life":"` + protocol.NewLife() + `","pending":{"serial":"6d","life":"` + protocol.NewLife() + `"}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		r, err := Decode(data)
-		if err == nil && (r.Identity == "" || r.Attempts < 0 || r.Provisions < 0) {
+		if err == nil && (r.Identity == "" || r.Attempts < 0 || r.Provisions < 0 || !protocol.ValidLife(r.Life) || r.Pending != nil && !protocol.ValidLife(r.Pending.Life)) {
 			t.Fatalf("accepted %+v", r)
 		}
 	})
@@ -151,9 +153,10 @@ func TestUpdateLostReply(t *testing.T) {
 // either order, repeatedly; an unknown serial changes nothing.
 func TestCompleteCountsOnce(t *testing.T) {
 	at := time.Date(2026, 11, 22, 8, 0, 0, 0, time.UTC)
+	oldLife, newLife := protocol.NewLife(), protocol.NewLife()
 	pending := func() *Record {
-		return &Record{Identity: "n1", State: "in_progress", Stage: "restart", ClaimedBy: "p1", LastError: "x",
-			Pending: &Pending{Serial: "5c", KeyFingerprint: "sha256:ab", By: "p1", At: at}}
+		return &Record{Identity: "n1", State: "in_progress", Stage: "restart", ClaimedBy: "p1", LastError: "x", Life: oldLife,
+			Pending: &Pending{Serial: "5c", KeyFingerprint: "sha256:ab", Life: newLife, By: "p1", At: at}}
 	}
 	type step struct {
 		serial  string
@@ -191,10 +194,10 @@ func TestCompleteCountsOnce(t *testing.T) {
 			if counted != tc.counted || r.Provisions != wantProvisions || r.State != tc.state || r.ArrivedAt.IsZero() == tc.arrivedAt {
 				t.Fatalf("counted %d, record %+v", counted, r)
 			}
-			if tc.counted > 0 && (r.Pending != nil || r.Serial != "5c" || r.ProvisionedBy != "p1" || r.LastError != "" || r.ClaimedBy != "") {
+			if tc.counted > 0 && (r.Pending != nil || r.Serial != "5c" || r.Life != newLife || r.ProvisionedBy != "p1" || r.LastError != "" || r.ClaimedBy != "") {
 				t.Fatalf("completed record %+v", r)
 			}
-			if tc.counted == 0 && (r.Pending == nil || r.Serial != "") {
+			if tc.counted == 0 && (r.Pending == nil || r.Serial != "" || r.Life != oldLife) {
 				t.Fatalf("unknown serial changed the record: %+v", r)
 			}
 			if r.Arrived("5c") != (tc.state == StateProduction) {
@@ -210,6 +213,8 @@ func TestDecodeRejectsBadSerials(t *testing.T) {
 		`{"identity":"n1","pending":{"serial":""}}`,
 		`{"identity":"n1","pending":{"serial":"5C"}}`,
 		`{"identity":"n1","provisions":-1}`,
+		`{"identity":"n1","life":"5C"}`,
+		`{"identity":"n1","pending":{"serial":"5c","life":"../x"}}`,
 	} {
 		if r, err := Decode([]byte(data)); err == nil {
 			t.Errorf("Decode(%s) accepted %+v", data, r)

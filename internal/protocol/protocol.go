@@ -8,6 +8,8 @@ package protocol
 
 import (
 	"bytes"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -253,7 +255,13 @@ type Metadata struct {
 	// that event tells a node reinstalled after it arrived in production
 	// from the previous life's late announcement by it. Zero from agents
 	// that do not send it.
-	Started time.Time         `json:"started,omitzero"`
+	Started time.Time `json:"started,omitzero"`
+	// Life is this provisioning-mode life's ID (NewLife): the same in
+	// every announcement of the life, new in the next. Unlike Started it
+	// needs no clock, so a node whose clock went back across a reinstall
+	// is still told from its previous life. Empty from agents that do not
+	// send it.
+	Life    string            `json:"life,omitempty"`
 	Version string            `json:"version"`
 	Facts   map[string]string `json:"facts"`
 }
@@ -273,6 +281,9 @@ type Event struct {
 	// Serial is, in a provisioned event, the serial number (lowercase hex)
 	// of the certificate the node connected to production with.
 	Serial string `json:"serial,omitempty"`
+	// Life is, in a startup event, the ID of the provisioning-mode life
+	// it starts (see Metadata.Life).
+	Life string `json:"life,omitempty"`
 }
 
 // PingReply is the body of a discovery or rpcutil ping reply.
@@ -280,6 +291,9 @@ type PingReply struct {
 	Identity string    `json:"identity"`
 	Mode     string    `json:"mode"` // "provisioning" or "production"
 	Time     time.Time `json:"time"`
+	// Life is the provisioning-mode life's ID (see Metadata.Life); empty
+	// in production mode.
+	Life string `json:"life,omitempty"`
 }
 
 // Inventory is the body of an rpcutil inventory reply. Its first eight fields
@@ -295,6 +309,9 @@ type Inventory struct {
 	DataPlugins    []string          `json:"data_plugins"`
 	Upgradable     bool              `json:"upgradable"`
 	Config         map[string]string `json:"config,omitempty"`
+	// Life is the provisioning-mode life's ID (see Metadata.Life); empty
+	// in production mode. The provisioner records the life it configured.
+	Life string `json:"life,omitempty"`
 	// ProvisioningToken is the node's provisioning token (provisioning
 	// mode only). The provisioner verifies it and removes it before the
 	// inventory reaches the helper. Secret.
@@ -528,6 +545,9 @@ func DecodeMetadata(data []byte) (*Metadata, error) {
 		// A life cannot start after it announced itself (one clock).
 		return nil, fmt.Errorf("decode metadata: started after time: %w", ErrBadField)
 	}
+	if !ValidLife(m.Life) {
+		return nil, fmt.Errorf("decode metadata: life: %w", ErrBadField)
+	}
 	return &m, nil
 }
 
@@ -590,6 +610,9 @@ func DecodeEvent(data []byte) (*Event, error) {
 	if !ValidSerial(e.Serial) {
 		return nil, fmt.Errorf("decode event: serial: %w", ErrBadField)
 	}
+	if !ValidLife(e.Life) {
+		return nil, fmt.Errorf("decode event: life: %w", ErrBadField)
+	}
 	return &e, nil
 }
 
@@ -615,9 +638,28 @@ const MaxSerialHex = 64
 // ValidSerial reports whether s is empty or a certificate serial number in
 // lowercase hex of at most MaxSerialHex digits.
 func ValidSerial(s string) bool {
-	if len(s) > MaxSerialHex {
-		return false
-	}
+	return len(s) <= MaxSerialHex && lowerHex(s)
+}
+
+// LifeLen is the length of a life ID: 128 random bits in lowercase hex.
+const LifeLen = 32
+
+// NewLife returns a new provisioning-mode life ID: LifeLen lowercase hex
+// digits from the system's random source.
+func NewLife() string {
+	var b [LifeLen / 2]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
+	return hex.EncodeToString(b[:])
+}
+
+// ValidLife reports whether s is empty (unknown) or a life ID: LifeLen
+// lowercase hex digits.
+func ValidLife(s string) bool {
+	return s == "" || len(s) == LifeLen && lowerHex(s)
+}
+
+// lowerHex reports whether s holds only lowercase hex digits.
+func lowerHex(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
 			return false

@@ -220,21 +220,57 @@ func TestMetadataStarted(t *testing.T) {
 	}
 }
 
+// TestLife: life IDs are new each time, and only well-formed ones (or none)
+// pass the decoders.
+func TestLife(t *testing.T) {
+	a, b := NewLife(), NewLife()
+	if !ValidLife(a) || len(a) != LifeLen || a == b {
+		t.Fatalf("NewLife gave %q and %q", a, b)
+	}
+	now := time.Date(2026, 12, 2, 1, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		life string
+		ok   bool
+	}{
+		{"", true},
+		{a, true},
+		{strings.ToUpper(a), false},
+		{a[:LifeLen-1], false},
+		{a + "0", false},
+		{strings.Repeat("g", LifeLen), false},
+		{"../" + a[3:], false},
+	} {
+		m, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Time: now, Life: tc.life})
+		e, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventStartup, Component: AgentComponent, Time: now, Life: tc.life})
+		md, merr := DecodeMetadata(m)
+		ev, eerr := DecodeEvent(e)
+		if tc.ok && (merr != nil || eerr != nil || md.Life != tc.life || ev.Life != tc.life) ||
+			!tc.ok && (!errors.Is(merr, ErrBadField) || !errors.Is(eerr, ErrBadField)) || ValidLife(tc.life) != tc.ok {
+			t.Errorf("life %q: metadata %v, event %v", tc.life, merr, eerr)
+		}
+	}
+	// Omitted when empty.
+	m, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Time: now})
+	if strings.Contains(string(m), "life") {
+		t.Errorf("empty life encoded: %s", m)
+	}
+}
+
 func FuzzDecodeMetadataEvent(f *testing.F) {
 	m, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Facts: map[string]string{"a": "b"}})
-	e, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventStartup, Component: AgentComponent})
+	e, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventStartup, Component: AgentComponent, Life: NewLife()})
 	p, _ := json.Marshal(Event{Protocol: EventProtocol, Identity: "n1", Type: EventProvisioned, Component: AgentComponent, Serial: "1f0a"})
 	now := time.Date(2026, 12, 1, 22, 0, 0, 0, time.UTC)
-	s, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Time: now, Started: now.Add(-time.Minute)})
+	s, _ := json.Marshal(Metadata{Protocol: MetadataProto, Identity: "n1", Time: now, Started: now.Add(-time.Minute), Life: NewLife()})
 	f.Add(m)
 	f.Add(e)
 	f.Add(p)
 	f.Add(s)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		if md, err := DecodeMetadata(data); err == nil && (ValidateIdentity(md.Identity) != nil || md.Started.After(md.Time)) {
+		if md, err := DecodeMetadata(data); err == nil && (ValidateIdentity(md.Identity) != nil || md.Started.After(md.Time) || !ValidLife(md.Life)) {
 			t.Fatal("invalid metadata accepted")
 		}
-		if ev, err := DecodeEvent(data); err == nil && (ValidateIdentity(ev.Identity) != nil || ev.Type == "" || !ValidSerial(ev.Serial)) {
+		if ev, err := DecodeEvent(data); err == nil && (ValidateIdentity(ev.Identity) != nil || ev.Type == "" || !ValidSerial(ev.Serial) || !ValidLife(ev.Life)) {
 			t.Fatal("invalid event accepted")
 		}
 	})
