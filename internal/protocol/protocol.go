@@ -502,11 +502,15 @@ func (r *Request) Validate() error {
 // CheckFresh reports ErrExpired when now is past Time+TTL, or when Time lies
 // further than skew in the future.
 func (r *Request) CheckFresh(now time.Time, skew time.Duration) error {
+	// The receiver's clock is in each message: an operator reading it
+	// on the sender's side sees how far apart the two clocks are.
 	if r.Time.After(now.Add(skew)) {
-		return fmt.Errorf("request %s made %s in the future: %w", r.ID, r.Time.Sub(now).Round(time.Millisecond), ErrExpired)
+		return fmt.Errorf("request %s made %s in the future by this clock (%s; more than the %s skew allowed): %w",
+			r.ID, r.Time.Sub(now).Round(time.Millisecond), now.UTC().Format(time.RFC3339), skew, ErrExpired)
 	}
 	if now.After(r.Time.Add(time.Duration(r.TTL)*time.Second + skew)) {
-		return fmt.Errorf("request %s older than its ttl of %ds: %w", r.ID, r.TTL, ErrExpired)
+		return fmt.Errorf("request %s older than its ttl of %ds by this clock (%s; made %s): %w",
+			r.ID, r.TTL, now.UTC().Format(time.RFC3339), r.Time.UTC().Format(time.RFC3339), ErrExpired)
 	}
 	return nil
 }

@@ -89,11 +89,14 @@ func TestCheckFresh(t *testing.T) {
 	if err := r.CheckFresh(now.Add(30*time.Second), time.Second); err != nil {
 		t.Fatalf("fresh request refused: %v", err)
 	}
-	if err := r.CheckFresh(now.Add(2*time.Minute), time.Second); !errors.Is(err, ErrExpired) {
+	// A refusal says what the receiver's clock read, so that a node with
+	// a wrong clock is found from the sender's log.
+	later := now.Add(2 * time.Minute)
+	if err := r.CheckFresh(later, time.Second); !errors.Is(err, ErrExpired) || !strings.Contains(err.Error(), later.UTC().Format(time.RFC3339)) {
 		t.Fatalf("stale request: %v", err)
 	}
 	r.Time = now.Add(time.Minute)
-	if err := r.CheckFresh(now, 5*time.Second); !errors.Is(err, ErrExpired) {
+	if err := r.CheckFresh(now, 5*time.Second); !errors.Is(err, ErrExpired) || !strings.Contains(err.Error(), now.UTC().Format(time.RFC3339)) || !strings.Contains(err.Error(), "1m0s in the future") {
 		t.Fatalf("future request: %v", err)
 	}
 }
