@@ -143,15 +143,18 @@ func waitClusterFormed(t *testing.T, brokers []*Broker) {
 	})
 }
 
-// connectedTo reports whether b has a client connection named name.
+// connectedTo reports whether b has an authenticated client connection
+// named name.
 func connectedTo(t *testing.T, b *Broker, name string) bool {
 	t.Helper()
-	cz, err := b.Server().Connz(&server.ConnzOptions{Limit: 1000})
+	cz, err := b.Server().Connz(&server.ConnzOptions{Username: true, Limit: 1000})
 	if err != nil {
 		return false
 	}
 	for _, c := range cz.Conns {
-		if c.Name == name {
+		// Its account too: the server lists a connection by the name in
+		// its CONNECT before it has authenticated it (seen under load).
+		if c.Name == name && c.Account != "" {
 			return true
 		}
 	}
