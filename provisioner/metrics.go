@@ -45,6 +45,7 @@ type metrics struct {
 	helperDur    *prometheus.HistogramVec
 	queueWait    prometheus.Histogram
 	nodeDuration prometheus.Histogram
+	clockOffset  prometheus.Histogram
 
 	tokenRefusals      *prometheus.CounterVec
 	standby            prometheus.Gauge
@@ -79,6 +80,9 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 		helperDur:    prometheus.NewHistogramVec(hopts("helper_duration_seconds", "Duration of helper runs, by outcome.", durBuckets), []string{"outcome"}),
 		queueWait:    prometheus.NewHistogram(hopts("queue_wait_seconds", "Time a node waited in the queue.", longBuckets)),
 		nodeDuration: prometheus.NewHistogram(hopts("node_duration_seconds", "Time from dequeue to restart acknowledged.", longBuckets)),
+		clockOffset: prometheus.NewHistogram(hopts("node_clock_offset_seconds",
+			"How far nodes' clocks are from the provisioner's, either way, estimated from the time in each reply.",
+			[]float64{0.1, 0.5, 1, 5, 10, 30, 60, 300, 3600, 86400})),
 
 		tokenRefusals: prometheus.NewCounterVec(prometheus.CounterOpts(opts("token_refusals_total", "Nodes refused for their provisioning token, by reason.")), []string{"reason"}),
 	}
@@ -124,7 +128,7 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
-		m.queueWait, m.nodeDuration, m.tokenRefusals, m.policyRejections, heldG, m.standby, m.completedOnArrival,
+		m.queueWait, m.nodeDuration, m.clockOffset, m.tokenRefusals, m.policyRejections, heldG, m.standby, m.completedOnArrival,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err

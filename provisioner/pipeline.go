@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"time"
 
@@ -514,10 +515,38 @@ func (p *Provisioner) rpcOnce(ctx context.Context, nc *nats.Conn, subject, targe
 		p.invalid(sourceReply, ErrBadReply)
 		return nil, false, fmt.Errorf("%s %s: %w: reply to request %q", agent, action, ErrBadReply, rep.ID)
 	}
+	off, known := clockOffset(start, time.Now(), rep.Time)
+	if known {
+		p.m.clockOffset.Observe(math.Abs(off.Seconds()))
+	}
 	if err := rep.Err(); err != nil {
+		if rep.Code == protocol.CodeExpired && known && off.Abs() >= time.Second {
+			// The usual cause: a node whose clock is wrong (no NTP yet).
+			return nil, false, fmt.Errorf("%s %s: %w (%s)", agent, action, err, describeOffset(off))
+		}
 		return nil, rep.Code == protocol.CodeInternal, fmt.Errorf("%s %s: %w", agent, action, err)
 	}
 	return rep, false, nil
+}
+
+// clockOffset estimates how far ahead of this provisioner's clock a node's
+// is, from a request sent at sent, its reply received at received, and the
+// time the node put in the reply (its clock, between the two): accurate to
+// half the round trip. known is false when the reply has no time.
+func clockOffset(sent, received, nodeTime time.Time) (off time.Duration, known bool) {
+	if nodeTime.IsZero() {
+		return 0, false
+	}
+	return nodeTime.Sub(sent.Add(received.Sub(sent) / 2)), true
+}
+
+// describeOffset says in words how a node's clock stands to this
+// provisioner's.
+func describeOffset(off time.Duration) string {
+	if off < 0 {
+		return fmt.Sprintf("the node's clock is %s behind this provisioner's", (-off).Round(time.Second))
+	}
+	return fmt.Sprintf("the node's clock is %s ahead of this provisioner's", off.Round(time.Second))
 }
 
 // tellDefer tells a deferred node when the provisioner will take it again,

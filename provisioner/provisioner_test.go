@@ -554,6 +554,59 @@ func TestNewLifeByID(t *testing.T) {
 	}
 }
 
+// TestNodeClockOffset: the provisioner estimates every node's clock offset
+// from its replies (a metric), and a node that refuses its requests because
+// its clock is wrong fails with the offset in its last error.
+func TestNodeClockOffset(t *testing.T) {
+	url := startServer(t)
+	c := newCA(t)
+	fleet := newSimFleet(t, url, c.CertificatePEM())
+	good := fleet.add("good.example.net", nil)
+	behind := fleet.add("behind.example.net", nil)
+	behind.mu.Lock()
+	behind.clock = -3 * time.Hour
+	behind.mu.Unlock()
+	r := startProvisioner(t, url, testConfig(), newTestHelper(c, nil), nil, nil)
+	// The node behind refuses the discovery ping too (from the future by
+	// its clock): it is found by its announcement.
+	fleet.publishMetadata("behind.example.net")
+	waitFor(t, 30*time.Second, "one node provisioned, the other failed", func() bool {
+		_, restarted, _ := good.stats()
+		st, _ := nodeState(r.p, "behind.example.net")
+		return restarted == 1 && st.State == StateFailed
+	})
+	r.stop(t)
+	st, _ := nodeState(r.p, "behind.example.net")
+	if !strings.Contains(st.LastError, "the node's clock is 3h0m0s behind this provisioner's") || !strings.Contains(st.LastError, "in the future") {
+		t.Fatalf("last error %q", st.LastError)
+	}
+	mfs, err := r.p.m.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var count, within30, within3600 uint64
+	for _, mf := range mfs {
+		if mf.GetName() != "muster_provisioner_node_clock_offset_seconds" {
+			continue
+		}
+		h := mf.GetMetric()[0].GetHistogram()
+		count = h.GetSampleCount()
+		for _, b := range h.GetBucket() {
+			switch b.GetUpperBound() {
+			case 30:
+				within30 = b.GetCumulativeCount()
+			case 3600:
+				within3600 = b.GetCumulativeCount()
+			}
+		}
+	}
+	// The good node's four replies (inventory, gencsr, configure,
+	// restart) are close to this clock; the other's one is hours off.
+	if count < 5 || within30 < 4 || count-within3600 < 1 {
+		t.Fatalf("clock offsets: %d observed, %d within 30 s, %d within an hour", count, within30, within3600)
+	}
+}
+
 // TestShutdownJoinsGoroutines checks Run's goroutines end and that a node
 // stuck in its helper is abandoned after the drain period.
 func TestShutdownJoinsGoroutines(t *testing.T) {

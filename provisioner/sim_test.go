@@ -92,6 +92,9 @@ type simNode struct {
 	// silent nodes do not answer broadcast discovery (they announce
 	// themselves instead).
 	silent bool
+	// clock is how far the node's clock is ahead of the real time (its
+	// freshness checks and reply times use it).
+	clock time.Duration
 	// life is the node's provisioning-mode life ID, in its discovery
 	// replies, inventory and announcements (empty: an agent that sends
 	// none).
@@ -241,8 +244,11 @@ func (n *simNode) handle(m *nats.Msg) {
 		n.respond(m, nil, protocol.CodeBadRequest, err.Error(), nil)
 		return
 	}
-	if err := req.CheckFresh(time.Now(), 30*time.Second); err != nil {
-		n.respond(m, req, protocol.CodeExpired, "expired", nil)
+	n.mu.Lock()
+	clock := n.clock
+	n.mu.Unlock()
+	if err := req.CheckFresh(time.Now().Add(clock), 30*time.Second); err != nil {
+		n.respond(m, req, protocol.CodeExpired, err.Error(), nil)
 		return
 	}
 	broadcast := req.Target == ""
@@ -383,6 +389,9 @@ func (n *simNode) respond(m *nats.Msg, req *protocol.Request, code protocol.Code
 	if err != nil {
 		return
 	}
+	n.mu.Lock()
+	rep.Time = rep.Time.Add(n.clock)
+	n.mu.Unlock()
 	b, err := protocol.Marshal(rep)
 	if err != nil {
 		return
