@@ -27,6 +27,15 @@ import (
 	"github.com/muster-io/muster/internal/token"
 )
 
+// Repeats of a production connection's provisioned event (see
+// Options.ArrivalRepeat).
+const (
+	// DefaultArrivalRepeat is when it is first published again.
+	DefaultArrivalRepeat = time.Minute
+	// arrivalRepeats is how many times it is published again.
+	arrivalRepeats = 3
+)
+
 // Defaults.
 const (
 	DefaultMetadataInterval        = 30 * time.Second
@@ -161,6 +170,14 @@ type Options struct {
 	// MetadataInterval is the mean interval between metadata messages
 	// (jittered ±25%), default 30s.
 	MetadataInterval time.Duration
+	// ArrivalRepeat is how long after a production connection came up its
+	// provisioned event is published again, default 1 min; two more
+	// repeats follow after 5 and 25 times as long (so at about 1, 6 and 31
+	// minutes), each jittered ±25%, with the event's ID unchanged. A
+	// provisioner that missed the event (a broker died holding it, the
+	// arrivals stream was electing a leader) records the arrival from a
+	// repeat. Negative: no repeats.
+	ArrivalRepeat time.Duration
 	// ProductionFallbackAfter is the number of consecutive refused
 	// production connects before falling back to provisioning, default 3.
 	ProductionFallbackAfter int
@@ -199,6 +216,7 @@ type Agent struct {
 	inProcess   nats.InProcessConnProvider
 	exitRestart bool
 	mdInterval  time.Duration
+	arrRepeat   time.Duration
 	fallbackN   int
 	reconnWait  time.Duration
 	reconnMax   time.Duration
@@ -346,6 +364,7 @@ func New(opts Options) (*Agent, error) {
 		inProcess:   opts.InProcess,
 		exitRestart: opts.ExitOnRestart,
 		mdInterval:  opts.MetadataInterval,
+		arrRepeat:   opts.ArrivalRepeat,
 		fallbackN:   opts.ProductionFallbackAfter,
 		reconnWait:  opts.ReconnectWait,
 		reconnMax:   opts.ReconnectMaxWait,
@@ -360,6 +379,9 @@ func New(opts Options) (*Agent, error) {
 	a.log = a.log.WithFields(logrus.Fields{"component": "agent", "identity": a.id})
 	if a.mdInterval == 0 {
 		a.mdInterval = DefaultMetadataInterval
+	}
+	if a.arrRepeat == 0 {
+		a.arrRepeat = DefaultArrivalRepeat
 	}
 	if a.fallbackN == 0 {
 		a.fallbackN = DefaultProductionFallbackAfter

@@ -172,6 +172,35 @@ func TestConfiguredNeverRestarted(t *testing.T) {
 	}
 }
 
+// TestArrivalRepeated: a production connection's provisioned event is
+// published again three times, with the same ID and serial, at the growing
+// delays ArrivalRepeat sets, and then no more.
+func TestArrivalRepeated(t *testing.T) {
+	const id = "node1.example.net"
+	e := newEnv(t)
+	nc := e.client(t)
+	events := record(t, nc, protocol.LifecyclePrefix+".>")
+	opts := agentOptions(e, id, filepath.Join(t.TempDir(), "state"))
+	opts.ArrivalRepeat = 50 * time.Millisecond // then 250 ms and 1.25 s later
+	startAgent(t, opts)
+	eventually(t, "startup event", func() bool { return events.count(eventsOf(protocol.EventStartup, id)) == 1 })
+	serial := configureOnce(t, e, nc, id)
+	mustOK(t, call(t, nc, protocol.ProvisioningCollective, id, protocol.AgentProvision, protocol.ActionRestart, reqOpts{key: testKey}, protocol.RestartRequest{SplayMillis: 10}))
+	eventually(t, "the provisioned event and its three repeats", func() bool { return len(provisionedEvents(t, events, id)) >= 4 })
+	// The last repeat came at most 1.25 × (50 + 250 + 1250) ms after
+	// the first event; as long again shows that no fifth follows.
+	time.Sleep(2 * time.Second)
+	evs := provisionedEvents(t, events, id)
+	if len(evs) != 4 {
+		t.Fatalf("%d provisioned events, want 4", len(evs))
+	}
+	for _, ev := range evs {
+		if ev.ID != evs[0].ID || ev.Serial != serial {
+			t.Fatalf("events %+v: want one ID and serial %s", evs, serial)
+		}
+	}
+}
+
 // TestKilledBeforeRestartComesUpInProduction is an agent that went away
 // after configure but before restart (killed, rebooted): at its next start
 // the configuration is complete, so it runs in production and its

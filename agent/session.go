@@ -203,7 +203,10 @@ func (s *session) serveProduction(ctx context.Context, nc *nats.Conn, connected,
 // itself again: a waiting node its metadata (provisioners pick it up again
 // without waiting for the next interval), a production node its
 // provisioned event with the same ID as before (one arrival, counted once
-// by consumers that go by the ID).
+// by consumers that go by the ID). A broker can also lose the first
+// announcement of a production connection without the connection breaking
+// (a JetStream leader election, say), so a production node publishes its
+// provisioned event again a few times (Options.ArrivalRepeat).
 func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg, connected, reconnected, closed <-chan struct{}, expiry <-chan time.Time) outcome {
 	a := s.a
 	var mdC <-chan time.Time
@@ -220,6 +223,14 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 			restartTimer.Stop()
 		}
 	}()
+	var arrC <-chan time.Time
+	var arrTimer *time.Timer
+	defer func() {
+		if arrTimer != nil {
+			arrTimer.Stop()
+		}
+	}()
+	arrDelay, arrLeft := a.arrRepeat, arrivalRepeats
 	announced := false
 	for {
 		select {
@@ -243,6 +254,10 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 				mdC = mdTimer.C
 			} else {
 				a.publishEvent(nc, s.arrival(now))
+				if arrDelay > 0 {
+					arrTimer = time.NewTimer(jitter(arrDelay, 0.25))
+					arrC = arrTimer.C
+				}
 			}
 			a.log.WithField("broker", nc.ConnectedUrlRedacted()).Infof("connected in %s mode", s.mode)
 			if a.observer != nil {
@@ -260,6 +275,14 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 		case <-mdC:
 			a.publishMetadata(nc, s, time.Now())
 			mdTimer.Reset(jitter(a.mdInterval, 0.25))
+		case <-arrC:
+			a.publishEvent(nc, s.arrival(time.Now()))
+			if arrLeft--; arrLeft > 0 {
+				arrDelay *= 5
+				arrTimer.Reset(jitter(arrDelay, 0.25))
+			} else {
+				arrC = nil
+			}
 		case <-restartC:
 			_ = nc.FlushTimeout(flushTimeout)
 			return outRestart

@@ -72,7 +72,6 @@ func (p *Provisioner) handleMessage(m *nats.Msg) {
 			p.invalid(sourceProduction, err)
 			return
 		}
-		p.m.arrivals.Inc()
 		p.markProduction(ev)
 	default:
 		ev, err := protocol.DecodeEventFrom(m.Subject, m.Data)
@@ -118,6 +117,12 @@ func (p *Provisioner) markProduction(ev *protocol.Event) {
 	if n == nil {
 		n = &node{NodeStatus: NodeStatus{Identity: id}}
 		p.nodes[id] = n
+	}
+	if ev.ID == "" || ev.ID != n.arrivalID {
+		// One arrival per ID: a node publishes its event again after a
+		// reconnection and a few times more (it may have been lost).
+		n.arrivalID = ev.ID
+		p.m.arrivals.Inc()
 	}
 	if ev.Serial != "" {
 		n.arrivedSerial, n.arrivedAt = ev.Serial, ev.Time

@@ -75,7 +75,7 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 		shed:         prometheus.NewCounter(prometheus.CounterOpts(opts("queue_shed_total", "Node announcements dropped because the queue was full."))),
 		busy:         prometheus.NewGauge(prometheus.GaugeOpts(opts("busy_workers", "Workers provisioning a node now."))),
 		paused:       prometheus.NewGauge(prometheus.GaugeOpts(opts("paused", "1 while the provisioner is paused."))),
-		arrivals:     prometheus.NewCounter(prometheus.CounterOpts(opts("production_arrivals_total", "Provisioned lifecycle events seen from the production side."))),
+		arrivals:     prometheus.NewCounter(prometheus.CounterOpts(opts("production_arrivals_total", "Arrivals in production seen: provisioned lifecycle events from the production side, each ID counted once."))),
 		rpcDuration:  prometheus.NewHistogramVec(hopts("rpc_duration_seconds", "Duration of one RPC attempt to a node, by action.", durBuckets), []string{"action"}),
 		helperDur:    prometheus.NewHistogramVec(hopts("helper_duration_seconds", "Duration of helper runs, by outcome.", durBuckets), []string{"outcome"}),
 		queueWait:    prometheus.NewHistogram(hopts("queue_wait_seconds", "Time a node waited in the queue.", longBuckets)),

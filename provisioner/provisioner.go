@@ -173,9 +173,10 @@ type node struct {
 	NodeStatus
 	queuedAt time.Time
 	// arrivedSerial and arrivedAt are the certificate serial and time of
-	// the node's last provisioned event from production.
+	// the node's last provisioned event from production, arrivalID its ID.
 	arrivedSerial string
 	arrivedAt     time.Time
+	arrivalID     string
 	// productionSince is when the node last arrived in production, by
 	// its clock (its provisioned event's time; this provisioner's when
 	// the event has none): a provisioning life started after it is a new

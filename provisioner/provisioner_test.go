@@ -477,14 +477,21 @@ func TestNewLifeByNodeClock(t *testing.T) {
 		{"ahead.example.net", time.Hour},
 	} {
 		arrived := time.Now().UTC().Add(tc.skew) // the node's clock
-		r.p.markProduction(&protocol.Event{Protocol: protocol.EventProtocol, ID: "a", Identity: tc.id, Component: protocol.AgentComponent,
-			Type: protocol.EventProvisioned, Time: arrived, Serial: "5c"})
+		ev := &protocol.Event{Protocol: protocol.EventProtocol, ID: "a", Identity: tc.id, Component: protocol.AgentComponent,
+			Type: protocol.EventProvisioned, Time: arrived, Serial: "5c"}
+		r.p.markProduction(ev)
+		// The node publishes it again (a reconnection, or a repeat in
+		// case it was lost): one arrival.
+		r.p.markProduction(ev)
 		if r.p.offer(tc.id, sourceMetadata, nodeLife{started: arrived.Add(-time.Second)}) {
 			t.Errorf("%s: the old life's late announcement queued the node", tc.id)
 		}
 		if !r.p.offer(tc.id, sourceMetadata, nodeLife{started: arrived.Add(time.Second)}) {
 			t.Errorf("%s: a life started after the arrival was not taken", tc.id)
 		}
+	}
+	if n := testutil.ToFloat64(r.p.m.arrivals); n != 2 {
+		t.Errorf("production_arrivals_total = %v after two nodes' events, each published twice; want 2", n)
 	}
 	r.stop(t)
 }
