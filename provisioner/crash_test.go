@@ -478,6 +478,14 @@ func TestRecordSharedSkipsLostClaims(t *testing.T) {
 	if _, err := kv.nodes.Get(context.Background(), "lost.example.net"); !errors.Is(err, nodestate.ErrNotFound) {
 		t.Fatalf("state written for a lost claim: %v", err)
 	}
+	// This provisioner's view says the node may be another's, and why; a
+	// lost claim is not a shutdown.
+	a.stage = StageGenCSR
+	r.p.finish(a, fmt.Errorf("gencsr: %w", context.Canceled), true)
+	st, _ := nodeState(r.p, "lost.example.net")
+	if st.State != StateElsewhere || !strings.Contains(st.LastError, "gencsr: ") || !strings.Contains(st.LastError, "renewal conflict") || !st.RetryAt.After(time.Now()) {
+		t.Fatalf("after a lost claim: %+v", st)
+	}
 }
 
 // TestRecordSharedKeepsArrivalDuringStaleAttempt: an attempt claimed a

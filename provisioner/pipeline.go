@@ -352,6 +352,10 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 		stage = se.stage
 	}
 	outcome := a.outcome
+	// An attempt stopped because its claim lapsed (renewals too slow for
+	// the lease): the node may be another provisioner's now. Not a
+	// shutdown, and nothing is recorded in the shared state.
+	lost := err != nil && a.hold != nil && a.hold.lost()
 	p.mu.Lock()
 	n := p.nodes[a.id]
 	if n == nil {
@@ -371,6 +375,11 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 	switch {
 	case held:
 		outcome = OutcomeHeld
+	case lost:
+		n.State = StateElsewhere
+		n.LastError = fmt.Sprintf("%s: %v", stage, context.Cause(a.hold.ctx))
+		n.RetryAt = now.Add(p.shared.claims.Lease())
+		outcome = OutcomeFailed
 	case err != nil && abandoned:
 		n.State = StateAbandoned
 		n.LastError = ErrAbandoned.Error()
@@ -406,6 +415,8 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 	switch {
 	case held:
 		a.log.WithError(err).Warn("node held for an operator")
+	case lost:
+		// Hold's callback logged the loss.
 	case err != nil && abandoned:
 		a.log.WithField("stage", string(stage)).Warn("node abandoned at shutdown")
 	case err != nil:
