@@ -303,7 +303,9 @@ type Result struct {
 	Duplicates          int      `json:"duplicates"`
 	DuplicateIdentities []string `json:"duplicate_identities,omitempty"`
 	// ProductionReconnects counts production-mode connections beyond the
-	// first per identity.
+	// first per identity (in-process agents only: with --processes the
+	// bench sees arrivals, one per lifecycle event ID, and a reconnection
+	// repeats its ID).
 	ProductionReconnects int `json:"production_reconnects"`
 
 	// Seconds runs from the first agent's start to the last node's

@@ -147,11 +147,16 @@ func (f *Fleet) watchProduction() error {
 	if err != nil {
 		return fmt.Errorf("admin connection: %w", err)
 	}
+	// A node publishes its event again, with the same ID, after a
+	// reconnection and a few times more in case it was lost: one arrival
+	// per ID. (The callback runs on one goroutine.)
+	seen := map[string]string{}
 	_, err = nc.Subscribe(protocol.LifecycleSubject(protocol.EventProvisioned, protocol.AgentComponent, ">"), func(m *nats.Msg) {
 		ev, err := protocol.DecodeEventFrom(m.Subject, m.Data)
-		if err != nil {
+		if err != nil || ev.ID != "" && seen[ev.Identity] == ev.ID {
 			return
 		}
+		seen[ev.Identity] = ev.ID
 		observer{f}.ModeChanged(ev.Identity, agent.ModeProduction, time.Now())
 	})
 	if err == nil {
