@@ -30,8 +30,9 @@ const (
 	HALeader = "leader"
 )
 
-// StateElsewhere: another provisioner holds the node's claim; it is looked
-// at again after a lease.
+// StateElsewhere: another provisioner holds the node's claim, or this
+// one's attempt lost it; it is looked at again when it next announces
+// itself.
 const StateElsewhere State = "elsewhere"
 
 // HAConfig is the ha section of the configuration.
