@@ -324,7 +324,6 @@ func TestClaimsModeReprovisionWithoutStartupEvent(t *testing.T) {
 	a := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
 	kv := openKV(t, url)
 	announceUntil(t, fleet, id, 30*time.Second, "the first provisioning", func() bool { return kv.record(id).Provisions == 1 })
-	arrived := time.Now().UTC()
 	fleet.publishArrival(id, nuid.Next(), node.configuredSerials()[0])
 	waitFor(t, 20*time.Second, "the node in production", func() bool { return kv.record(id).State == string(StateProduction) })
 	before := kv.record(id)
@@ -347,8 +346,10 @@ func TestClaimsModeReprovisionWithoutStartupEvent(t *testing.T) {
 	if st, _ := nodeState(a.p, id); st.State != StateProduction {
 		t.Fatalf("after the old life's announcements: %+v", st)
 	}
-	// Reinstalled: announcements of a life started after the arrival.
-	secondLife := arrived.Add(time.Millisecond)
+	// Reinstalled: announcements of a life started after the arrival (the
+	// arrival event's time, which the record keeps: a time taken before
+	// publishing it was, under load, more than a millisecond earlier).
+	secondLife := before.ArrivedAt.Add(time.Millisecond)
 	deadline := time.Now().Add(30 * time.Second)
 	for kv.record(id).Provisions < 2 {
 		if time.Now().After(deadline) {
