@@ -16,6 +16,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -217,18 +218,22 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 	// The node can reach production before the provisioner has recorded
 	// the restart's reply: wait for the record too.
 	waitFor(t, 30*time.Second, "first life recorded", func() bool {
-		_, err := os.Stat(filepath.Join(stateDir, RegistryFile))
 		rec, ok, _ := r.p.reg.Get(id)
-		return err == nil && ok && rec.Serial != ""
+		return ok && rec.Serial != ""
 	})
 	rec, ok, err := r.p.reg.Get(id)
 	if err != nil || !ok || rec.KeyFingerprint != diskKey(t, dir1) || rec.Serial == "" {
 		t.Fatalf("registry after first life: %+v %v %v", rec, ok, err)
 	}
-	if b, err := os.ReadFile(filepath.Join(stateDir, RegistryFile)); err != nil || !strings.Contains(string(b), rec.KeyFingerprint) {
-		t.Fatalf("registry file: %v", err)
-	} else if st, _ := os.Stat(filepath.Join(stateDir, RegistryFile)); st.Mode().Perm() != 0o600 {
-		t.Fatalf("registry file mode %v", st.Mode().Perm())
+	// The record is on disk (a Put appends it to the journal) and the
+	// registry's files are private.
+	if b, err := os.ReadFile(filepath.Join(stateDir, RegistryJournal)); err != nil || !strings.Contains(string(b), rec.KeyFingerprint) {
+		t.Fatalf("registry journal: %v\n%s", err, b)
+	}
+	for _, f := range []string{RegistryFile, RegistryJournal} {
+		if st, err := os.Stat(filepath.Join(stateDir, f)); err == nil && st.Mode().Perm() != 0o600 {
+			t.Fatalf("%s mode %v", f, st.Mode().Perm())
+		}
 	}
 	// Paused before the life ends: the test config has no grace period,
 	// so an announcement the old life sent before its restart can queue
@@ -493,9 +498,263 @@ func TestFileRegistryRoundTrip(t *testing.T) {
 		t.Fatalf("record %+v", got)
 	}
 	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 {
-		t.Fatalf("state dir holds %d entries (temporary files left?)", len(entries))
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
 	}
+	if strings.Join(names, " ") != RegistryJournal+" "+RegistryFile {
+		t.Fatalf("state dir holds %v (temporary files left?)", names)
+	}
+	// Opening folded the journal: registry.json alone holds every record.
+	if st, err := os.Stat(filepath.Join(dir, RegistryJournal)); err != nil || st.Size() != 0 || st.Mode().Perm() != 0o600 {
+		t.Fatalf("journal after open: %v %v", st, err)
+	}
+	data, err := os.ReadFile(filepath.Join(dir, RegistryFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if recs, err := DecodeRegistry(data); err != nil || len(recs) != 21 {
+		t.Fatalf("registry.json after open: %d records, %v", len(recs), err)
+	}
+}
+
+// TestFileRegistryJournal checks the journal: a Put appends one line and
+// leaves registry.json alone; a crash's partial last line is dropped; lines
+// the snapshot holds are not replayed over it; a bad line makes the
+// registry corrupt and nothing is rewritten; a journal larger than the
+// snapshot is folded into it.
+func TestFileRegistryJournal(t *testing.T) {
+	fp := "sha256:" + strings.Repeat("ab", 32)
+	fp2 := "sha256:" + strings.Repeat("cd", 32)
+	now := time.Now().UTC().Truncate(time.Second)
+	rec := func(id, fp, serial string) Record {
+		return Record{Identity: id, KeyFingerprint: fp, Serial: serial, ProvisionedAt: now}
+	}
+	read := func(t *testing.T, path string) string {
+		t.Helper()
+		b, err := os.ReadFile(path)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+
+	t.Run("append", func(t *testing.T) {
+		dir := t.TempDir()
+		r, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, id := range []string{"a.example.net", "b.example.net", "a.example.net"} {
+			if err := r.Put(rec(id, fp, fmt.Sprintf("%x", i+1))); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if s := read(t, filepath.Join(dir, RegistryFile)); s != "" {
+			t.Fatalf("a Put rewrote registry.json:\n%s", s)
+		}
+		lines := strings.Split(strings.TrimSuffix(read(t, filepath.Join(dir, RegistryJournal)), "\n"), "\n")
+		if len(lines) != 3 || !strings.HasPrefix(lines[2], `{"seq":3,"record":{"identity":"a.example.net"`) {
+			t.Fatalf("journal:\n%s", strings.Join(lines, "\n"))
+		}
+		// A crash in the middle of the next append leaves part of a line.
+		f, err := os.OpenFile(filepath.Join(dir, RegistryJournal), os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteString(`{"seq":4,"record":{"identity":"c.exa`); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		r2, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, ok, _ := r2.Get("a.example.net"); !ok || got.Serial != "3" {
+			t.Fatalf("a after reopen: %+v %v", got, ok)
+		}
+		if _, ok, _ := r2.Get("c.example.net"); ok {
+			t.Fatal("the partial line's record was read")
+		}
+		if s := read(t, filepath.Join(dir, RegistryJournal)); s != "" {
+			t.Fatalf("journal not emptied at open: %q", s)
+		}
+		// Sequence numbers go on from the snapshot's.
+		if err := r2.Put(rec("c.example.net", fp, "4")); err != nil {
+			t.Fatal(err)
+		}
+		if s := read(t, filepath.Join(dir, RegistryJournal)); !strings.HasPrefix(s, `{"seq":4,`) {
+			t.Fatalf("journal after reopen: %q", s)
+		}
+		if err := r2.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := r2.Put(rec("d.example.net", fp, "5")); !errors.Is(err, ErrRegistryClosed) {
+			t.Fatalf("Put after Close: %v", err)
+		}
+		recs, err := DecodeRegistry([]byte(read(t, filepath.Join(dir, RegistryFile))))
+		if err != nil || len(recs) != 3 || recs["c.example.net"].Serial != "4" {
+			t.Fatalf("registry.json after Close: %v %v", recs, err)
+		}
+	})
+
+	t.Run("snapshot newer than journal lines", func(t *testing.T) {
+		// A crash after a fold wrote registry.json (seq 5) and before it
+		// emptied the journal: seq 3 is older than the snapshot's a, seq 6
+		// is newer.
+		dir := t.TempDir()
+		snap := `{"version":1,"seq":5,"records":[{"identity":"a.example.net","key_fingerprint":"` + fp2 + `","serial":"5"}]}`
+		journal := `{"seq":3,"record":{"identity":"a.example.net","key_fingerprint":"` + fp + `","serial":"3"}}` + "\n" +
+			`{"seq":6,"record":{"identity":"b.example.net","serial":"6"}}` + "\n"
+		if err := os.WriteFile(filepath.Join(dir, RegistryFile), []byte(snap), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, RegistryJournal), []byte(journal), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		r, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, _, _ := r.Get("a.example.net"); got.Serial != "5" || got.KeyFingerprint != fp2 {
+			t.Fatalf("an older journal line replaced the snapshot's record: %+v", got)
+		}
+		if got, ok, _ := r.Get("b.example.net"); !ok || got.Serial != "6" {
+			t.Fatalf("b: %+v %v", got, ok)
+		}
+		if s := read(t, filepath.Join(dir, RegistryFile)); !strings.Contains(s, `"seq":6,`) {
+			t.Fatalf("folded snapshot: %s", s)
+		}
+	})
+
+	t.Run("corrupt line", func(t *testing.T) {
+		for name, journal := range map[string]string{
+			"not json":        "{\"seq\":1,\"record\":{\"identity\":\"a.example.net\"}}\nnot json\n{\"seq\":3,\"record\":{\"identity\":\"b.example.net\"}}\n",
+			"bad identity":    "{\"seq\":1,\"record\":{\"identity\":\"../a\"}}\n",
+			"unknown field":   "{\"seq\":1,\"record\":{\"identity\":\"a.example.net\"},\"x\":1}\n",
+			"no seq":          "{\"record\":{\"identity\":\"a.example.net\"}}\n",
+			"trailing data":   "{\"seq\":1,\"record\":{\"identity\":\"a.example.net\"}} {}\n",
+			"line too long":   "{\"seq\":1,\"record\":{\"identity\":\"a.example.net\",\"token_id\":\"" + strings.Repeat("x", maxJournalLine) + "\"}}\n",
+			"bad fingerprint": "{\"seq\":1,\"record\":{\"identity\":\"a.example.net\",\"key_fingerprint\":\"md5:00\"}}\n",
+		} {
+			t.Run(name, func(t *testing.T) {
+				dir := t.TempDir()
+				path := filepath.Join(dir, RegistryJournal)
+				if err := os.WriteFile(path, []byte(journal), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				_, err := OpenFileRegistry(dir)
+				if !errors.Is(err, ErrRegistryCorrupt) || !strings.Contains(err.Error(), path) {
+					t.Fatalf("open: %v", err)
+				}
+				if read(t, path) != journal || read(t, filepath.Join(dir, RegistryFile)) != "" {
+					t.Fatal("a corrupt journal was rewritten")
+				}
+			})
+		}
+	})
+
+	t.Run("fold", func(t *testing.T) {
+		dir := t.TempDir()
+		r, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.minFold = 1024 // about five lines
+		folded := false
+		for i := 0; i < 40; i++ {
+			if err := r.Put(rec(fmt.Sprintf("n%02d.example.net", i), fp, fmt.Sprintf("%x", i+1))); err != nil {
+				t.Fatal(err)
+			}
+			if st, err := os.Stat(filepath.Join(dir, RegistryJournal)); err != nil {
+				t.Fatal(err)
+			} else if st.Size() > int64(max(r.minFold, r.size))+maxJournalLine {
+				t.Fatalf("journal of %d bytes after %d Puts, registry.json %d", st.Size(), i+1, r.size)
+			} else if st.Size() == 0 {
+				folded = true
+			}
+		}
+		if !folded {
+			t.Fatal("the journal was never folded")
+		}
+		recs, err := DecodeRegistry([]byte(read(t, filepath.Join(dir, RegistryFile))))
+		if err != nil || len(recs) == 0 {
+			t.Fatalf("registry.json: %d records, %v", len(recs), err)
+		}
+		r2, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if list, _ := r2.List(); len(list) != 40 {
+			t.Fatalf("%d records after reopen", len(list))
+		}
+	})
+
+	t.Run("failed append", func(t *testing.T) {
+		dir := t.TempDir()
+		r, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Put(rec("a.example.net", fp, "1")); err != nil {
+			t.Fatal(err)
+		}
+		// A journal that cannot be written or emptied (a read-only
+		// handle stands in for a full or failing disk).
+		good := r.journal
+		ro, err := os.Open(filepath.Join(dir, RegistryJournal))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.journal = ro
+		if err := r.Put(rec("b.example.net", fp, "2")); err == nil {
+			t.Fatal("Put succeeded with a journal that cannot be written")
+		}
+		// Nothing is appended to a journal that may end in part of a
+		// line: the next write is a snapshot.
+		r.journal = good
+		ro.Close()
+		if err := r.Put(rec("c.example.net", fp, "3")); err != nil {
+			t.Fatal(err)
+		}
+		if s := read(t, filepath.Join(dir, RegistryJournal)); s != "" {
+			t.Fatalf("journal after the recovering write: %q", s)
+		}
+		r2, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if list, _ := r2.List(); len(list) != 3 {
+			t.Fatalf("%d records after reopen, want 3", len(list))
+		}
+	})
+}
+
+func FuzzDecodeJournal(f *testing.F) {
+	f.Add([]byte(`{"seq":1,"record":{"identity":"a.example.net","key_fingerprint":"sha256:` + strings.Repeat("0", 64) + `","serial":"ff","provisioned_at":"2026-01-02T03:04:05Z"}}` + "\n"))
+	f.Add([]byte(`{"seq":2,"record":{"identity":"a.example.net","denied":true}}` + "\n" + `{"seq":3,"record":{"ident`))
+	f.Add([]byte("\n\n"))
+	f.Add([]byte(`{"seq":0,"record":{"identity":"a"}}` + "\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		entries, torn, err := decodeJournal(data)
+		if err != nil {
+			if !errors.Is(err, ErrRegistryCorrupt) {
+				t.Fatalf("error %v does not wrap ErrRegistryCorrupt", err)
+			}
+			return
+		}
+		if torn == (len(data) == 0 || data[len(data)-1] == '\n') {
+			t.Fatalf("torn = %v for data ending %q", torn, data[max(0, len(data)-1):])
+		}
+		for _, e := range entries {
+			if e.Seq == 0 {
+				t.Fatal("accepted a line without a sequence number")
+			}
+			if err := e.Record.validate(); err != nil {
+				t.Fatalf("accepted invalid record: %v", err)
+			}
+		}
+	})
 }
 
 func FuzzDecodeRegistry(f *testing.F) {
@@ -649,14 +908,49 @@ func TestHoldAPI(t *testing.T) {
 }
 
 // BenchmarkFileRegistryPut measures one durable Put into a registry that
-// already holds 10 000 identities (the whole file is rewritten and synced).
+// already holds a fleet of identities, one Put at a time (serial) and from
+// 16 goroutines at once (parallel, as 16 workers recording configured
+// nodes do; concurrent Puts share writes).
 func BenchmarkFileRegistryPut(b *testing.B) {
+	for _, fleet := range []int{1_000, 10_000, 100_000} {
+		for _, mode := range []string{"serial", "parallel"} {
+			b.Run(fmt.Sprintf("fleet=%d/%s", fleet, mode), func(b *testing.B) {
+				r := benchRegistry(b, fleet)
+				fp := "sha256:" + strings.Repeat("ef", 32)
+				now := time.Now().UTC()
+				put := func(i int) {
+					if err := r.Put(Record{Identity: fmt.Sprintf("node%06d.example.net", i%fleet), KeyFingerprint: fp, Serial: "ff", ProvisionedAt: now}); err != nil {
+						b.Error(err)
+					}
+				}
+				b.ResetTimer()
+				if mode == "serial" {
+					for i := 0; i < b.N; i++ {
+						put(i)
+					}
+					return
+				}
+				var next atomic.Int64
+				b.SetParallelism(8) // 16 goroutines on 2 Ps
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						put(int(next.Add(1)))
+					}
+				})
+			})
+		}
+	}
+}
+
+// benchRegistry opens a file registry holding fleet identities.
+func benchRegistry(b *testing.B, fleet int) Registry {
+	b.Helper()
 	dir := b.TempDir()
 	fp := "sha256:" + strings.Repeat("cd", 32)
 	now := time.Now().UTC()
 	doc := registryDoc{Version: registryVersion}
-	for i := 0; i < 10_000; i++ {
-		doc.Records = append(doc.Records, Record{Identity: fmt.Sprintf("node%05d.example.net", i), KeyFingerprint: fp, Serial: "12ab", ProvisionedAt: now})
+	for i := 0; i < fleet; i++ {
+		doc.Records = append(doc.Records, Record{Identity: fmt.Sprintf("node%06d.example.net", i), KeyFingerprint: fp, Serial: "12ab", ProvisionedAt: now})
 	}
 	data, err := json.Marshal(doc)
 	if err != nil {
@@ -669,12 +963,7 @@ func BenchmarkFileRegistryPut(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if err := r.Put(Record{Identity: fmt.Sprintf("node%05d.example.net", i%10_000), KeyFingerprint: fp, Serial: "ff", ProvisionedAt: now}); err != nil {
-			b.Fatal(err)
-		}
-	}
+	return r
 }
 
 // TestHoldDuringAttempt holds a node while its helper runs (as the

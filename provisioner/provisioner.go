@@ -229,6 +229,7 @@ type Provisioner struct {
 	m         *metrics
 	guard     *guard
 	reg       Registry
+	fileReg   *FileRegistry // opened by New in state_dir (else nil); Run folds its journal at stop
 	queue     chan queueItem
 	helperSem chan struct{}
 	drain     time.Duration
@@ -301,12 +302,19 @@ func New(opts Options) (*Provisioner, error) {
 		return nil, err
 	}
 	reg := opts.Registry
+	var fileReg *FileRegistry
 	if reg == nil && cfg.StateDir != "" {
 		fr, err := OpenFileRegistry(cfg.StateDir)
 		if err != nil {
 			return nil, fmt.Errorf("provisioner state_dir: %w", err)
 		}
-		reg = fr
+		reg, fileReg = fr, fr
+	}
+	fail := func(err error) (*Provisioner, error) {
+		if fileReg != nil {
+			fileReg.Close()
+		}
+		return nil, err
 	}
 	if reg == nil {
 		reg = NewMemoryRegistry()
@@ -315,7 +323,7 @@ func New(opts Options) (*Provisioner, error) {
 	if log == nil {
 		l, _, err := logging.New(cfg.LogLevel, "")
 		if err != nil {
-			return nil, err
+			return fail(err)
 		}
 		log = logrus.NewEntry(l)
 	}
@@ -327,6 +335,7 @@ func New(opts Options) (*Provisioner, error) {
 		log:          log,
 		guard:        g,
 		reg:          reg,
+		fileReg:      fileReg,
 		queue:        make(chan queueItem, cfg.QueueSize),
 		helperSem:    make(chan struct{}, cfg.helperConcurrency()),
 		drain:        opts.DrainTimeout,
@@ -348,11 +357,11 @@ func New(opts Options) (*Provisioner, error) {
 	}
 	m, err := newMetrics(func() float64 { return float64(len(p.queue)) }, p.heldCount, cfg.QueueSize, cfg.Workers)
 	if err != nil {
-		return nil, fmt.Errorf("provisioner metrics: %w", err)
+		return fail(fmt.Errorf("provisioner metrics: %w", err))
 	}
 	p.m = m
 	if err := p.loadDenied(); err != nil {
-		return nil, fmt.Errorf("identity registry: %w", err)
+		return fail(fmt.Errorf("identity registry: %w", err))
 	}
 	return p, nil
 }
@@ -651,6 +660,11 @@ func (p *Provisioner) Run(ctx context.Context) error {
 	}
 	wg.Wait()
 	p.abandonQueued()
+	if p.fileReg != nil {
+		if err := p.fileReg.Compact(); err != nil {
+			p.log.WithError(err).Warn("identity registry: folding the journal into registry.json failed; the next start folds it")
+		}
+	}
 	p.mu.Lock()
 	p.monAddr = ""
 	p.mu.Unlock()

@@ -194,3 +194,8 @@ func WriteFilesAtomic(files []File) error {
 	}
 	return SyncDir(lastDir)
 }
+
+// SyncData makes the data written to f durable, and the size change of an
+// append or a truncation with it (fdatasync on Linux, fsync elsewhere):
+// what an append-only journal needs after each write.
+func SyncData(f *os.File) error { return syncData(f) }
