@@ -690,6 +690,37 @@ func TestFileRegistryJournal(t *testing.T) {
 		}
 	})
 
+	t.Run("put many", func(t *testing.T) {
+		dir := t.TempDir()
+		r, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.PutMany([]Record{rec("a.example.net", fp, "1"), {Identity: "bad/id"}}); err == nil {
+			t.Fatal("PutMany accepted a bad identity")
+		}
+		if list, _ := r.List(); len(list) != 0 {
+			t.Fatalf("a failed PutMany stored %d records", len(list))
+		}
+		batch := []Record{rec("a.example.net", fp, "1"), rec("b.example.net", fp, "2"), rec("a.example.net", fp2, "3")}
+		if err := r.PutMany(batch); err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(read(t, filepath.Join(dir, RegistryJournal)), "\n"); n != 3 {
+			t.Fatalf("journal holds %d lines after one PutMany of 3", n)
+		}
+		r2, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, _, _ := r2.Get("a.example.net"); got.Serial != "3" || got.KeyFingerprint != fp2 {
+			t.Fatalf("a: %+v, want the batch's last record of it", got)
+		}
+		if list, _ := r2.List(); len(list) != 2 {
+			t.Fatalf("%d records", len(list))
+		}
+	})
+
 	t.Run("failed append", func(t *testing.T) {
 		dir := t.TempDir()
 		r, err := OpenFileRegistry(dir)

@@ -443,35 +443,63 @@ func (r *FileRegistry) List() ([]Record, error) {
 // Put implements Registry: the record is in the journal (or the snapshot)
 // when Put returns nil.
 func (r *FileRegistry) Put(rec Record) error {
-	if err := rec.validate(); err != nil {
-		return fmt.Errorf("registry put: %w", err)
-	}
-	b, err := json.Marshal(rec)
-	if err != nil {
-		return fmt.Errorf("registry put %s: %w", rec.Identity, err)
+	return r.PutMany([]Record{rec})
+}
+
+// PutMany stores every record of recs (an import: one journal write and
+// one sync for all of them) and returns once they are durable. A record
+// that is invalid or would overfill the registry fails the whole call and
+// nothing is stored.
+func (r *FileRegistry) PutMany(recs []Record) error {
+	encs := make([][]byte, len(recs))
+	for i, rec := range recs {
+		if err := rec.validate(); err != nil {
+			return fmt.Errorf("registry put: %w", err)
+		}
+		b, err := json.Marshal(rec)
+		if err != nil {
+			return fmt.Errorf("registry put %s: %w", rec.Identity, err)
+		}
+		if len(b)+64 > maxJournalLine { // validate bounds every field far below this
+			return fmt.Errorf("registry put %s: record of %d bytes", rec.Identity, len(b))
+		}
+		encs[i] = b
 	}
 	r.mu.Lock()
-	old, ok := r.enc[rec.Identity]
-	if !ok && len(r.recs) >= MaxRegistryRecords {
-		r.mu.Unlock()
-		return fmt.Errorf("registry put %s: %w (%d identities)", rec.Identity, ErrRegistryFull, MaxRegistryRecords)
+	n, size := len(r.recs), r.size
+	added := map[string][]byte{}
+	for i, rec := range recs {
+		old, ok := added[rec.Identity]
+		if !ok {
+			old, ok = r.enc[rec.Identity]
+		}
+		if !ok {
+			n++
+		}
+		if n > MaxRegistryRecords {
+			r.mu.Unlock()
+			return fmt.Errorf("registry put %s: %w (%d identities)", rec.Identity, ErrRegistryFull, MaxRegistryRecords)
+		}
+		size += len(encs[i]) + 2
+		if ok {
+			size -= len(old) + 2
+		}
+		if size+64 > MaxRegistryBytes {
+			r.mu.Unlock()
+			return fmt.Errorf("registry put %s: %w (%d bytes)", rec.Identity, ErrRegistryFull, MaxRegistryBytes)
+		}
+		added[rec.Identity] = encs[i]
 	}
-	size := r.size + len(b) + 2
-	if ok {
-		size -= len(old) + 2
+	for i, rec := range recs {
+		r.recs[rec.Identity] = rec
+		r.enc[rec.Identity] = encs[i]
+		r.gen++
+		r.pending = append(r.pending, journalLine{seq: r.gen, rec: encs[i]})
 	}
-	if size+64 > MaxRegistryBytes {
-		r.mu.Unlock()
-		return fmt.Errorf("registry put %s: %w (%d bytes)", rec.Identity, ErrRegistryFull, MaxRegistryBytes)
-	}
-	r.recs[rec.Identity] = rec
-	r.enc[rec.Identity] = b
 	r.size = size
-	r.gen++
-	mine := r.gen
-	r.pending = append(r.pending, journalLine{seq: mine, rec: b})
+	last := r.gen
 	r.mu.Unlock()
-	return r.flush(mine)
+	return r.flush(last)
 }
 
 // flush makes every Put up to seq durable unless a write that started

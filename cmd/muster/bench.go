@@ -77,7 +77,12 @@ one to measure an exec'd Go helper with; "make build" builds it).
 
 --state-dir puts the agents' state directories on another filesystem: agents fsync their key,
 certificate and configuration, so on one shared disk the disk is part of what is measured; a tmpfs
-(/dev/shm) leaves the orchestration.`,
+(/dev/shm) leaves the orchestration.
+
+The provisioner keeps its identity registry in files (--registry file, the default: registry.json
+and its journal in the provisioner's state_dir under --state-dir, as a deployment has it), or in
+memory (--registry memory). --known-nodes N writes N other identities into it before the clock
+starts, so the run provisions new nodes into a fleet that already exists.`,
 		Example: `  muster bench --nodes 10000 --helper builtin --transport inprocess
   muster bench --nodes 3000 --transport tcp --json
   muster bench --nodes 2000 --helper exec --helper-cmd bin/muster-helper
@@ -85,7 +90,8 @@ certificate and configuration, so on one shared disk the disk is part of what is
   muster bench --nodes 2000 --helper exec --helper-cmd "muster helper cfssl"
   muster bench --nodes 5000 --arrival ramp --rate 500
   muster bench --nodes 100 --processes --workers 8 --helper exec --helper-cmd bin/muster-helper
-  muster bench --nodes 10000 --state-dir /dev/shm`,
+  muster bench --nodes 10000 --state-dir /dev/shm
+  muster bench --nodes 3000 --known-nodes 90000`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -168,6 +174,8 @@ certificate and configuration, so on one shared disk the disk is part of what is
 	f.DurationVar(&o.Timeout, "timeout", 10*time.Minute, "give up on the provisioning phase after this long")
 	f.BoolVar(&o.Processes, "processes", false, "run every agent as its own muster-agent process over TCP + TLS (restart by re-exec), like real machines")
 	f.StringVar(&o.AgentBin, "agent-bin", "", "muster-agent binary for --processes (default: build it with go build into a temporary directory)")
+	f.StringVar(&o.Registry, "registry", bench.RegistryFile, "provisioner identity registry: file (its state_dir under --state-dir, as deployed) or memory")
+	f.IntVar(&o.KnownNodes, "known-nodes", 0, "identities the file registry holds before the run (a fleet that already exists)")
 	f.StringVar(&o.StateDir, "state-dir", "", "directory for the fleet's CA and agent state directories (default: the system temp dir; a tmpfs such as /dev/shm leaves the disk out)")
 	f.BoolVar(&floor, "floor", true, "measure the floor first: what a node's security work (connections, signatures, key, CSR, helper, certificate checks) costs on this machine now, and the share of it the run reached")
 	f.IntVar(&procs, "gomaxprocs", 0, "GOMAXPROCS of this process only (broker, provisioner, in-process agents); 0: Go's default. Helper and agent processes keep theirs")

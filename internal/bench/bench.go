@@ -115,7 +115,20 @@ type Options struct {
 	WrapHelper func(helper.Helper) helper.Helper
 	// NoFloor skips measuring the Floor before the provisioning phase.
 	NoFloor bool
+	// Registry is where the provisioner keeps its identity registry:
+	// file (the default: registry.json and its journal in the provisioner's
+	// state_dir under StateDir, as a deployment has it) or memory.
+	Registry string
+	// KnownNodes is how many identities the file registry holds before the
+	// run (a fleet that already exists; written before the clock starts).
+	KnownNodes int
 }
+
+// Identity registry kinds.
+const (
+	RegistryFile   = "file"
+	RegistryMemory = "memory"
+)
 
 // Validate applies defaults and reports every problem, naming the option
 // and its value.
@@ -137,6 +150,9 @@ func (o *Options) Validate() error {
 	}
 	if o.KeyType == "" {
 		o.KeyType = "ecdsa-p256"
+	}
+	if o.Registry == "" {
+		o.Registry = RegistryFile
 	}
 	if o.Timeout == 0 {
 		o.Timeout = 10 * time.Minute
@@ -221,6 +237,17 @@ func (o *Options) Validate() error {
 	if o.AgentBin != "" && !o.Processes {
 		bad("agent-bin", o.AgentBin, "only used with --processes")
 	}
+	switch o.Registry {
+	case RegistryFile, RegistryMemory:
+	default:
+		bad("registry", o.Registry, "must be file or memory")
+	}
+	if o.KnownNodes < 0 || o.KnownNodes+max(o.Nodes, 0) > provisioner.MaxRegistryRecords {
+		bad("known-nodes", o.KnownNodes, fmt.Sprintf("must be 0..%d less --nodes (a registry holds at most %d identities)", provisioner.MaxRegistryRecords, provisioner.MaxRegistryRecords))
+	}
+	if o.KnownNodes > 0 && o.Registry != RegistryFile {
+		bad("known-nodes", o.KnownNodes, "needs --registry file")
+	}
 	if o.StateDir != "" {
 		if st, err := os.Stat(o.StateDir); err != nil {
 			bad("state-dir", o.StateDir, err.Error())
@@ -290,6 +317,10 @@ type Result struct {
 	StateDir string `json:"state_dir"`
 	// Processes says every agent was its own muster-agent process.
 	Processes bool `json:"processes"`
+	// Registry is where the provisioner kept its identity registry (file
+	// or memory), KnownNodes how many identities it held before the run.
+	Registry   string `json:"registry"`
+	KnownNodes int    `json:"known_nodes"`
 	// ProductionConnections says what a production connection is in this
 	// run: "TCP + mutual TLS" or "in-process + mutual TLS".
 	ProductionConnections string `json:"production_connections"`
@@ -493,6 +524,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		Arrival: o.Arrival, Rate: o.Rate, KeyType: o.KeyType, Transport: o.Transport,
 		ProductionConnections: "TCP + mutual TLS",
 		StateDir:              o.StateDir,
+		Registry:              o.Registry,
+		KnownNodes:            o.KnownNodes,
 	}
 	if res.StateDir == "" {
 		res.StateDir = os.TempDir()
@@ -548,6 +581,7 @@ func fleetOptions(o Options, nodes int, dir string) demo.Options {
 		AgentBin:         o.AgentBin,
 		QueueSize:        max(nodes, provisioner.DefaultQueueSize),
 		MetadataInterval: o.MetadataInterval,
+		FileRegistry:     o.Registry == RegistryFile,
 	}
 	if o.Helper != HelperBuiltin {
 		fo.HelperCommand = o.HelperCmd
@@ -633,6 +667,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	}
 	defer os.RemoveAll(dir)
 	fo := fleetOptions(o, o.Nodes, dir)
+	fo.KnownNodes = o.KnownNodes
 	fo.OnAgentStart = rec.agentStarted
 	fo.OnModeChanged = rec.modeChanged
 	fo.OnNodeDone = rec.nodeDone

@@ -37,6 +37,12 @@ func TestOptionsValidate(t *testing.T) {
 		{"processes in-process", Options{Nodes: 5, Processes: true, Transport: TransportInProcess}, []string{"transport inprocess", "tcp"}},
 		{"agent-bin without processes", Options{Nodes: 5, AgentBin: "/bin/true"}, []string{"agent-bin /bin/true"}},
 		{"missing state dir", Options{Nodes: 5, StateDir: "/nonexistent/muster"}, []string{"state-dir /nonexistent/muster"}},
+		{"memory registry", Options{Nodes: 5, Registry: RegistryMemory}, nil},
+		{"known nodes", Options{Nodes: 5, KnownNodes: 99_995}, nil},
+		{"unknown registry", Options{Nodes: 5, Registry: "etcd"}, []string{"registry etcd"}},
+		{"known nodes in memory", Options{Nodes: 5, Registry: RegistryMemory, KnownNodes: 10}, []string{"known-nodes 10", "--registry file"}},
+		{"too many known nodes", Options{Nodes: 5, KnownNodes: 99_996}, []string{"known-nodes 99996"}},
+		{"negative known nodes", Options{Nodes: 5, KnownNodes: -1}, []string{"known-nodes -1"}},
 		{"every problem", Options{Nodes: -1, Workers: -2, Transport: "x"}, []string{"nodes -1", "workers -2", "transport x"}},
 	}
 	for _, tc := range cases {

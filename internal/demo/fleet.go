@@ -6,6 +6,8 @@ package demo
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -106,6 +108,14 @@ type Options struct {
 	// (this binary) over TCP + TLS instead of in this process; they
 	// restart by re-executing themselves. Not with InProcess.
 	AgentBin string
+	// FileRegistry keeps the provisioner's identity registry in files
+	// under Dir (its state_dir, as a deployment has it) instead of in
+	// memory.
+	FileRegistry bool
+	// KnownNodes is how many identities (other than the fleet's) the file
+	// registry holds before the provisioner starts: a fleet that already
+	// exists. Written by Prepare; needs FileRegistry.
+	KnownNodes int
 }
 
 // Fleet is a running demo deployment.
@@ -361,6 +371,12 @@ func (f *Fleet) Prepare() error {
 	pcfg.DeferBackoff = provisioner.Duration(f.opts.DeferBackoff)
 	pcfg.Interval = provisioner.Duration(10 * time.Second)
 	pcfg.RestartSplay = provisioner.Duration(f.opts.RestartSplay)
+	if f.opts.FileRegistry {
+		pcfg.StateDir = filepath.Join(f.dir, "provisioner")
+		if err := seedRegistry(pcfg.StateDir, f.opts.KnownNodes); err != nil {
+			return err
+		}
+	}
 	if f.opts.KeyType != "" {
 		pcfg.KeyType = f.opts.KeyType
 	}
@@ -897,4 +913,33 @@ func (f *Fleet) trust() (*token.Issuer, string, error) {
 	}
 	pub, err := kp.PublicKey()
 	return issuer, pub, err
+}
+
+// seedRegistry writes n identities that are not the fleet's into the file
+// registry in dir, as provisioned a month ago, and folds them into its
+// snapshot.
+func seedRegistry(dir string, n int) error {
+	if n <= 0 {
+		return nil
+	}
+	reg, err := provisioner.OpenFileRegistry(dir)
+	if err != nil {
+		return err
+	}
+	at := time.Now().UTC().Add(-30 * 24 * time.Hour).Truncate(time.Second)
+	recs := make([]provisioner.Record, n)
+	for i := range recs {
+		sum := sha256.Sum256([]byte(strconv.Itoa(i)))
+		recs[i] = provisioner.Record{
+			Identity:       fmt.Sprintf("known%06d.existing.example", i),
+			KeyFingerprint: "sha256:" + hex.EncodeToString(sum[:]),
+			Serial:         strconv.FormatInt(int64(i)+1, 16),
+			ProvisionedAt:  at,
+		}
+	}
+	if err := reg.PutMany(recs); err != nil {
+		reg.Close()
+		return fmt.Errorf("seed the identity registry: %w", err)
+	}
+	return reg.Close()
 }

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/muster-io/muster/provisioner"
 )
 
 func TestRunBuiltinHelper(t *testing.T) {
@@ -38,6 +41,44 @@ func TestRunBuiltinHelper(t *testing.T) {
 	b, err := json.Marshal(s)
 	if err != nil || !strings.Contains(string(b), `"production_mtls":10`) {
 		t.Fatalf("json %s %v", b, err)
+	}
+}
+
+// TestRunFileRegistryKnownNodes runs a fleet whose provisioner keeps its
+// registry in files that already hold other identities: the fleet's nodes
+// are added to them, the known ones kept.
+func TestRunFileRegistryKnownNodes(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Run(context.Background(), RunOptions{
+		Options: Options{Nodes: 5, Dir: dir, FileRegistry: true, KnownNodes: 25},
+		Timeout: time.Minute,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Provisioned != 5 {
+		t.Fatalf("summary %+v", s)
+	}
+	reg, err := provisioner.OpenFileRegistry(filepath.Join(dir, "provisioner"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reg.Close()
+	recs, err := reg.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	known, fleet := 0, 0
+	for _, r := range recs {
+		switch {
+		case strings.HasSuffix(r.Identity, ".existing.example"):
+			known++
+		case r.Serial != "" && r.KeyFingerprint != "":
+			fleet++
+		}
+	}
+	if known != 25 || fleet != 5 || len(recs) != 30 {
+		t.Fatalf("registry holds %d records: %d known, %d of the fleet provisioned", len(recs), known, fleet)
 	}
 }
 
