@@ -530,6 +530,14 @@ func TestFileRegistryJournal(t *testing.T) {
 	rec := func(id, fp, serial string) Record {
 		return Record{Identity: id, KeyFingerprint: fp, Serial: serial, ProvisionedAt: now}
 	}
+	open := func(t *testing.T, dir string) *FileRegistry {
+		t.Helper()
+		r, err := OpenFileRegistry(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
 	read := func(t *testing.T, path string) string {
 		t.Helper()
 		b, err := os.ReadFile(path)
@@ -541,10 +549,7 @@ func TestFileRegistryJournal(t *testing.T) {
 
 	t.Run("append", func(t *testing.T) {
 		dir := t.TempDir()
-		r, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := open(t, dir)
 		for i, id := range []string{"a.example.net", "b.example.net", "a.example.net"} {
 			if err := r.Put(rec(id, fp, fmt.Sprintf("%x", i+1))); err != nil {
 				t.Fatal(err)
@@ -566,10 +571,7 @@ func TestFileRegistryJournal(t *testing.T) {
 			t.Fatal(err)
 		}
 		f.Close()
-		r2, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r2 := open(t, dir)
 		if got, ok, _ := r2.Get("a.example.net"); !ok || got.Serial != "3" {
 			t.Fatalf("a after reopen: %+v %v", got, ok)
 		}
@@ -612,10 +614,7 @@ func TestFileRegistryJournal(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dir, RegistryJournal), []byte(journal), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		r, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := open(t, dir)
 		if got, _, _ := r.Get("a.example.net"); got.Serial != "5" || got.KeyFingerprint != fp2 {
 			t.Fatalf("an older journal line replaced the snapshot's record: %+v", got)
 		}
@@ -656,10 +655,7 @@ func TestFileRegistryJournal(t *testing.T) {
 
 	t.Run("fold", func(t *testing.T) {
 		dir := t.TempDir()
-		r, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := open(t, dir)
 		r.minFold = 1024 // about five lines
 		folded := false
 		for i := 0; i < 40; i++ {
@@ -681,10 +677,7 @@ func TestFileRegistryJournal(t *testing.T) {
 		if err != nil || len(recs) == 0 {
 			t.Fatalf("registry.json: %d records, %v", len(recs), err)
 		}
-		r2, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r2 := open(t, dir)
 		if list, _ := r2.List(); len(list) != 40 {
 			t.Fatalf("%d records after reopen", len(list))
 		}
@@ -692,10 +685,7 @@ func TestFileRegistryJournal(t *testing.T) {
 
 	t.Run("put many", func(t *testing.T) {
 		dir := t.TempDir()
-		r, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := open(t, dir)
 		if err := r.PutMany([]Record{rec("a.example.net", fp, "1"), {Identity: "bad/id"}}); err == nil {
 			t.Fatal("PutMany accepted a bad identity")
 		}
@@ -709,10 +699,7 @@ func TestFileRegistryJournal(t *testing.T) {
 		if n := strings.Count(read(t, filepath.Join(dir, RegistryJournal)), "\n"); n != 3 {
 			t.Fatalf("journal holds %d lines after one PutMany of 3", n)
 		}
-		r2, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r2 := open(t, dir)
 		if got, _, _ := r2.Get("a.example.net"); got.Serial != "3" || got.KeyFingerprint != fp2 {
 			t.Fatalf("a: %+v, want the batch's last record of it", got)
 		}
@@ -723,10 +710,7 @@ func TestFileRegistryJournal(t *testing.T) {
 
 	t.Run("failed append", func(t *testing.T) {
 		dir := t.TempDir()
-		r, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r := open(t, dir)
 		if err := r.Put(rec("a.example.net", fp, "1")); err != nil {
 			t.Fatal(err)
 		}
@@ -751,10 +735,7 @@ func TestFileRegistryJournal(t *testing.T) {
 		if s := read(t, filepath.Join(dir, RegistryJournal)); s != "" {
 			t.Fatalf("journal after the recovering write: %q", s)
 		}
-		r2, err := OpenFileRegistry(dir)
-		if err != nil {
-			t.Fatal(err)
-		}
+		r2 := open(t, dir)
 		if list, _ := r2.List(); len(list) != 3 {
 			t.Fatalf("%d records after reopen, want 3", len(list))
 		}
