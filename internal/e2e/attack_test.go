@@ -105,7 +105,7 @@ func newArena(t *testing.T, nodes int, tweak func(*demo.Options)) *arena {
 // attacks sign with a.rogue unless they replay what a.prov signed.
 func (a *arena) provisionerConn() *nats.Conn {
 	a.t.Helper()
-	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile),
+	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile), nats.Timeout(connectTimeout),
 		mustNkey(a.t, filepath.Join(a.f.Dir(), "pki", broker.ProvisionerSeedFile)))
 	if err != nil {
 		a.t.Fatal(err)
@@ -123,7 +123,7 @@ func (a *arena) nodeConn(identity string, scope token.Scope) (*nats.Conn, <-chan
 		a.t.Fatal(err)
 	}
 	errs := make(chan error, 16)
-	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile), nats.Name(identity), nats.Token(tok),
+	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile), nats.Timeout(connectTimeout), nats.Name(identity), nats.Token(tok),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			select {
 			case errs <- err:
@@ -348,7 +348,7 @@ func (a *arena) productionConn(identity string) (*nats.Conn, <-chan error) {
 		a.t.Fatal(err)
 	}
 	errs := make(chan error, 16)
-	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile), nats.ClientCert(certFile, keyFile),
+	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile), nats.Timeout(connectTimeout), nats.ClientCert(certFile, keyFile),
 		nats.ErrorHandler(func(_ *nats.Conn, _ *nats.Subscription, err error) {
 			select {
 			case errs <- err:
@@ -674,7 +674,7 @@ func TestAttackBadToken(t *testing.T) {
 		"none":           "",
 	} {
 		t.Run(name, func(t *testing.T) {
-			opts := []nats.Option{nats.RootCAs(a.caFile), nats.Name("intruder.demo.muster"), nats.NoReconnect()}
+			opts := []nats.Option{nats.RootCAs(a.caFile), nats.Timeout(connectTimeout), nats.Name("intruder.demo.muster"), nats.NoReconnect()}
 			if tok != "" {
 				opts = append(opts, nats.Token(tok))
 			}
@@ -793,7 +793,7 @@ func TestAttackDuplicateIdentity(t *testing.T) {
 	v := a.victims[0]
 	tok, _, _ := a.issuer.Create(token.Scope{Identity: v}, time.Now(), time.Hour)
 	other := nats.SetCustomDialer(&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}, Timeout: 5 * time.Second})
-	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile), nats.Name(v), nats.Token(tok), nats.NoReconnect(), other)
+	nc, err := nats.Connect(a.f.Broker().ClientURL(), nats.RootCAs(a.caFile), nats.Timeout(connectTimeout), nats.Name(v), nats.Token(tok), nats.NoReconnect(), other)
 	if err == nil {
 		nc.Close()
 		t.Fatal("the broker admitted a second connection for a live identity")

@@ -23,6 +23,11 @@ import (
 	"github.com/muster-io/muster/provisioner"
 )
 
+// connectTimeout bounds the tests' own connections to the broker: a TLS
+// handshake on a machine running several suites at once can take longer
+// than nats.go's 2 s default.
+const connectTimeout = 10 * time.Second
+
 var bins struct {
 	muster, musterHelper, testhelper string
 }
@@ -104,7 +109,7 @@ func TestFiftyNodesExecHelper(t *testing.T) {
 		t.Fatal(err)
 	}
 	var prov, prod sniffer
-	pc, err := nats.Connect(f.Broker().ClientURL(), nats.RootCAs(filepath.Join(f.Dir(), "pki", "ca.pem")), mustNkey(t, filepath.Join(f.Dir(), "pki", "provisioner.nk")))
+	pc, err := nats.Connect(f.Broker().ClientURL(), nats.RootCAs(filepath.Join(f.Dir(), "pki", "ca.pem")), nats.Timeout(connectTimeout), mustNkey(t, filepath.Join(f.Dir(), "pki", "provisioner.nk")))
 	if err != nil {
 		t.Fatal(err)
 	}

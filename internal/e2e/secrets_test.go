@@ -47,7 +47,7 @@ func TestSecretsNeverLogged(t *testing.T) {
 		t.Fatal(err)
 	}
 	toNodes := &syncbuf.Buffer{}
-	pc, err := nats.Connect(f.Broker().ClientURL(), nats.RootCAs(filepath.Join(f.Dir(), "pki", "ca.pem")),
+	pc, err := nats.Connect(f.Broker().ClientURL(), nats.RootCAs(filepath.Join(f.Dir(), "pki", "ca.pem")), nats.Timeout(connectTimeout),
 		mustNkey(t, filepath.Join(f.Dir(), "pki", broker.ProvisionerSeedFile)))
 	if err != nil {
 		t.Fatal(err)
