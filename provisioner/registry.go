@@ -258,14 +258,11 @@ func OpenFileRegistry(dir string) (*FileRegistry, error) {
 		return nil, fmt.Errorf("identity registry: %w", err)
 	}
 	if err == nil {
-		doc, err := decodeRegistryDoc(data)
+		recs, seq, err := decodeSnapshot(data)
 		if err != nil {
 			return nil, fmt.Errorf("identity registry %s: %w (move it away to start with an empty registry, or restore a backup)", r.path, err)
 		}
-		for _, rec := range doc.Records {
-			r.recs[rec.Identity] = rec
-		}
-		r.gen = doc.Seq
+		r.recs, r.gen = recs, seq
 	}
 	jdata, err := readLimited(r.jpath, maxJournalBytes)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -338,49 +335,42 @@ func readLimited(path string, limit int64) ([]byte, error) {
 // unknown fields, no trailing data, known version, valid and unique
 // identities, well-formed fingerprints and serials.
 func DecodeRegistry(data []byte) (map[string]Record, error) {
-	doc, err := decodeRegistryDoc(data)
-	if err != nil {
-		return nil, err
-	}
-	recs := make(map[string]Record, len(doc.Records))
-	for _, r := range doc.Records {
-		recs[r.Identity] = r
-	}
-	return recs, nil
+	recs, _, err := decodeSnapshot(data)
+	return recs, err
 }
 
-// decodeRegistryDoc is DecodeRegistry keeping the snapshot's sequence
+// decodeSnapshot is DecodeRegistry also returning the snapshot's sequence
 // number.
-func decodeRegistryDoc(data []byte) (*registryDoc, error) {
+func decodeSnapshot(data []byte) (map[string]Record, uint64, error) {
 	if len(data) > MaxRegistryBytes {
-		return nil, fmt.Errorf("%w: larger than %d bytes", ErrRegistryCorrupt, MaxRegistryBytes)
+		return nil, 0, fmt.Errorf("%w: larger than %d bytes", ErrRegistryCorrupt, MaxRegistryBytes)
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	var doc registryDoc
 	if err := dec.Decode(&doc); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrRegistryCorrupt, err)
+		return nil, 0, fmt.Errorf("%w: %v", ErrRegistryCorrupt, err)
 	}
 	if _, err := dec.Token(); err != io.EOF {
-		return nil, fmt.Errorf("%w: trailing data", ErrRegistryCorrupt)
+		return nil, 0, fmt.Errorf("%w: trailing data", ErrRegistryCorrupt)
 	}
 	if doc.Version != registryVersion {
-		return nil, fmt.Errorf("%w: version %d, want %d", ErrRegistryCorrupt, doc.Version, registryVersion)
+		return nil, 0, fmt.Errorf("%w: version %d, want %d", ErrRegistryCorrupt, doc.Version, registryVersion)
 	}
 	if len(doc.Records) > MaxRegistryRecords {
-		return nil, fmt.Errorf("%w: %d records, limit %d", ErrRegistryCorrupt, len(doc.Records), MaxRegistryRecords)
+		return nil, 0, fmt.Errorf("%w: %d records, limit %d", ErrRegistryCorrupt, len(doc.Records), MaxRegistryRecords)
 	}
-	seen := make(map[string]struct{}, len(doc.Records))
+	recs := make(map[string]Record, len(doc.Records))
 	for i, r := range doc.Records {
 		if err := r.validate(); err != nil {
-			return nil, fmt.Errorf("%w: record %d: %v", ErrRegistryCorrupt, i, err)
+			return nil, 0, fmt.Errorf("%w: record %d: %v", ErrRegistryCorrupt, i, err)
 		}
-		if _, dup := seen[r.Identity]; dup {
-			return nil, fmt.Errorf("%w: record %d: %s appears twice", ErrRegistryCorrupt, i, r.Identity)
+		if _, dup := recs[r.Identity]; dup {
+			return nil, 0, fmt.Errorf("%w: record %d: %s appears twice", ErrRegistryCorrupt, i, r.Identity)
 		}
-		seen[r.Identity] = struct{}{}
+		recs[r.Identity] = r
 	}
-	return &doc, nil
+	return recs, doc.Seq, nil
 }
 
 // decodeJournal strictly decodes a registry journal: one {"seq","record"}
