@@ -29,12 +29,9 @@ func (r *Result) Print(w io.Writer) {
 	p("run", "%d nodes, %d workers, helper %s, arrival %s, key %s, transport %s", r.Nodes, r.Workers, helper, arrival, r.KeyType, r.Transport)
 	p("production connections", "%s", r.ProductionConnections)
 	p("agent state", "%s", r.StateDir)
-	switch {
-	case r.Registry == RegistryFile && r.KnownNodes > 0:
+	if r.Registry == RegistryFile {
 		p("identity registry", "file (journal + snapshot) under the agent state's directory, %d identities known before the run", r.KnownNodes)
-	case r.Registry == RegistryFile:
-		p("identity registry", "file (journal + snapshot) under the agent state's directory, empty before the run")
-	default:
+	} else {
 		p("identity registry", "in memory")
 	}
 	if r.Processes {
