@@ -487,6 +487,16 @@ func TestRecordSharedSkipsLostClaims(t *testing.T) {
 	if st.State != StateElsewhere || !strings.Contains(st.LastError, "gencsr: ") || !strings.Contains(st.LastError, "renewal conflict") || !st.RetryAt.After(time.Now()) {
 		t.Fatalf("after a lost claim: %+v", st)
 	}
+	// Its announcements are not taken until the claim could have lapsed.
+	if r.p.offer("lost.example.net", sourceMetadata, nodeLife{}) {
+		t.Fatal("an elsewhere node was queued before its retry_at")
+	}
+	r.p.mu.Lock()
+	r.p.nodes["lost.example.net"].RetryAt = time.Now().Add(-time.Millisecond)
+	r.p.mu.Unlock()
+	if !r.p.offer("lost.example.net", sourceMetadata, nodeLife{}) {
+		t.Fatal("an elsewhere node was not queued after its retry_at")
+	}
 }
 
 // TestRecordSharedKeepsArrivalDuringStaleAttempt: an attempt claimed a

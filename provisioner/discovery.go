@@ -152,7 +152,8 @@ func (p *Provisioner) markProduction(ev *protocol.Event) {
 }
 
 // offer queues a node unless it is queued, in progress, in production,
-// held, denied, or waiting (deferred, failed, grace). l is the
+// held, denied, or waiting (deferred, failed, grace, or another
+// provisioner's until its claim could have lapsed). l is the
 // provisioning-mode life the announcement names: a node in production that
 // began a new life since (nodeLife.newer) was reprovisioned and is taken
 // again.
@@ -179,7 +180,7 @@ func (p *Provisioner) offer(id, source string, l nodeLife) bool {
 		if !(l.id != "" && n.Life == "" && p.shared != nil) && !l.newer(n.Life, n.productionSince) {
 			return false
 		}
-	case StateDeferred, StateFailed, StateProvisioned, StateShutdown:
+	case StateDeferred, StateFailed, StateProvisioned, StateShutdown, StateElsewhere:
 		if now.Before(n.RetryAt) {
 			return false
 		}
