@@ -82,7 +82,13 @@ certificate and configuration, so on one shared disk the disk is part of what is
 The provisioner keeps its identity registry in files (--registry file, the default: registry.json
 and its journal in the provisioner's state_dir under --state-dir, as a deployment has it), or in
 memory (--registry memory). --known-nodes N writes N other identities into it before the clock
-starts, so the run provisions new nodes into a fleet that already exists.`,
+starts, so the run provisions new nodes into a fleet that already exists.
+
+--ha claims or leader runs the provisioners as a deployment of several does: they share node
+state, claims and the identity registry (kv) through the broker's JetStream (one broker: one
+replica). --provisioners N runs N of them, each with --workers workers; in claims mode they all
+work and every node is provisioned under one claim, in leader mode one works and the others stand
+by. The run checks that no node was provisioned twice, whichever provisioner did it.`,
 		Example: `  muster bench --nodes 10000 --helper builtin --transport inprocess
   muster bench --nodes 3000 --transport tcp --json
   muster bench --nodes 2000 --helper exec --helper-cmd bin/muster-helper
@@ -91,7 +97,8 @@ starts, so the run provisions new nodes into a fleet that already exists.`,
   muster bench --nodes 5000 --arrival ramp --rate 500
   muster bench --nodes 100 --processes --workers 8 --helper exec --helper-cmd bin/muster-helper
   muster bench --nodes 10000 --state-dir /dev/shm
-  muster bench --nodes 3000 --known-nodes 90000`,
+  muster bench --nodes 3000 --known-nodes 90000
+  muster bench --nodes 3000 --ha claims --provisioners 2 --workers 8`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -174,7 +181,9 @@ starts, so the run provisions new nodes into a fleet that already exists.`,
 	f.DurationVar(&o.Timeout, "timeout", 10*time.Minute, "give up on the provisioning phase after this long")
 	f.BoolVar(&o.Processes, "processes", false, "run every agent as its own muster-agent process over TCP + TLS (restart by re-exec), like real machines")
 	f.StringVar(&o.AgentBin, "agent-bin", "", "muster-agent binary for --processes (default: build it with go build into a temporary directory)")
-	f.StringVar(&o.Registry, "registry", bench.RegistryFile, "provisioner identity registry: file (its state_dir under --state-dir, as deployed) or memory")
+	f.StringVar(&o.Registry, "registry", "", "provisioner identity registry: file (its state_dir under --state-dir, as deployed; the default) or memory; kv (JetStream, the only one) with --ha claims or leader")
+	f.StringVar(&o.HA, "ha", "single", "provisioners' ha.mode: single, claims (active-active, each node under a claim) or leader (one active, the others standing by); claims and leader share state through the broker's JetStream")
+	f.IntVar(&o.Provisioners, "provisioners", 1, "provisioners to run (more than one needs --ha claims or leader); each has --workers workers")
 	f.IntVar(&o.KnownNodes, "known-nodes", 0, "identities the file registry holds before the run (a fleet that already exists)")
 	f.StringVar(&o.StateDir, "state-dir", "", "directory for the fleet's CA and agent state directories (default: the system temp dir; a tmpfs such as /dev/shm leaves the disk out)")
 	f.BoolVar(&floor, "floor", true, "measure the floor first: what a node's security work (connections, signatures, key, CSR, helper, certificate checks) costs on this machine now, and the share of it the run reached")

@@ -41,3 +41,31 @@ func TestBenchCommand(t *testing.T) {
 		t.Errorf("no floor in the report")
 	}
 }
+
+// TestBenchCommandHA runs two provisioners in claims mode from the command
+// line: the registry defaults to the shared one and the report splits the
+// nodes by provisioner.
+func TestBenchCommandHA(t *testing.T) {
+	cmd := newBenchCmd()
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&out)
+	cmd.SetArgs([]string{"--nodes", "4", "--workers", "2", "--idle-agents", "-1", "--state-dir", t.TempDir(),
+		"--ha", "claims", "--provisioners", "2", "--floor=false", "--json"})
+	if err := cmd.Execute(); err != nil {
+		t.Fatalf("bench: %v\n%s", err, out.String())
+	}
+	var r struct {
+		Provisioned   int    `json:"provisioned"`
+		HA            string `json:"ha"`
+		Provisioners  int    `json:"provisioners"`
+		Registry      string `json:"registry"`
+		ProvisionedBy []int  `json:"provisioned_by"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
+		t.Fatalf("report is not JSON: %v\n%s", err, out.String())
+	}
+	if r.Provisioned != 4 || r.HA != "claims" || r.Provisioners != 2 || r.Registry != "kv" || len(r.ProvisionedBy) != 2 || r.ProvisionedBy[0]+r.ProvisionedBy[1] != 4 {
+		t.Errorf("report %+v", r)
+	}
+}

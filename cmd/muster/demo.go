@@ -12,6 +12,7 @@ import (
 
 	"github.com/muster-io/muster/internal/demo"
 	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/provisioner"
 )
 
 type demoFailed struct{ failed int }
@@ -68,7 +69,11 @@ them, so they need no flags.`,
 			}
 			if !asJSON {
 				o.Progress = cmd.ErrOrStderr()
-				fmt.Fprintf(cmd.ErrOrStderr(), "muster demo: %d nodes, %d workers, helper %s\n", o.Nodes, o.Workers, helperName(o.HelperCommand))
+				provs := ""
+				if o.HA != "" && o.HA != provisioner.HASingle {
+					provs = fmt.Sprintf(" (%d provisioners, ha mode %s)", o.Provisioners, o.HA)
+				}
+				fmt.Fprintf(cmd.ErrOrStderr(), "muster demo: %d nodes, %d workers%s, helper %s\n", o.Nodes, o.Workers, provs, helperName(o.HelperCommand))
 			}
 			s, err := demo.Run(ctx, o)
 			if err != nil {
@@ -92,6 +97,8 @@ them, so they need no flags.`,
 	f := cmd.Flags()
 	f.IntVarP(&o.Nodes, "nodes", "n", 100, "number of simulated nodes")
 	f.IntVar(&o.Workers, "workers", 8, "provisioner workers")
+	f.StringVar(&o.HA, "ha", "single", "provisioners' ha.mode: single, claims or leader (claims and leader share state through the broker's JetStream)")
+	f.IntVar(&o.Provisioners, "provisioners", 1, "provisioners to run (more than one needs --ha claims or leader), each with --workers workers")
 	f.StringVar(&o.HelperCommand, "helper", "", "exec this helper per node instead of the built-in cfssl helper")
 	f.BoolVar(&o.HelperPersistent, "helper-persistent", false, "run --helper as one persistent helper (request lines in, reply lines out)")
 	f.DurationVar(&o.HelperTimeout, "helper-timeout", 10*time.Second, "helper timeout")

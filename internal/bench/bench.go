@@ -122,12 +122,22 @@ type Options struct {
 	// KnownNodes is how many identities the file registry holds before the
 	// run (a fleet that already exists; written before the clock starts).
 	KnownNodes int
+	// HA is the provisioners' ha.mode: single (the default), claims or
+	// leader. In claims and leader mode they share their node state,
+	// claims and identity registry (Registry kv) through the broker's
+	// JetStream, as a deployment of several provisioners does.
+	HA string
+	// Provisioners is how many provisioners run (default 1; more need HA
+	// claims or leader). Each has Workers workers.
+	Provisioners int
 }
 
 // Identity registry kinds.
 const (
 	RegistryFile   = "file"
 	RegistryMemory = "memory"
+	// RegistryKV is the ha modes' registry: the MUSTER_REGISTRY bucket.
+	RegistryKV = "kv"
 )
 
 // Validate applies defaults and reports every problem, naming the option
@@ -151,8 +161,18 @@ func (o *Options) Validate() error {
 	if o.KeyType == "" {
 		o.KeyType = "ecdsa-p256"
 	}
+	if o.HA == "" {
+		o.HA = provisioner.HASingle
+	}
+	if o.Provisioners == 0 {
+		o.Provisioners = 1
+	}
+	shared := o.HA == provisioner.HAClaims || o.HA == provisioner.HALeader
 	if o.Registry == "" {
 		o.Registry = RegistryFile
+		if shared {
+			o.Registry = RegistryKV
+		}
 	}
 	if o.Timeout == 0 {
 		o.Timeout = 10 * time.Minute
@@ -237,9 +257,19 @@ func (o *Options) Validate() error {
 	if o.AgentBin != "" && !o.Processes {
 		bad("agent-bin", o.AgentBin, "only used with --processes")
 	}
-	switch o.Registry {
-	case RegistryFile, RegistryMemory:
-	default:
+	switch {
+	case o.HA != provisioner.HASingle && !shared:
+		bad("ha", o.HA, "must be single, claims or leader")
+	case o.Provisioners < 1 || o.Provisioners > 16:
+		bad("provisioners", o.Provisioners, "must be 1..16")
+	case o.Provisioners > 1 && !shared:
+		bad("provisioners", o.Provisioners, "more than one needs --ha claims or leader")
+	}
+	switch {
+	case shared && o.Registry != RegistryKV:
+		bad("registry", o.Registry, "the ha modes keep the identity registry in JetStream (kv)")
+	case !shared && (o.Registry == RegistryFile || o.Registry == RegistryMemory):
+	case !shared:
 		bad("registry", o.Registry, "must be file or memory")
 	}
 	if o.KnownNodes < 0 || o.KnownNodes+max(o.Nodes, 0) > provisioner.MaxRegistryRecords {
@@ -317,10 +347,17 @@ type Result struct {
 	StateDir string `json:"state_dir"`
 	// Processes says every agent was its own muster-agent process.
 	Processes bool `json:"processes"`
-	// Registry is where the provisioner kept its identity registry (file
-	// or memory), KnownNodes how many identities it held before the run.
+	// Registry is where the provisioner kept its identity registry (file,
+	// memory, or kv in the ha modes), KnownNodes how many identities it
+	// held before the run.
 	Registry   string `json:"registry"`
 	KnownNodes int    `json:"known_nodes"`
+	// HA is the provisioners' ha.mode and Provisioners how many ran.
+	HA           string `json:"ha"`
+	Provisioners int    `json:"provisioners"`
+	// ProvisionedBy is how many nodes each provisioner provisioned (its
+	// muster_provisioner_provisioned_total), in order.
+	ProvisionedBy []int `json:"provisioned_by"`
 	// ProductionConnections says what a production connection is in this
 	// run: "TCP + mutual TLS" or "in-process + mutual TLS".
 	ProductionConnections string `json:"production_connections"`
@@ -526,6 +563,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		StateDir:              o.StateDir,
 		Registry:              o.Registry,
 		KnownNodes:            o.KnownNodes,
+		HA:                    o.HA,
+		Provisioners:          o.Provisioners,
 	}
 	if res.StateDir == "" {
 		res.StateDir = os.TempDir()
@@ -582,6 +621,8 @@ func fleetOptions(o Options, nodes int, dir string) demo.Options {
 		QueueSize:        max(nodes, provisioner.DefaultQueueSize),
 		MetadataInterval: o.MetadataInterval,
 		FileRegistry:     o.Registry == RegistryFile,
+		HA:               o.HA,
+		Provisioners:     o.Provisioners,
 	}
 	if o.Helper != HelperBuiltin {
 		fo.HelperCommand = o.HelperCmd
@@ -778,7 +819,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		}
 		t.Stop()
 	}
-	metrics, gatherErr := gatherMetrics(f.Provisioner())
+	metrics, gatherErr := gatherMetrics(f.Provisioners()...)
 	fullGC()
 	res.HeapLiveAtEndMB, res.GoroutinesAtEnd = heapAndGoroutines()
 	if err := f.Close(); err != nil && !errors.Is(err, context.Canceled) {
@@ -806,6 +847,7 @@ func fill(res *Result, rec *recorder, m *provMetrics) {
 	defer rec.mu.Unlock()
 	res.Provisioned = len(rec.production)
 	res.NotProvisioned = res.Nodes - res.Provisioned
+	res.ProvisionedBy = m.provisioned
 	var first, last time.Time
 	for _, t := range rec.started {
 		if first.IsZero() || t.Before(first) {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/demo"
+	"github.com/muster-io/muster/provisioner"
 )
 
 func TestOptionsValidate(t *testing.T) {
@@ -43,6 +44,14 @@ func TestOptionsValidate(t *testing.T) {
 		{"known nodes in memory", Options{Nodes: 5, Registry: RegistryMemory, KnownNodes: 10}, []string{"known-nodes 10", "--registry file"}},
 		{"too many known nodes", Options{Nodes: 5, KnownNodes: 99_996}, []string{"known-nodes 99996"}},
 		{"negative known nodes", Options{Nodes: 5, KnownNodes: -1}, []string{"known-nodes -1"}},
+		{"claims", Options{Nodes: 5, HA: provisioner.HAClaims, Provisioners: 3}, nil},
+		{"leader", Options{Nodes: 5, HA: provisioner.HALeader, Provisioners: 2, Registry: RegistryKV}, nil},
+		{"unknown ha", Options{Nodes: 5, HA: "raft"}, []string{"ha raft"}},
+		{"two single provisioners", Options{Nodes: 5, Provisioners: 2}, []string{"provisioners 2", "--ha claims or leader"}},
+		{"too many provisioners", Options{Nodes: 5, HA: provisioner.HAClaims, Provisioners: 17}, []string{"provisioners 17"}},
+		{"ha with a file registry", Options{Nodes: 5, HA: provisioner.HAClaims, Registry: RegistryFile}, []string{"registry file", "JetStream"}},
+		{"kv registry without ha", Options{Nodes: 5, Registry: RegistryKV}, []string{"registry kv"}},
+		{"ha with known nodes", Options{Nodes: 5, HA: provisioner.HAClaims, KnownNodes: 3}, []string{"known-nodes 3"}},
 		{"every problem", Options{Nodes: -1, Workers: -2, Transport: "x"}, []string{"nodes -1", "workers -2", "transport x"}},
 	}
 	for _, tc := range cases {
@@ -120,9 +129,16 @@ func TestRunAccounting(t *testing.T) {
 		arrival   string
 		rate      float64
 		failEvery int
+		ha        string
+		provs     int
 	}{
-		{"inprocess storm", 30, TransportInProcess, ArrivalStorm, 0, 5},
-		{"tcp ramp", 20, TransportTCP, ArrivalRamp, 200, 4},
+		{"inprocess storm", 30, TransportInProcess, ArrivalStorm, 0, 5, "", 0},
+		{"tcp ramp", 20, TransportTCP, ArrivalRamp, 200, 4, "", 0},
+		// Several provisioners sharing their state through JetStream:
+		// each node is provisioned once whichever provisioner took it,
+		// and the figures add up over all of them.
+		{"claims, three provisioners", 30, TransportInProcess, ArrivalStorm, 0, 5, provisioner.HAClaims, 3},
+		{"leader, two provisioners", 20, TransportTCP, ArrivalStorm, 0, 4, provisioner.HALeader, 2},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -138,6 +154,7 @@ func TestRunAccounting(t *testing.T) {
 				WrapHelper: func(h helper.Helper) helper.Helper {
 					return &flakyHelper{h: h, fail: fail, failed: map[string]bool{}}
 				},
+				HA: tc.ha, Provisioners: tc.provs,
 			}
 			r, err := Run(context.Background(), o)
 			if err != nil {
@@ -145,8 +162,35 @@ func TestRunAccounting(t *testing.T) {
 			}
 			checkResult(t, r, tc.nodes, len(fail))
 			checkFloor(t, r, 10)
+			checkProvisioners(t, r, tc.ha, max(tc.provs, 1))
 		})
 	}
+}
+
+// checkProvisioners checks the per-provisioner figures of a run with
+// provs provisioners in ha mode ha ("" for single).
+func checkProvisioners(t *testing.T, r *Result, ha string, provs int) {
+	t.Helper()
+	wantHA, wantReg := provisioner.HASingle, RegistryFile
+	if ha != "" {
+		wantHA, wantReg = ha, RegistryKV
+	}
+	if r.HA != wantHA || r.Provisioners != provs || r.Registry != wantReg {
+		t.Errorf("ha %q, %d provisioners, registry %q; want %q, %d, %q", r.HA, r.Provisioners, r.Registry, wantHA, provs, wantReg)
+	}
+	sum := 0
+	for _, n := range r.ProvisionedBy {
+		sum += n
+	}
+	if len(r.ProvisionedBy) != provs || sum != r.Nodes {
+		t.Errorf("provisioned by %v: want %d provisioners adding up to %d nodes", r.ProvisionedBy, provs, r.Nodes)
+	}
+	var out strings.Builder
+	r.Print(&out)
+	if provs > 1 && !strings.Contains(out.String(), "provisioned by") {
+		t.Errorf("table lacks the provisioners' split:\n%s", out.String())
+	}
+	t.Logf("provisioned by %v", r.ProvisionedBy)
 }
 
 func checkResult(t *testing.T, r *Result, nodes, failures int) {

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"math"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/muster-io/muster/provisioner"
 )
 
@@ -13,6 +15,7 @@ const (
 	metricRPC       = "muster_provisioner_rpc_duration_seconds"
 	metricErrors    = "muster_provisioner_errors_total"
 	metricRetries   = "muster_provisioner_retries_total"
+	metricProvCount = "muster_provisioner_provisioned_total"
 )
 
 // bucket is one cumulative histogram bucket.
@@ -35,44 +38,62 @@ type provMetrics struct {
 	hist    map[string]map[string]histogram
 	errors  map[string]float64
 	retries map[string]float64
+	// provisioned is each provisioner's provisioned_total, in order.
+	provisioned []int
 }
 
-// gatherMetrics reads the provisioner's registry.
-func gatherMetrics(p *provisioner.Provisioner) (*provMetrics, error) {
+// gatherMetrics reads the provisioners' registries and adds their series
+// up (several provisioners in the ha modes; their histograms share one
+// bucket layout).
+func gatherMetrics(provs ...*provisioner.Provisioner) (*provMetrics, error) {
 	m := &provMetrics{hist: map[string]map[string]histogram{}, errors: map[string]float64{}, retries: map[string]float64{}}
-	if p == nil {
+	if len(provs) == 0 {
 		return m, errors.New("no provisioner")
 	}
-	families, err := p.Registry().Gather()
-	if err != nil {
-		return m, err
-	}
-	for _, mf := range families {
-		name := mf.GetName()
-		for _, s := range mf.GetMetric() {
-			label := ""
-			if ls := s.GetLabel(); len(ls) > 0 {
-				label = ls[0].GetValue()
-			}
-			switch name {
-			case metricQueueWait, metricRPC:
-				h := s.GetHistogram()
-				hs := histogram{count: h.GetSampleCount(), sum: h.GetSampleSum()}
-				for _, b := range h.GetBucket() {
-					hs.buckets = append(hs.buckets, bucket{upper: b.GetUpperBound(), count: b.GetCumulativeCount()})
+	for i, p := range provs {
+		families, err := p.Registry().Gather()
+		if err != nil {
+			return m, err
+		}
+		m.provisioned = append(m.provisioned, 0)
+		for _, mf := range families {
+			name := mf.GetName()
+			for _, s := range mf.GetMetric() {
+				label := ""
+				if ls := s.GetLabel(); len(ls) > 0 {
+					label = ls[0].GetValue()
 				}
-				if m.hist[name] == nil {
-					m.hist[name] = map[string]histogram{}
+				switch name {
+				case metricQueueWait, metricRPC:
+					if m.hist[name] == nil {
+						m.hist[name] = map[string]histogram{}
+					}
+					m.hist[name][label] = m.hist[name][label].add(s.GetHistogram())
+				case metricErrors:
+					m.errors[label] += s.GetCounter().GetValue()
+				case metricRetries:
+					m.retries[label] += s.GetCounter().GetValue()
+				case metricProvCount:
+					m.provisioned[i] += int(s.GetCounter().GetValue())
 				}
-				m.hist[name][label] = hs
-			case metricErrors:
-				m.errors[label] = s.GetCounter().GetValue()
-			case metricRetries:
-				m.retries[label] = s.GetCounter().GetValue()
 			}
 		}
 	}
 	return m, nil
+}
+
+// add returns h with the series of h2 added: counts and sums, bucket by
+// bucket.
+func (h histogram) add(h2 *dto.Histogram) histogram {
+	out := histogram{count: h.count + h2.GetSampleCount(), sum: h.sum + h2.GetSampleSum()}
+	for i, b := range h2.GetBucket() {
+		nb := bucket{upper: b.GetUpperBound(), count: b.GetCumulativeCount()}
+		if i < len(h.buckets) {
+			nb.count += h.buckets[i].count
+		}
+		out.buckets = append(out.buckets, nb)
+	}
+	return out
 }
 
 // stage summarises one histogram series as a StageLatency.

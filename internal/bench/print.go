@@ -6,6 +6,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/muster-io/muster/provisioner"
 )
 
 // Print writes the result as a human table.
@@ -29,15 +31,28 @@ func (r *Result) Print(w io.Writer) {
 	p("run", "%d nodes, %d workers, helper %s, arrival %s, key %s, transport %s", r.Nodes, r.Workers, helper, arrival, r.KeyType, r.Transport)
 	p("production connections", "%s", r.ProductionConnections)
 	p("agent state", "%s", r.StateDir)
-	if r.Registry == RegistryFile {
+	switch r.Registry {
+	case RegistryFile:
 		p("identity registry", "file (journal + snapshot) under the agent state's directory, %d identities known before the run", r.KnownNodes)
-	} else {
+	case RegistryKV:
+		p("identity registry", "JetStream KV (MUSTER_REGISTRY), shared")
+	default:
 		p("identity registry", "in memory")
+	}
+	if r.HA != "" && r.HA != provisioner.HASingle {
+		p("provisioners", "%d, ha mode %s (node state and claims in JetStream, one replica), %d workers each", r.Provisioners, r.HA, r.Workers)
 	}
 	if r.Processes {
 		p("agents", "one muster-agent process each (TCP + TLS, restart by re-exec)")
 	}
 	p("provisioned", "%d of %d (%d not provisioned)", r.Provisioned, r.Nodes, r.NotProvisioned)
+	if len(r.ProvisionedBy) > 1 {
+		by := make([]string, len(r.ProvisionedBy))
+		for i, n := range r.ProvisionedBy {
+			by[i] = strconv.Itoa(n)
+		}
+		p("provisioned by", "%s (provisioner by provisioner)", strings.Join(by, " / "))
+	}
 	p("provisioned twice or more", "%d %s", r.Duplicates, strings.Join(r.DuplicateIdentities, " "))
 	p("production reconnects", "%d", r.ProductionReconnects)
 	p("time", "%.2fs (first agent start to last production connection)", r.Seconds)

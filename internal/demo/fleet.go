@@ -116,6 +116,15 @@ type Options struct {
 	// registry holds before the provisioner starts: a fleet that already
 	// exists. Written by Prepare; needs FileRegistry.
 	KnownNodes int
+	// HA is the provisioners' ha.mode: "" or single, claims, or leader.
+	// In claims and leader mode they share node state, claims and the
+	// identity registry through the broker's JetStream (one broker:
+	// replicas 1), as a deployment of several provisioners does.
+	HA string
+	// Provisioners is how many provisioners run (default 1; more than one
+	// needs HA claims or leader). Provisioner i is named
+	// demo-provisioner-i and has Workers workers of its own.
+	Provisioners int
 }
 
 // Fleet is a running demo deployment.
@@ -130,7 +139,7 @@ type Fleet struct {
 	brokerUp bool
 	prepared bool
 	specs    []procSpec // process mode: each agent's command line and environment
-	prov     *provisioner.Provisioner
+	provs    []*provisioner.Provisioner
 	agents   []*agent.Agent
 	ids      []string
 	tokens   map[string]string // identity → its provisioning token (in-process agents)
@@ -143,7 +152,7 @@ type Fleet struct {
 	prodCh     chan struct{}
 
 	cancel      context.CancelFunc
-	provConn    *nats.Conn
+	provConns   []*nats.Conn
 	watchConn   *nats.Conn
 	procs       []*agentProc
 	stopping    bool
@@ -152,6 +161,9 @@ type Fleet struct {
 	runErr      []error
 	closed      bool
 }
+
+// maxProvisioners bounds Options.Provisioners.
+const maxProvisioners = 16
 
 // Identity returns the identity of node i.
 func Identity(i int) string { return fmt.Sprintf("node%05d.demo.muster", i) }
@@ -193,6 +205,24 @@ func New(opts Options) (*Fleet, error) {
 	}
 	if opts.MetadataInterval == 0 {
 		opts.MetadataInterval = 5 * time.Second
+	}
+	if opts.Provisioners == 0 {
+		opts.Provisioners = 1
+	}
+	switch opts.HA {
+	case "", provisioner.HASingle:
+		if opts.Provisioners != 1 {
+			return nil, fmt.Errorf("%d provisioners: more than one needs ha mode claims or leader", opts.Provisioners)
+		}
+	case provisioner.HAClaims, provisioner.HALeader:
+		if opts.Provisioners < 1 || opts.Provisioners > maxProvisioners {
+			return nil, fmt.Errorf("%d provisioners: must be 1..%d", opts.Provisioners, maxProvisioners)
+		}
+		if opts.FileRegistry {
+			return nil, fmt.Errorf("ha mode %s keeps the identity registry in JetStream, not in files", opts.HA)
+		}
+	default:
+		return nil, fmt.Errorf("ha mode %q: must be single, claims or leader", opts.HA)
 	}
 	f := &Fleet{
 		opts:       opts,
@@ -386,36 +416,20 @@ func (f *Fleet) Prepare() error {
 	if f.opts.WrapHelper != nil {
 		h = f.opts.WrapHelper(h)
 	}
-	var provConn *nats.Conn
-	if f.opts.InProcess {
-		seed, err := os.ReadFile(pcfg.NkeySeedFile)
-		if err != nil {
-			return fmt.Errorf("provisioner nkey: %w", err)
-		}
-		kp, err := nkeys.FromSeed(seed)
-		if err != nil {
-			return fmt.Errorf("provisioner nkey: %w", err)
-		}
-		nkeyOpt := nats.Nkey(provKey, func(nonce []byte) ([]byte, error) { return protocol.SignNonce(kp, nonce) })
-		provConn, err = nats.Connect("", nats.InProcessServer(f.broker.Server()), nkeyOpt,
-			nats.Name(pcfg.Name), nats.MaxReconnects(-1))
-		if err != nil {
-			return fmt.Errorf("provisioner in-process connection: %w", err)
-		}
-		f.provConn = provConn
+	if ha := f.opts.HA; ha != "" && ha != provisioner.HASingle {
+		pcfg.HA.Mode = ha
+		pcfg.HA.Replicas = 1
 	}
-	f.prov, err = provisioner.New(provisioner.Options{
-		Config:   pcfg,
-		Helper:   h,
-		Conn:     provConn,
-		Logger:   f.log.WithField("component", "provisioner"),
-		Observer: observer{f},
-	})
-	if err != nil {
-		return fmt.Errorf("provisioner: %w", err)
-	}
-	if f.opts.StartPaused {
-		f.prov.Pause()
+	for i := 0; i < f.opts.Provisioners; i++ {
+		cfg := pcfg
+		if f.opts.Provisioners > 1 || f.opts.HA != "" {
+			cfg.Name = fmt.Sprintf("demo-provisioner-%d", i)
+		}
+		p, err := f.newProvisioner(cfg, h, provKey)
+		if err != nil {
+			return err
+		}
+		f.provs = append(f.provs, p)
 	}
 	for i := 0; i < f.opts.Nodes; i++ {
 		f.ids = append(f.ids, Identity(i))
@@ -467,6 +481,43 @@ func (f *Fleet) Prepare() error {
 	return nil
 }
 
+// newProvisioner builds one of the fleet's provisioners, with its own
+// in-process connection when the fleet runs in-process.
+func (f *Fleet) newProvisioner(cfg provisioner.Config, h helper.Helper, provKey string) (*provisioner.Provisioner, error) {
+	var conn *nats.Conn
+	if f.opts.InProcess {
+		seed, err := os.ReadFile(cfg.NkeySeedFile)
+		if err != nil {
+			return nil, fmt.Errorf("provisioner nkey: %w", err)
+		}
+		kp, err := nkeys.FromSeed(seed)
+		if err != nil {
+			return nil, fmt.Errorf("provisioner nkey: %w", err)
+		}
+		nkeyOpt := nats.Nkey(provKey, func(nonce []byte) ([]byte, error) { return protocol.SignNonce(kp, nonce) })
+		conn, err = nats.Connect("", nats.InProcessServer(f.broker.Server()), nkeyOpt,
+			nats.Name(cfg.Name), nats.MaxReconnects(-1))
+		if err != nil {
+			return nil, fmt.Errorf("provisioner in-process connection: %w", err)
+		}
+		f.provConns = append(f.provConns, conn)
+	}
+	p, err := provisioner.New(provisioner.Options{
+		Config:   cfg,
+		Helper:   h,
+		Conn:     conn,
+		Logger:   f.log.WithFields(logrus.Fields{"component": "provisioner", "provisioner": cfg.Name}),
+		Observer: observer{f},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("provisioner %s: %w", cfg.Name, err)
+	}
+	if f.opts.StartPaused {
+		p.Pause()
+	}
+	return p, nil
+}
+
 // Start launches the provisioner and every agent (preparing the fleet
 // first when Prepare was not called).
 func (f *Fleet) Start(ctx context.Context) error {
@@ -474,8 +525,10 @@ func (f *Fleet) Start(ctx context.Context) error {
 		return err
 	}
 	ctx, f.cancel = context.WithCancel(ctx)
-	if err := f.startProvisioner(ctx); err != nil {
-		return err
+	for _, p := range f.provs {
+		if err := f.startProvisioner(ctx, p); err != nil {
+			return err
+		}
 	}
 	if f.opts.AgentBin != "" {
 		return f.startProcessFleet(ctx)
@@ -575,16 +628,16 @@ func (f *Fleet) runAgent(ctx context.Context, i int) {
 // startProvisioner runs the provisioner and waits until it is ready, so
 // that no agent announces itself before the provisioner listens (an agent
 // announces again later, but a test's fake node may announce only once).
-func (f *Fleet) startProvisioner(ctx context.Context) error {
+func (f *Fleet) startProvisioner(ctx context.Context, p *provisioner.Provisioner) error {
 	done := make(chan struct{})
 	var runErr error
 	f.goRun("provisioner", func() error {
 		defer close(done)
-		runErr = f.prov.Run(ctx)
+		runErr = p.Run(ctx)
 		return runErr
 	})
 	select {
-	case <-f.prov.Ready():
+	case <-p.Ready():
 		return nil
 	case <-done:
 		return fmt.Errorf("provisioner: %w", runErr)
@@ -766,8 +819,18 @@ func (f *Fleet) CA() *ca.CA { return f.ca }
 // Broker returns the fleet's broker.
 func (f *Fleet) Broker() *broker.Broker { return f.broker }
 
-// Provisioner returns the fleet's provisioner (nil before Start).
-func (f *Fleet) Provisioner() *provisioner.Provisioner { return f.prov }
+// Provisioner returns the fleet's first provisioner (nil before Prepare).
+func (f *Fleet) Provisioner() *provisioner.Provisioner {
+	if len(f.provs) == 0 {
+		return nil
+	}
+	return f.provs[0]
+}
+
+// Provisioners returns every provisioner of the fleet (Options.Provisioners).
+func (f *Fleet) Provisioners() []*provisioner.Provisioner {
+	return append([]*provisioner.Provisioner(nil), f.provs...)
+}
 
 // Started is when Start launched the agents.
 func (f *Fleet) Started() time.Time { return f.started }
@@ -874,8 +937,8 @@ func (f *Fleet) Close() error {
 	if f.watchConn != nil {
 		f.watchConn.Close()
 	}
-	if f.provConn != nil {
-		f.provConn.Close()
+	for _, c := range f.provConns {
+		c.Close()
 	}
 	if f.closeHelper != nil {
 		_ = f.closeHelper()

@@ -115,3 +115,40 @@ func TestNewRejectsHalfACA(t *testing.T) {
 		t.Fatal("a CA certificate without its key was accepted")
 	}
 }
+
+// TestNewProvisionerOptions: several provisioners only in the ha modes,
+// which keep the registry in JetStream.
+func TestNewProvisionerOptions(t *testing.T) {
+	for _, tc := range []struct {
+		o    Options
+		want string
+	}{
+		{Options{Provisioners: 2}, "more than one needs ha mode"},
+		{Options{HA: provisioner.HASingle, Provisioners: 3}, "more than one needs ha mode"},
+		{Options{HA: provisioner.HAClaims, Provisioners: maxProvisioners + 1}, "must be 1..16"},
+		{Options{HA: provisioner.HALeader, FileRegistry: true}, "registry in JetStream"},
+		{Options{HA: "raft"}, `ha mode "raft"`},
+	} {
+		tc.o.Dir = t.TempDir()
+		f, err := New(tc.o)
+		if err == nil {
+			f.Close()
+			t.Errorf("New(%+v) accepted", tc.o)
+			continue
+		}
+		if !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("New(%+v) = %v, want %q", tc.o, err, tc.want)
+		}
+	}
+	f, err := New(Options{Dir: t.TempDir(), HA: provisioner.HAClaims, Provisioners: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := f.Prepare(); err != nil {
+		t.Fatal(err)
+	}
+	if ps := f.Provisioners(); len(ps) != 2 || f.Provisioner() != ps[0] {
+		t.Fatalf("provisioners %v", ps)
+	}
+}
