@@ -487,6 +487,9 @@ func TestRecordSharedSkipsLostClaims(t *testing.T) {
 	if st.State != StateElsewhere || !strings.Contains(st.LastError, "gencsr: ") || !strings.Contains(st.LastError, "renewal conflict") || !st.RetryAt.After(time.Now()) {
 		t.Fatalf("after a lost claim: %+v", st)
 	}
+	if lost, failed := testutil.ToFloat64(r.p.m.claimsLost.WithLabelValues(string(StageGenCSR))), testutil.ToFloat64(r.p.m.errors.WithLabelValues(string(StageGenCSR))); lost != 1 || failed != 0 {
+		t.Fatalf("claims_lost_total{stage=gencsr} %v, errors_total %v; want 1 and 0", lost, failed)
+	}
 	// Its announcements are not taken until the claim could have lapsed.
 	if r.p.offer("lost.example.net", sourceMetadata, nodeLife{}) {
 		t.Fatal("an elsewhere node was queued before its retry_at")

@@ -11,8 +11,10 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/nats-io/nuid"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/muster-io/muster/helper"
+	"github.com/muster-io/muster/internal/claims"
 	"github.com/muster-io/muster/internal/natstest"
 	"github.com/muster-io/muster/internal/nodestate"
 	"github.com/muster-io/muster/internal/protocol"
@@ -291,4 +293,68 @@ func TestLeaderModeOneActiveAndFailover(t *testing.T) {
 		fleet.publishMetadata(id)
 	}
 	exactlyOnce(t, fleet, ids, 60*time.Second, a, b)
+}
+
+// TestClaimsModeCountsConflictsAndClaimErrors: a node another provisioner
+// holds is parked elsewhere until a lease has passed and counted in
+// claim_conflicts_total; a claim the store cannot make is an error at
+// stage claim.
+func TestClaimsModeCountsConflictsAndClaimErrors(t *testing.T) {
+	url := natstest.Server(t, true)
+	c := newCA(t)
+	r := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	js, err := jetstream.New(connect(t, url))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := claims.New(context.Background(), js, claims.Config{Owner: "prov-b", Lease: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const id = "busy.example.net"
+	if _, err := other.Claim(context.Background(), id); err != nil {
+		t.Fatal(err)
+	}
+	waitState := func(id string) NodeStatus {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			if st, ok := nodeState(r.p, id); ok && st.State == StateElsewhere {
+				return st
+			}
+			if time.Now().After(deadline) {
+				st, _ := nodeState(r.p, id)
+				t.Fatalf("%s not elsewhere: %+v", id, st)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if !r.p.offer(id, sourceMetadata, nodeLife{}) {
+		t.Fatal("not queued")
+	}
+	st := waitState(id)
+	if got := testutil.ToFloat64(r.p.m.claimConflicts); got != 1 {
+		t.Fatalf("claim_conflicts_total %v, want 1", got)
+	}
+	if !st.RetryAt.After(time.Now()) || r.p.offer(id, sourceMetadata, nodeLife{}) {
+		t.Fatalf("a node claimed elsewhere was taken again before its retry_at %s", st.RetryAt)
+	}
+	if got := testutil.ToFloat64(r.p.m.errors.WithLabelValues(string(StageClaim))); got != 0 {
+		t.Fatalf("errors_total{stage=claim} %v for a conflict", got)
+	}
+
+	// Without its claims bucket the store cannot claim anything.
+	if err := js.DeleteKeyValue(context.Background(), claims.DefaultBucket); err != nil {
+		t.Fatal(err)
+	}
+	if !r.p.offer("orphan.example.net", sourceMetadata, nodeLife{}) {
+		t.Fatal("not queued")
+	}
+	waitState("orphan.example.net")
+	if got := testutil.ToFloat64(r.p.m.errors.WithLabelValues(string(StageClaim))); got != 1 {
+		t.Fatalf("errors_total{stage=claim} %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(r.p.m.claimConflicts); got != 1 {
+		t.Fatalf("claim_conflicts_total %v after a claim error, want still 1", got)
+	}
 }

@@ -51,6 +51,8 @@ type metrics struct {
 	standby            prometheus.Gauge
 	policyRejections   *prometheus.CounterVec
 	completedOnArrival prometheus.Counter
+	claimsLost         *prometheus.CounterVec
+	claimConflicts     prometheus.Counter
 }
 
 func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metrics, error) {
@@ -92,6 +94,10 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 	m.standby = prometheus.NewGauge(prometheus.GaugeOpts(opts("standby", "1 while a provisioner in leader mode is not the leader.")))
 	m.completedOnArrival = prometheus.NewCounter(prometheus.CounterOpts(opts("completed_on_arrival_total",
 		"Provisionings counted from the node's arrival in production because their restart was never confirmed (ha modes).")))
+	m.claimsLost = prometheus.NewCounterVec(prometheus.CounterOpts(opts("claims_lost_total",
+		"Attempts stopped because their claim on the node was lost (renewals missed the lease, or the claim was removed), by pipeline stage (ha claims and leader modes).")), []string{"stage"})
+	m.claimConflicts = prometheus.NewCounter(prometheus.CounterOpts(opts("claim_conflicts_total",
+		"Nodes taken from the queue that another provisioner held or had finished (ha modes; in claims mode every provisioner queues every node, so each node counts here once per other provisioner that saw it).")))
 	m.policyRejections = prometheus.NewCounterVec(prometheus.CounterOpts(opts("policy_rejections_total", "CSRs and certificates refused by the provisioner's policy, by reason.")), []string{"reason"})
 	heldG := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("held_nodes", "Nodes held for an operator's approval.")), held)
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
@@ -109,6 +115,7 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 	}
 	for _, s := range allStages {
 		m.errors.WithLabelValues(string(s))
+		m.claimsLost.WithLabelValues(string(s))
 	}
 	for _, s := range rpcStages {
 		m.retries.WithLabelValues(string(s))
@@ -129,6 +136,7 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
 		m.queueWait, m.nodeDuration, m.clockOffset, m.tokenRefusals, m.policyRejections, heldG, m.standby, m.completedOnArrival,
+		m.claimsLost, m.claimConflicts,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err

@@ -88,12 +88,16 @@ func (p *Provisioner) process(ctx context.Context, it queueItem) {
 		var ip *inProduction
 		switch {
 		case errors.As(err, &ip):
+			p.m.claimConflicts.Inc()
 			p.backToProduction(it.identity, ip)
 			return
+		case errors.Is(err, errElsewhere):
+			p.m.claimConflicts.Inc()
+			p.markElsewhere(it.identity)
+			return
 		case err != nil:
-			if !errors.Is(err, errElsewhere) {
-				p.log.WithError(err).WithField("identity", it.identity).Warn("could not claim node")
-			}
+			p.m.errors.WithLabelValues(string(StageClaim)).Inc()
+			p.log.WithError(err).WithField("identity", it.identity).Warn("could not claim node")
 			p.markElsewhere(it.identity)
 			return
 		}
@@ -417,6 +421,7 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 		a.log.WithError(err).Warn("node held for an operator")
 	case lost:
 		// Hold's callback logged the loss.
+		p.m.claimsLost.WithLabelValues(string(stage)).Inc()
 	case err != nil && abandoned:
 		a.log.WithField("stage", string(stage)).Warn("node abandoned at shutdown")
 	case err != nil:

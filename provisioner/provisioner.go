@@ -51,6 +51,9 @@ type Stage string
 const (
 	StageDiscovery Stage = "discovery"
 	StageQueue     Stage = "queue"
+	// StageClaim (ha modes): claiming the node and reading its shared
+	// record, right after it leaves the queue.
+	StageClaim     Stage = "claim"
 	StageInventory Stage = "inventory"
 	StageGenCSR    Stage = "gencsr"
 	StageHelper    Stage = "helper"
@@ -60,7 +63,7 @@ const (
 	StageShutdown  Stage = "shutdown"
 )
 
-var allStages = []Stage{StageDiscovery, StageQueue, StageInventory, StageGenCSR, StageHelper, StageValidate, StageConfigure, StageRestart, StageShutdown}
+var allStages = []Stage{StageDiscovery, StageQueue, StageClaim, StageInventory, StageGenCSR, StageHelper, StageValidate, StageConfigure, StageRestart, StageShutdown}
 
 // rpcStages are the stages that send RPCs (and so may retry).
 var rpcStages = []Stage{StageInventory, StageGenCSR, StageConfigure, StageRestart, StageShutdown}

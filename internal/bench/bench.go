@@ -426,6 +426,12 @@ type Result struct {
 	// retries_total by stage (zero stages left out).
 	Errors  map[string]float64 `json:"errors_total,omitempty"`
 	Retries map[string]float64 `json:"retries_total,omitempty"`
+	// ClaimsLost and ClaimConflicts are the ha modes' claims_lost_total
+	// by stage (attempts stopped because their claim lapsed) and
+	// claim_conflicts_total (nodes dequeued that another provisioner
+	// held or had finished), over every provisioner.
+	ClaimsLost     map[string]float64 `json:"claims_lost_total,omitempty"`
+	ClaimConflicts float64            `json:"claim_conflicts_total"`
 	// SampleErrors holds the last error of up to 10 nodes.
 	SampleErrors map[string]string `json:"sample_errors,omitempty"`
 
@@ -933,6 +939,8 @@ func fill(res *Result, rec *recorder, m *provMetrics) {
 	}
 	res.Errors = nonZero(m.errors)
 	res.Retries = nonZero(m.retries)
+	res.ClaimsLost = nonZero(m.claimsLost)
+	res.ClaimConflicts = m.claimConflicts
 }
 
 func maps(m map[string]int) map[string]int {

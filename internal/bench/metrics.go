@@ -16,6 +16,8 @@ const (
 	metricErrors    = "muster_provisioner_errors_total"
 	metricRetries   = "muster_provisioner_retries_total"
 	metricProvCount = "muster_provisioner_provisioned_total"
+	metricLost      = "muster_provisioner_claims_lost_total"
+	metricConflicts = "muster_provisioner_claim_conflicts_total"
 )
 
 // bucket is one cumulative histogram bucket.
@@ -39,14 +41,16 @@ type provMetrics struct {
 	errors  map[string]float64
 	retries map[string]float64
 	// provisioned is each provisioner's provisioned_total, in order.
-	provisioned []int
+	provisioned    []int
+	claimsLost     map[string]float64
+	claimConflicts float64
 }
 
 // gatherMetrics reads the provisioners' registries and adds their series
 // up (several provisioners in the ha modes; their histograms share one
 // bucket layout).
 func gatherMetrics(provs ...*provisioner.Provisioner) (*provMetrics, error) {
-	m := &provMetrics{hist: map[string]map[string]histogram{}, errors: map[string]float64{}, retries: map[string]float64{}}
+	m := &provMetrics{hist: map[string]map[string]histogram{}, errors: map[string]float64{}, retries: map[string]float64{}, claimsLost: map[string]float64{}}
 	if len(provs) == 0 {
 		return m, errors.New("no provisioner")
 	}
@@ -75,6 +79,10 @@ func gatherMetrics(provs ...*provisioner.Provisioner) (*provMetrics, error) {
 					m.retries[label] += s.GetCounter().GetValue()
 				case metricProvCount:
 					m.provisioned[i] += int(s.GetCounter().GetValue())
+				case metricLost:
+					m.claimsLost[label] += s.GetCounter().GetValue()
+				case metricConflicts:
+					m.claimConflicts += s.GetCounter().GetValue()
 				}
 			}
 		}

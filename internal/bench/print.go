@@ -101,6 +101,10 @@ func (r *Result) Print(w io.Writer) {
 	}
 	p("errors_total by stage", "%s", kv(r.Errors))
 	p("retries_total by stage", "%s", kv(r.Retries))
+	if r.HA != "" && r.HA != provisioner.HASingle {
+		p("claims lost by stage", "%s", kv(r.ClaimsLost))
+		p("claim conflicts", "%.0f (nodes dequeued that another provisioner held or had finished)", r.ClaimConflicts)
+	}
 	ids := make([]string, 0, len(r.SampleErrors))
 	for id := range r.SampleErrors {
 		ids = append(ids, id)
