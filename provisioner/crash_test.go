@@ -468,7 +468,9 @@ func TestClaimsModeStaleStartupKeepsProduction(t *testing.T) {
 func TestRecordSharedSkipsLostClaims(t *testing.T) {
 	url := natstest.Server(t, true)
 	c := newCA(t)
-	r := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	// A long lease: retry_at (a lease after the loss) must not have passed
+	// when the test offers the node, however loaded the machine.
+	r := startHALease(t, url, "prov-a", HAClaims, newTestHelper(c, nil), 30*time.Second)
 	kv := openKV(t, url)
 	ctx, cancel := context.WithCancelCause(context.Background())
 	cancel(fmt.Errorf("%w: renewal conflict", claims.ErrLost))

@@ -302,12 +302,14 @@ func TestLeaderModeOneActiveAndFailover(t *testing.T) {
 func TestClaimsModeCountsConflictsAndClaimErrors(t *testing.T) {
 	url := natstest.Server(t, true)
 	c := newCA(t)
-	r := startHA(t, url, "prov-a", HAClaims, newTestHelper(c, nil))
+	// A long lease: the node must still be parked when the test looks,
+	// however slowly a loaded machine runs it.
+	r := startHALease(t, url, "prov-a", HAClaims, newTestHelper(c, nil), 30*time.Second)
 	js, err := jetstream.New(connect(t, url))
 	if err != nil {
 		t.Fatal(err)
 	}
-	other, err := claims.New(context.Background(), js, claims.Config{Owner: "prov-b", Lease: 2 * time.Second})
+	other, err := claims.New(context.Background(), js, claims.Config{Owner: "prov-b", Lease: 30 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
