@@ -150,6 +150,9 @@ func (p *Provisioner) openShared(ctx context.Context, nc *nats.Conn) error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("ha: %w", err)
 	}
+	if err := p.importFileRegistry(reg); err != nil {
+		return fmt.Errorf("ha: %w", err)
+	}
 	p.mu.Lock()
 	p.shared = &shared{mode: mode, claims: cs, nodes: ns, arrivals: arrivals, grace: p.cfg.Grace.D()}
 	p.reg = reg

@@ -5,11 +5,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"sort"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
+	"github.com/sirupsen/logrus"
 
+	"github.com/muster-io/muster/internal/fsutil"
 	"github.com/muster-io/muster/internal/protocol"
 )
 
@@ -118,4 +123,90 @@ func (k *kvRegistry) List() ([]Record, error) {
 			return nil, fmt.Errorf("registry list: %w", ctx.Err())
 		}
 	}
+}
+
+// importedMarker, in state_dir, records that the file registry there was
+// imported into the shared one; while it exists the import is not made
+// again (an identity an operator removed from the bucket stays removed).
+const importedMarker = "registry.imported"
+
+// importResult is what importRecords did.
+type importResult struct {
+	imported, kept int
+}
+
+// importRecords creates, for every record of recs whose identity the
+// bucket does not hold, that record; identities the bucket holds keep its
+// record (the shared registry is the truth once several provisioners run).
+// Creates that race with another provisioner's write keep the other one.
+func (k *kvRegistry) importRecords(recs []Record) (importResult, error) {
+	var res importResult
+	have, err := k.List()
+	if err != nil {
+		return res, err
+	}
+	known := make(map[string]bool, len(have))
+	for _, r := range have {
+		known[r.Identity] = true
+	}
+	for _, rec := range recs {
+		if known[rec.Identity] {
+			res.kept++
+			continue
+		}
+		if err := rec.validate(); err != nil {
+			return res, err
+		}
+		b, err := json.Marshal(rec)
+		if err != nil {
+			return res, err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), kvOpTimeout)
+		_, err = k.kv.Create(ctx, rec.Identity, b)
+		cancel()
+		switch {
+		case errors.Is(err, jetstream.ErrKeyExists):
+			res.kept++
+		case err != nil:
+			return res, fmt.Errorf("registry %s: %w", rec.Identity, err)
+		default:
+			res.imported++
+		}
+	}
+	return res, nil
+}
+
+// importFileRegistry copies the state_dir registry (a provisioner that ran
+// in single mode before) into the shared one, once: keys, serials,
+// denials and token uses recorded before the switch to an ha mode keep
+// holding changed keys and denied identities.
+func (p *Provisioner) importFileRegistry(reg *kvRegistry) error {
+	if p.fileReg == nil {
+		return nil
+	}
+	marker := filepath.Join(p.cfg.StateDir, importedMarker)
+	if _, err := os.Stat(marker); err == nil {
+		p.log.WithField("marker", marker).Debug("state_dir registry imported before; not importing it again")
+		return nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("import marker: %w", err)
+	}
+	recs, err := p.fileReg.List()
+	if err != nil {
+		return err
+	}
+	res, err := reg.importRecords(recs)
+	if err != nil {
+		return fmt.Errorf("importing %s's registry into %s (%d imported so far): %w", p.cfg.StateDir, RegistryBucket, res.imported, err)
+	}
+	note, err := json.Marshal(map[string]any{"bucket": RegistryBucket, "imported": res.imported, "kept": res.kept, "at": time.Now().UTC()})
+	if err != nil {
+		return err
+	}
+	if err := fsutil.WriteFileAtomic(marker, append(note, '\n'), 0o600); err != nil {
+		return fmt.Errorf("import marker: %w", err)
+	}
+	p.log.WithFields(logrus.Fields{"imported": res.imported, "kept": res.kept, "bucket": RegistryBucket, "marker": marker}).
+		Info("imported the state_dir identity registry into the shared one; identities the shared one held kept its record")
+	return nil
 }

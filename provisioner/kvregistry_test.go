@@ -3,9 +3,14 @@ package provisioner
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/muster-io/muster/internal/natstest"
 )
@@ -75,5 +80,90 @@ func BenchmarkKVRegistryList(b *testing.B) {
 		if recs, err := reg.List(); err != nil || len(recs) != n {
 			b.Fatalf("%d records, %v", len(recs), err)
 		}
+	}
+}
+
+// TestHAImportsFileRegistry: a provisioner switched from single to claims
+// mode with its state_dir imports the file registry into the shared one
+// once: identities the bucket lacks get their file record (so their keys
+// are still checked and their denials hold), identities it has keep its
+// record, and after the import a removed identity is not brought back.
+func TestHAImportsFileRegistry(t *testing.T) {
+	url := natstest.Server(t, true)
+	dir := t.TempDir()
+	fp := func(b string) string { return "sha256:" + strings.Repeat(b, 32) }
+	fr, err := OpenFileRegistry(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fileRecs := []Record{
+		{Identity: "kept-key.example.net", KeyFingerprint: fp("aa"), Serial: "a1"},
+		{Identity: "denied.example.net", Denied: true, DeniedKey: fp("bb"), DeniedAt: time.Now().UTC().Truncate(time.Second)},
+		{Identity: "shared.example.net", KeyFingerprint: fp("cc"), Serial: "c1"},
+	}
+	if err := fr.PutMany(fileRecs); err != nil {
+		t.Fatal(err)
+	}
+	if err := fr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	js, err := jetstream.New(connect(t, url))
+	if err != nil {
+		t.Fatal(err)
+	}
+	shared, err := openKVRegistry(context.Background(), js, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newer := Record{Identity: "shared.example.net", KeyFingerprint: fp("dd"), Serial: "d2"}
+	if err := shared.Put(newer); err != nil {
+		t.Fatal(err)
+	}
+
+	start := func() *running {
+		cfg := testConfig()
+		cfg.Name = "prov-a"
+		cfg.StateDir = dir
+		cfg.HA = HAConfig{Mode: HAClaims}
+		nc, err := nats.Connect(url, nats.NoReconnect())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		return runWith(t, Options{Config: cfg, Helper: newTestHelper(newCA(t), nil), Conn: nc, DrainTimeout: time.Second}, nil)
+	}
+	r := start()
+	want := map[string]Record{"kept-key.example.net": fileRecs[0], "denied.example.net": fileRecs[1], "shared.example.net": newer}
+	for id, w := range want {
+		got, ok, err := shared.Get(id)
+		if err != nil || !ok || got.KeyFingerprint != w.KeyFingerprint || got.Serial != w.Serial || got.Denied != w.Denied || !got.DeniedAt.Equal(w.DeniedAt) {
+			t.Errorf("shared %s = %+v %v %v, want %+v", id, got, ok, err, w)
+		}
+	}
+	if st, ok := nodeState(r.p, "denied.example.net"); !ok || st.State != StateDenied {
+		t.Errorf("imported denial not in force: %+v", st)
+	}
+	marker := filepath.Join(dir, importedMarker)
+	b, err := os.ReadFile(marker)
+	if err != nil || !strings.Contains(string(b), `"imported":2`) || !strings.Contains(string(b), `"kept":1`) {
+		t.Fatalf("marker %q %v", b, err)
+	}
+	if fi, err := os.Stat(marker); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("marker mode %v %v", fi.Mode(), err)
+	}
+	if !strings.Contains(r.logs.String(), "imported the state_dir identity registry") {
+		t.Errorf("import not logged:\n%s", r.logs.String())
+	}
+
+	// An operator removes an identity from the bucket; the next start
+	// does not import it again.
+	r.cancel()
+	<-r.done
+	if err := shared.kv.Delete(context.Background(), "kept-key.example.net"); err != nil {
+		t.Fatal(err)
+	}
+	start()
+	if _, ok, err := shared.Get("kept-key.example.net"); err != nil || ok {
+		t.Fatalf("removed identity imported again: %v %v", ok, err)
 	}
 }
