@@ -595,3 +595,48 @@ func TestConfiguredKeyRecordedDespiteRegistryOutage(t *testing.T) {
 		t.Fatalf("configured %d times", configured)
 	}
 }
+
+// TestArrivalCompletesAnEarlierCertificate: an attempt's restart reached
+// the node but its reply did not, and the next attempt reached the node
+// during its restart splay and configured another certificate, which the
+// node never wrote (it restarted first). The node arrives in production
+// with the first attempt's certificate: the arrival completes the record
+// with it (counted once, its key registered), although the later one was
+// pending. Before 2 Dec the arrival was taken for an unknown certificate
+// and the record stayed failed for good (seen in TestKillProvisionerMidStorm
+// under three concurrent race suites).
+func TestArrivalCompletesAnEarlierCertificate(t *testing.T) {
+	url := natstest.Server(t, true)
+	r := startHA(t, url, "prov-a", HAClaims, newTestHelper(newCA(t), nil))
+	kv := openKV(t, url)
+	const id = "splay.example.net"
+	fpFirst, fpLater := "sha256:"+strings.Repeat("1a", 32), "sha256:"+strings.Repeat("2b", 32)
+	rec := nodestate.Record{Identity: id, State: string(StateFailed), Stage: string(StageConfigure), Attempts: 2}
+	rec.SetPending(nodestate.Pending{Serial: "0f01", KeyFingerprint: fpFirst, TokenID: "tok-1", By: "prov-b", At: time.Now().UTC()})
+	rec.SetPending(nodestate.Pending{Serial: "0f02", KeyFingerprint: fpLater, TokenID: "tok-1", By: "prov-a", At: time.Now().UTC()})
+	if err := kv.nodes.Put(context.Background(), rec); err != nil {
+		t.Fatal(err)
+	}
+	ev := &protocol.Event{Protocol: protocol.EventProtocol, ID: "e1", Identity: id, Type: protocol.EventProvisioned,
+		Component: protocol.AgentComponent, Time: time.Now().UTC(), Serial: "0f01"}
+	if err := r.p.recordArrival(context.Background(), ev); err != nil {
+		t.Fatal(err)
+	}
+	got := kv.record(id)
+	if got.State != nodestate.StateProduction || got.Serial != "0f01" || got.Provisions != 1 || got.Pending != nil || got.Earlier != nil || got.ProvisionedBy != "prov-b" {
+		t.Fatalf("record after the arrival: %+v", got)
+	}
+	if reg, ok, err := kv.reg.Get(id); err != nil || !ok || reg.KeyFingerprint != fpFirst || reg.Serial != "0f01" {
+		t.Fatalf("registry %+v %v %v: want the first certificate's key", reg, ok, err)
+	}
+	if n := testutil.ToFloat64(r.p.m.completedOnArrival); n != 1 {
+		t.Fatalf("completed_on_arrival_total %v, want 1", n)
+	}
+	// The same arrival again (redelivered) counts nothing more.
+	if err := r.p.recordArrival(context.Background(), ev); err != nil {
+		t.Fatal(err)
+	}
+	if got := kv.record(id); got.Provisions != 1 || testutil.ToFloat64(r.p.m.completedOnArrival) != 1 {
+		t.Fatalf("counted twice: %+v", got)
+	}
+}

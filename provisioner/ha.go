@@ -302,7 +302,7 @@ func (p *Provisioner) recordArrival(ctx context.Context, ev *protocol.Event) err
 	if err != nil {
 		return err
 	}
-	if pd := cur.Pending; pd != nil && pd.Serial == ev.Serial {
+	if pd := cur.PendingFor(ev.Serial); pd != nil {
 		// The key first, then the count: a failure here leaves the
 		// certificate pending, and the arrival is tried again.
 		if err := p.registerArrival(ev, pd); err != nil {
@@ -314,7 +314,7 @@ func (p *Provisioner) recordArrival(ctx context.Context, ev *protocol.Event) err
 	var done *nodestate.Pending
 	_, err = sh.nodes.Update(rctx, ev.Identity, func(r *nodestate.Record) (bool, error) {
 		done = nil
-		pending := r.Pending != nil && r.Pending.Serial == ev.Serial
+		pending := r.PendingFor(ev.Serial) != nil
 		if !pending && (r.Serial != ev.Serial || r.State == nodestate.StateProduction) {
 			return false, nil
 		}
@@ -460,7 +460,7 @@ func (p *Provisioner) confirmClaim(ctx context.Context, a *attempt) error {
 	defer ocancel()
 	_, err = sh.nodes.Update(octx, a.id, func(r *nodestate.Record) (bool, error) {
 		r.State, r.Stage, r.ClaimedBy = string(StateInProgress), string(StageConfigure), sh.claims.Owner()
-		r.Pending = &nodestate.Pending{Serial: a.serial, KeyFingerprint: a.keyFP, TokenID: a.tokenID, Life: a.life, By: sh.claims.Owner(), At: time.Now().UTC()}
+		r.SetPending(nodestate.Pending{Serial: a.serial, KeyFingerprint: a.keyFP, TokenID: a.tokenID, Life: a.life, By: sh.claims.Owner(), At: time.Now().UTC()})
 		return true, nil
 	})
 	if err != nil {
@@ -509,7 +509,7 @@ func (p *Provisioner) recordShared(a *attempt, err error, abandoned bool) error 
 			if r.Complete(a.serial, now, arrivedAt) == nil && r.Serial != a.serial {
 				// The pending record was lost (an operator edited the
 				// bucket): count the provisioning all the same.
-				r.Pending = &nodestate.Pending{Serial: a.serial, Life: a.life, By: sh.claims.Owner()}
+				r.SetPending(nodestate.Pending{Serial: a.serial, Life: a.life, By: sh.claims.Owner()})
 				r.Complete(a.serial, now, arrivedAt)
 			}
 		case err == nil:

@@ -68,6 +68,14 @@ type Record struct {
 	// Pending is a certificate a provisioner is configuring, or configured
 	// without its completion being known yet.
 	Pending *Pending `json:"pending,omitempty"`
+	// Earlier are certificates earlier attempts configured whose
+	// completion was never known, oldest first (at most MaxEarlier): a
+	// later attempt's certificate replaced them as Pending, but the node
+	// may still come to production with one of them. (An attempt's
+	// restart reached the node and its reply did not; the next attempt
+	// reached the node during its restart splay and sent another
+	// certificate, which the node never wrote.)
+	Earlier []Pending `json:"earlier,omitempty"`
 	// ArrivedAt is the time (the node's clock) of the provisioned event in
 	// which the node last came to production with a known certificate.
 	ArrivedAt time.Time `json:"arrived_at,omitzero"`
@@ -99,11 +107,47 @@ type Pending struct {
 	Configured bool `json:"configured,omitempty"`
 }
 
+// MaxEarlier bounds Record.Earlier.
+const MaxEarlier = 4
+
+// SetPending makes p the pending certificate. One pending with another
+// serial moves to Earlier (the oldest dropped beyond MaxEarlier): the node
+// may have it.
+func (r *Record) SetPending(p Pending) {
+	if old := r.Pending; old != nil && old.Serial != p.Serial {
+		r.Earlier = append(r.Earlier, *old)
+		if n := len(r.Earlier); n > MaxEarlier {
+			r.Earlier = append([]Pending(nil), r.Earlier[n-MaxEarlier:]...)
+		}
+	}
+	r.Pending = &p
+}
+
+// PendingFor returns the pending or earlier certificate with serial (a
+// copy), nil when there is none.
+func (r *Record) PendingFor(serial string) *Pending {
+	if serial == "" {
+		return nil
+	}
+	if r.Pending != nil && r.Pending.Serial == serial {
+		p := *r.Pending
+		return &p
+	}
+	for i := len(r.Earlier) - 1; i >= 0; i-- {
+		if r.Earlier[i].Serial == serial {
+			p := r.Earlier[i]
+			return &p
+		}
+	}
+	return nil
+}
+
 // Complete records at now that the certificate serial reached the node:
 // its restart into production was confirmed (arrivedAt zero) or the node
 // was seen in production with it (arrivedAt: the time of its provisioned
-// event). It returns the pending certificate it completed, or nil when
-// serial was not pending: already counted (an arrival then only marks the
+// event). It returns the pending certificate it completed (Pending or one
+// of Earlier: the others can no longer reach the node, and are dropped),
+// or nil when serial was not pending: already counted (an arrival then only marks the
 // node in production) or unknown (nothing changes, so a forged event cannot
 // mark a node provisioned without knowing its new certificate's serial). A
 // pending certificate is counted in Provisions exactly once, however many
@@ -113,15 +157,15 @@ func (r *Record) Complete(serial string, now, arrivedAt time.Time) *Pending {
 		return nil
 	}
 	arrived := !arrivedAt.IsZero()
-	p := r.Pending
+	p := r.PendingFor(serial)
 	switch {
-	case p != nil && p.Serial == serial:
+	case p != nil:
 		r.Provisions++
 		r.Serial = serial
 		r.Life = p.Life
 		r.ProvisionedBy = p.By
 		r.ProvisionedAt = now.UTC()
-		r.Pending = nil
+		r.Pending, r.Earlier = nil, nil
 		r.LastError = ""
 		r.ClaimedBy = ""
 	case r.Serial == serial:
@@ -319,11 +363,20 @@ func Decode(data []byte) (*Record, error) {
 	if r.Attempts < 0 || r.Provisions < 0 {
 		return nil, errors.New("decode node state: negative count")
 	}
-	if !protocol.ValidSerial(r.Serial) || r.Pending != nil && (r.Pending.Serial == "" || !protocol.ValidSerial(r.Pending.Serial)) {
-		return nil, fmt.Errorf("decode node state: serial: %w", protocol.ErrBadField)
+	if len(r.Earlier) > MaxEarlier {
+		return nil, fmt.Errorf("decode node state: earlier: more than %d certificates: %w", MaxEarlier, protocol.ErrBadField)
 	}
-	if !protocol.ValidLife(r.Life) || r.Pending != nil && !protocol.ValidLife(r.Pending.Life) {
-		return nil, fmt.Errorf("decode node state: life: %w", protocol.ErrBadField)
+	pendings := r.Earlier
+	if r.Pending != nil {
+		pendings = append(pendings[:len(pendings):len(pendings)], *r.Pending)
+	}
+	if !protocol.ValidSerial(r.Serial) || !protocol.ValidLife(r.Life) {
+		return nil, fmt.Errorf("decode node state: serial or life: %w", protocol.ErrBadField)
+	}
+	for _, p := range pendings {
+		if p.Serial == "" || !protocol.ValidSerial(p.Serial) || !protocol.ValidLife(p.Life) {
+			return nil, fmt.Errorf("decode node state: pending certificate: serial or life: %w", protocol.ErrBadField)
+		}
 	}
 	return &r, nil
 }

@@ -2,7 +2,9 @@ package nodestate
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -215,9 +217,52 @@ func TestDecodeRejectsBadSerials(t *testing.T) {
 		`{"identity":"n1","provisions":-1}`,
 		`{"identity":"n1","life":"5C"}`,
 		`{"identity":"n1","pending":{"serial":"5c","life":"../x"}}`,
+		`{"identity":"n1","earlier":[{"serial":""}]}`,
+		`{"identity":"n1","earlier":[{"serial":"5c"},{"serial":"5C"}]}`,
+		`{"identity":"n1","earlier":[{"serial":"5c","life":"../x"}]}`,
+		`{"identity":"n1","earlier":[{"serial":"1"},{"serial":"2"},{"serial":"3"},{"serial":"4"},{"serial":"5"}]}`,
 	} {
 		if r, err := Decode([]byte(data)); err == nil {
 			t.Errorf("Decode(%s) accepted %+v", data, r)
 		}
+	}
+}
+
+// TestEarlierPendingCertificates: a later attempt's certificate does not
+// hide the earlier ones the node may have written; the node's arrival with
+// any of them completes the record once, and the others are dropped.
+func TestEarlierPendingCertificates(t *testing.T) {
+	at := time.Date(2026, 12, 2, 7, 0, 0, 0, time.UTC)
+	r := &Record{Identity: "n1", State: "failed", Stage: "restart"}
+	for i, serial := range []string{"a1", "a2", "a3", "a4", "a5", "a6"} {
+		r.SetPending(Pending{Serial: serial, KeyFingerprint: "sha256:" + serial, By: fmt.Sprintf("p%d", i), At: at})
+	}
+	r.SetPending(Pending{Serial: "a6", By: "p5", At: at}) // the same certificate again: no copy
+	var earlier []string
+	for _, p := range r.Earlier {
+		earlier = append(earlier, p.Serial)
+	}
+	if r.Pending.Serial != "a6" || fmt.Sprint(earlier) != "[a2 a3 a4 a5]" {
+		t.Fatalf("pending %s, earlier %v: want a6 and the last %d before it", r.Pending.Serial, earlier, MaxEarlier)
+	}
+	if r.PendingFor("a1") != nil || r.PendingFor("a3") == nil || r.PendingFor("") != nil {
+		t.Fatalf("PendingFor: a1 %v, a3 %v", r.PendingFor("a1"), r.PendingFor("a3"))
+	}
+	b, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if back, err := Decode(b); err != nil || len(back.Earlier) != MaxEarlier {
+		t.Fatalf("round trip: %+v %v", back, err)
+	}
+	p := r.Complete("a3", at, at.Add(time.Second))
+	if p == nil || p.By != "p2" || p.KeyFingerprint != "sha256:a3" {
+		t.Fatalf("completed %+v", p)
+	}
+	if r.State != StateProduction || r.Serial != "a3" || r.Provisions != 1 || r.Pending != nil || r.Earlier != nil || r.ProvisionedBy != "p2" {
+		t.Fatalf("record after the arrival: %+v", r)
+	}
+	if r.Complete("a6", at, at.Add(2*time.Second)) != nil || r.Provisions != 1 || r.Serial != "a3" {
+		t.Fatalf("a dropped certificate completed: %+v", r)
 	}
 }
