@@ -99,7 +99,9 @@ func TestHAImportsFileRegistry(t *testing.T) {
 	fileRecs := []Record{
 		{Identity: "kept-key.example.net", KeyFingerprint: fp("aa"), Serial: "a1"},
 		{Identity: "denied.example.net", Denied: true, DeniedKey: fp("bb"), DeniedAt: time.Now().UTC().Truncate(time.Second)},
-		{Identity: "shared.example.net", KeyFingerprint: fp("cc"), Serial: "c1"},
+		// Denied in the file, provisioned since in the shared registry:
+		// the shared record holds, so the identity is not denied.
+		{Identity: "shared.example.net", KeyFingerprint: fp("cc"), Serial: "c1", Denied: true, DeniedKey: fp("cc"), DeniedAt: time.Now().UTC().Truncate(time.Second)},
 	}
 	if err := fr.PutMany(fileRecs); err != nil {
 		t.Fatal(err)
@@ -142,6 +144,9 @@ func TestHAImportsFileRegistry(t *testing.T) {
 	}
 	if st, ok := nodeState(r.p, "denied.example.net"); !ok || st.State != StateDenied {
 		t.Errorf("imported denial not in force: %+v", st)
+	}
+	if st, ok := nodeState(r.p, "shared.example.net"); ok && st.State == StateDenied {
+		t.Errorf("denied by the file record the shared registry replaced: %+v", st)
 	}
 	marker := filepath.Join(dir, importedMarker)
 	b, err := os.ReadFile(marker)

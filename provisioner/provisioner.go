@@ -363,8 +363,12 @@ func New(opts Options) (*Provisioner, error) {
 		return fail(fmt.Errorf("provisioner metrics: %w", err))
 	}
 	p.m = m
-	if err := p.loadDenied(); err != nil {
-		return fail(fmt.Errorf("identity registry: %w", err))
+	// In the ha modes the shared registry is the one in force: Run loads
+	// it (after importing a state_dir registry into it), not this one.
+	if mode := cfg.HA.Mode; mode == "" || mode == HASingle {
+		if err := p.loadDenied(); err != nil {
+			return fail(fmt.Errorf("identity registry: %w", err))
+		}
 	}
 	return p, nil
 }
