@@ -260,16 +260,15 @@ func (o *Options) Validate() error {
 	switch {
 	case o.HA != provisioner.HASingle && !shared:
 		bad("ha", o.HA, "must be single, claims or leader")
-	case o.Provisioners < 1 || o.Provisioners > 16:
-		bad("provisioners", o.Provisioners, "must be 1..16")
+	case o.Provisioners < 1 || o.Provisioners > demo.MaxProvisioners:
+		bad("provisioners", o.Provisioners, fmt.Sprintf("must be 1..%d", demo.MaxProvisioners))
 	case o.Provisioners > 1 && !shared:
 		bad("provisioners", o.Provisioners, "more than one needs --ha claims or leader")
 	}
 	switch {
 	case shared && o.Registry != RegistryKV:
 		bad("registry", o.Registry, "the ha modes keep the identity registry in JetStream (kv)")
-	case !shared && (o.Registry == RegistryFile || o.Registry == RegistryMemory):
-	case !shared:
+	case !shared && o.Registry != RegistryFile && o.Registry != RegistryMemory:
 		bad("registry", o.Registry, "must be file or memory")
 	}
 	if o.KnownNodes < 0 || o.KnownNodes+max(o.Nodes, 0) > provisioner.MaxRegistryRecords {

@@ -162,8 +162,8 @@ type Fleet struct {
 	closed      bool
 }
 
-// maxProvisioners bounds Options.Provisioners.
-const maxProvisioners = 16
+// MaxProvisioners bounds Options.Provisioners.
+const MaxProvisioners = 16
 
 // Identity returns the identity of node i.
 func Identity(i int) string { return fmt.Sprintf("node%05d.demo.muster", i) }
@@ -215,8 +215,8 @@ func New(opts Options) (*Fleet, error) {
 			return nil, fmt.Errorf("%d provisioners: more than one needs ha mode claims or leader", opts.Provisioners)
 		}
 	case provisioner.HAClaims, provisioner.HALeader:
-		if opts.Provisioners < 1 || opts.Provisioners > maxProvisioners {
-			return nil, fmt.Errorf("%d provisioners: must be 1..%d", opts.Provisioners, maxProvisioners)
+		if opts.Provisioners < 1 || opts.Provisioners > MaxProvisioners {
+			return nil, fmt.Errorf("%d provisioners: must be 1..%d", opts.Provisioners, MaxProvisioners)
 		}
 		if opts.FileRegistry {
 			return nil, fmt.Errorf("ha mode %s keeps the identity registry in JetStream, not in files", opts.HA)

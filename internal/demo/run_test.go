@@ -125,7 +125,7 @@ func TestNewProvisionerOptions(t *testing.T) {
 	}{
 		{Options{Provisioners: 2}, "more than one needs ha mode"},
 		{Options{HA: provisioner.HASingle, Provisioners: 3}, "more than one needs ha mode"},
-		{Options{HA: provisioner.HAClaims, Provisioners: maxProvisioners + 1}, "must be 1..16"},
+		{Options{HA: provisioner.HAClaims, Provisioners: MaxProvisioners + 1}, "must be 1..16"},
 		{Options{HA: provisioner.HALeader, FileRegistry: true}, "registry in JetStream"},
 		{Options{HA: "raft"}, `ha mode "raft"`},
 	} {
