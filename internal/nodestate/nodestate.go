@@ -102,9 +102,6 @@ type Pending struct {
 	By string `json:"by"`
 	// At is when the provisioner sent configure.
 	At time.Time `json:"at"`
-	// Configured is set once the node acknowledged configure (the
-	// provisioner then recorded the key in the identity registry).
-	Configured bool `json:"configured,omitempty"`
 }
 
 // MaxEarlier bounds Record.Earlier.
