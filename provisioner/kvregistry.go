@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -135,10 +136,17 @@ type importResult struct {
 	imported, kept int
 }
 
+// importParallel is how many creates importRecords keeps in flight: on a
+// replicated bucket each create waits for its commit, so a fleet's
+// registry imported one create at a time would take minutes.
+const importParallel = 32
+
 // importRecords creates, for every record of recs whose identity the
 // bucket does not hold, that record; identities the bucket holds keep its
 // record (the shared registry is the truth once several provisioners run).
 // Creates that race with another provisioner's write keep the other one.
+// Every record is checked before the first create; on an error the
+// creates in flight finish and no more start.
 func (k *kvRegistry) importRecords(recs []Record) (importResult, error) {
 	var res importResult
 	have, err := k.List()
@@ -149,6 +157,11 @@ func (k *kvRegistry) importRecords(recs []Record) (importResult, error) {
 	for _, r := range have {
 		known[r.Identity] = true
 	}
+	type item struct {
+		id   string
+		data []byte
+	}
+	var todo []item
 	for _, rec := range recs {
 		if known[rec.Identity] {
 			res.kept++
@@ -161,19 +174,50 @@ func (k *kvRegistry) importRecords(recs []Record) (importResult, error) {
 		if err != nil {
 			return res, err
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), kvOpTimeout)
-		_, err = k.kv.Create(ctx, rec.Identity, b)
-		cancel()
-		switch {
-		case errors.Is(err, jetstream.ErrKeyExists):
-			res.kept++
-		case err != nil:
-			return res, fmt.Errorf("registry %s: %w", rec.Identity, err)
-		default:
-			res.imported++
-		}
+		todo = append(todo, item{rec.Identity, b})
 	}
-	return res, nil
+	var (
+		mu       sync.Mutex
+		firstErr error
+		next     int
+		wg       sync.WaitGroup
+	)
+	take := func() (item, bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if firstErr != nil || next == len(todo) {
+			return item{}, false
+		}
+		next++
+		return todo[next-1], true
+	}
+	for range min(importParallel, len(todo)) {
+		wg.Go(func() {
+			for {
+				it, ok := take()
+				if !ok {
+					return
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), kvOpTimeout)
+				_, err := k.kv.Create(ctx, it.id, it.data)
+				cancel()
+				mu.Lock()
+				switch {
+				case errors.Is(err, jetstream.ErrKeyExists):
+					res.kept++
+				case err != nil:
+					if firstErr == nil {
+						firstErr = fmt.Errorf("registry %s: %w", it.id, err)
+					}
+				default:
+					res.imported++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return res, firstErr
 }
 
 // importFileRegistry copies the state_dir registry (a provisioner that ran

@@ -60,6 +60,76 @@ func TestKVRegistryList(t *testing.T) {
 	}
 }
 
+// TestKVRegistryImport imports more records than it keeps creates in
+// flight: identities the bucket holds keep its record; an invalid record
+// fails the import before any create; a failed create stops it with the
+// error and the count so far, and the import made again completes it.
+func TestKVRegistryImport(t *testing.T) {
+	ctx := context.Background()
+	reg, err := openKVRegistry(ctx, natstest.JetStream(t), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fp := "sha256:" + strings.Repeat("ab", 32)
+	other := "sha256:" + strings.Repeat("cd", 32)
+	recs := func(from, n int) []Record {
+		var out []Record
+		for i := from; i < from+n; i++ {
+			out = append(out, Record{Identity: fmt.Sprintf("node%04d.example.net", i), KeyFingerprint: fp, Serial: fmt.Sprintf("%x", i+1)})
+		}
+		return out
+	}
+	for _, id := range []string{"node0007.example.net", "node0250.example.net"} {
+		if err := reg.Put(Record{Identity: id, KeyFingerprint: other, Serial: "ff"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	n := max(300, 3*importParallel+5)
+	res, err := reg.importRecords(recs(0, n))
+	if err != nil || res.imported != n-2 || res.kept != 2 {
+		t.Fatalf("import = %+v %v, want %d imported, 2 kept", res, err, n-2)
+	}
+	all, err := reg.List()
+	if err != nil || len(all) != n {
+		t.Fatalf("%d records after import, want %d: %v", len(all), n, err)
+	}
+	for i, r := range all {
+		want := fp
+		if r.Identity == "node0007.example.net" || r.Identity == "node0250.example.net" {
+			want = other
+		} else if r.Serial != fmt.Sprintf("%x", i+1) {
+			t.Errorf("%s serial %s, want %x", r.Identity, r.Serial, i+1)
+		}
+		if r.KeyFingerprint != want {
+			t.Errorf("%s key %s, want %s", r.Identity, r.KeyFingerprint, want)
+		}
+	}
+
+	bad := append(recs(1000, 10), Record{Identity: "bad.example.net", Serial: "XYZ"})
+	if _, err := reg.importRecords(bad); err == nil || !strings.Contains(err.Error(), "bad.example.net") {
+		t.Fatalf("import with an invalid record: %v", err)
+	}
+	if _, ok, err := reg.Get("node1000.example.net"); ok || err != nil {
+		t.Fatalf("an import that failed its checks created records: %v %v", ok, err)
+	}
+
+	losing := natstest.LoseReplies(reg.kv)
+	reg.kv = losing
+	more := recs(2000, 4*importParallel)
+	losing.Drop(1)
+	res, err = reg.importRecords(more)
+	if err == nil || !strings.Contains(err.Error(), "registry node2") {
+		t.Fatalf("import with a failed create = %+v %v", res, err)
+	}
+	if res.imported >= len(more) {
+		t.Fatalf("failed import counted %d of %d imported", res.imported, len(more))
+	}
+	res2, err := reg.importRecords(more)
+	if err != nil || res2.imported+res2.kept != len(more) || res2.kept != res.imported {
+		t.Fatalf("import again = %+v %v after %+v, want the rest imported", res2, err, res)
+	}
+}
+
 // BenchmarkKVRegistryList lists a shared registry of 20 000 identities, as
 // every provisioner of an ha cluster does at start.
 func BenchmarkKVRegistryList(b *testing.B) {
@@ -170,5 +240,30 @@ func TestHAImportsFileRegistry(t *testing.T) {
 	start()
 	if _, ok, err := shared.Get("kept-key.example.net"); err != nil || ok {
 		t.Fatalf("removed identity imported again: %v %v", ok, err)
+	}
+}
+
+// BenchmarkKVRegistryImport imports a file registry of 20 000 identities
+// into an empty shared one, as the first ha start of a provisioner that
+// ran in single mode does; ns/op is the whole import.
+func BenchmarkKVRegistryImport(b *testing.B) {
+	fp := "sha256:" + strings.Repeat("cd", 32)
+	now := time.Now().UTC()
+	const n = 20_000
+	recs := make([]Record, n)
+	for i := range recs {
+		recs[i] = Record{Identity: fmt.Sprintf("node%06d.example.net", i), KeyFingerprint: fp, Serial: "12ab", ProvisionedAt: now}
+	}
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		reg, err := openKVRegistry(context.Background(), natstest.JetStream(b), 0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		res, err := reg.importRecords(recs)
+		if err != nil || res.imported != n {
+			b.Fatalf("%+v %v", res, err)
+		}
 	}
 }
