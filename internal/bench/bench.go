@@ -130,6 +130,12 @@ type Options struct {
 	// Provisioners is how many provisioners run (default 1; more need HA
 	// claims or leader). Each has Workers workers.
 	Provisioners int
+	// HeapSettle, when positive, is the longest the run keeps collecting
+	// after the fleet was torn down, until the live heap stops falling
+	// (Result.HeapLiveSettledMB). Deadline timers of closed in-process
+	// connections (net.Pipe) keep part of the torn-down fleet reachable
+	// for a few seconds. Zero or negative skips it.
+	HeapSettle time.Duration
 }
 
 // Identity registry kinds.
@@ -414,6 +420,13 @@ type Result struct {
 	GoroutinesAtEnd        int     `json:"goroutines_at_end"`
 	HeapLiveAfterMB        float64 `json:"heap_live_after_mb"`
 	GoroutinesAfterCleanup int     `json:"goroutines_after_cleanup"`
+	// HeapLiveSettledMB is the live heap once it stopped falling after
+	// cleanup, HeapSettleSeconds how long that took (Options.HeapSettle;
+	// both zero when it did not run). HeapSettled is false when the heap
+	// was still falling at the bound.
+	HeapLiveSettledMB float64 `json:"heap_live_settled_mb,omitempty"`
+	HeapSettleSeconds float64 `json:"heap_settle_seconds,omitempty"`
+	HeapSettled       bool    `json:"heap_settled,omitempty"`
 
 	// Outcomes counts provisioner attempt outcomes (provisioned,
 	// deferred, failed, shutdown).
@@ -605,7 +618,62 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	fullGC()
 	res.HeapLiveAfterMB, res.GoroutinesAfterCleanup = heapAndGoroutines()
+	if o.HeapSettle > 0 {
+		settleHeap(ctx, o.HeapSettle, res)
+	}
 	return res, nil
+}
+
+// Settling the heap: it is read every heapSettlePoll, and has settled once
+// no reading for heapSettleQuiet fell more than heapSettleFall (a
+// fraction) below the lowest before it.
+const (
+	heapSettlePoll  = 250 * time.Millisecond
+	heapSettleQuiet = 5 * time.Second
+	heapSettleFall  = 0.01
+)
+
+// settleHeap collects until the live heap stops falling, limit has passed
+// or ctx ends, and records the lowest reading in res: the run's figures
+// stand either way.
+func settleHeap(ctx context.Context, limit time.Duration, res *Result) {
+	low, took, settled := settle(ctx, res.HeapLiveAfterMB, limit, heapSettlePoll, heapSettleQuiet, func() float64 {
+		fullGC()
+		h, _ := heapAndGoroutines()
+		return h
+	})
+	res.HeapLiveSettledMB, res.HeapSettleSeconds, res.HeapSettled = low, took.Seconds(), settled
+}
+
+// settle reads read every poll, starting from first, until no reading for
+// quiet fell more than heapSettleFall below the lowest before it
+// (settled), limit has passed or ctx ends. It returns the lowest reading
+// and how long it watched.
+func settle(ctx context.Context, first float64, limit, poll, quiet time.Duration, read func() float64) (low float64, took time.Duration, settled bool) {
+	start := time.Now()
+	low, lastFall := first, start
+	t := time.NewTicker(poll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return low, time.Since(start), false
+		case <-t.C:
+		}
+		v := read()
+		now := time.Now()
+		if v < low*(1-heapSettleFall) {
+			lastFall = now
+		}
+		low = min(low, v)
+		took = now.Sub(start)
+		if now.Sub(lastFall) >= quiet {
+			return low, took, true
+		}
+		if took >= limit {
+			return low, took, false
+		}
+	}
 }
 
 // fleetOptions are the fleet settings both phases share. dir is the

@@ -156,6 +156,10 @@ func TestRunAccounting(t *testing.T) {
 				},
 				HA: tc.ha, Provisioners: tc.provs,
 			}
+			if tc.ha == "" && tc.arrival == ArrivalStorm {
+				// This case also waits for the heap to settle.
+				o.HeapSettle = 30 * time.Second
+			}
 			r, err := Run(context.Background(), o)
 			if err != nil {
 				t.Fatalf("Run: %v", err)
@@ -163,6 +167,7 @@ func TestRunAccounting(t *testing.T) {
 			checkResult(t, r, tc.nodes, len(fail))
 			checkFloor(t, r, 10)
 			checkProvisioners(t, r, tc.ha, max(tc.provs, 1))
+			checkHeapSettle(t, r, o.HeapSettle)
 		})
 	}
 }
@@ -273,6 +278,65 @@ func checkResult(t *testing.T, r *Result, nodes, failures int) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// checkHeapSettle checks the settled heap of a run with Options.HeapSettle
+// limit (zero: none).
+func checkHeapSettle(t *testing.T, r *Result, limit time.Duration) {
+	t.Helper()
+	var out strings.Builder
+	r.Print(&out)
+	settled := strings.Contains(out.String(), "live heap, settled")
+	switch {
+	case limit <= 0 && (r.HeapSettleSeconds != 0 || settled):
+		t.Errorf("heap settled after %v s without HeapSettle", r.HeapSettleSeconds)
+	case limit <= 0:
+	case !r.HeapSettled || !settled:
+		t.Errorf("heap not settled in %v (%v MB after %v s, printed: %v)", limit, r.HeapLiveSettledMB, r.HeapSettleSeconds, settled)
+	case r.HeapLiveSettledMB <= 0 || r.HeapLiveSettledMB > r.HeapLiveAfterMB:
+		t.Errorf("settled heap %v MB, %v MB right after cleanup: want positive and no more", r.HeapLiveSettledMB, r.HeapLiveAfterMB)
+	case r.HeapSettleSeconds < heapSettleQuiet.Seconds():
+		t.Errorf("settled after %v s, before a quiet %v", r.HeapSettleSeconds, heapSettleQuiet)
+	}
+}
+
+// TestSettle checks when settle stops: once nothing fell by more than 1 %
+// for the quiet time, or at the limit while it still falls.
+func TestSettle(t *testing.T) {
+	seq := func(vs ...float64) func() float64 {
+		i := 0
+		return func() float64 {
+			v := vs[min(i, len(vs)-1)]
+			i++
+			return v
+		}
+	}
+	ctx := context.Background()
+	const poll, quiet = time.Millisecond, 40 * time.Millisecond
+
+	low, took, ok := settle(ctx, 100, time.Minute, poll, quiet, seq(80, 50, 20, 20.1, 19.9))
+	if !ok || low != 19.9 || took < quiet {
+		t.Errorf("falling then flat: low %v after %v, settled %v; want 19.9, settled after at least %v", low, took, ok, quiet)
+	}
+
+	// A drift under 1 % a reading is not a fall.
+	v := 100.0
+	low, _, ok = settle(ctx, v, time.Minute, poll, quiet, func() float64 { v *= 0.995; return v })
+	if !ok || low >= 100 {
+		t.Errorf("drift: low %v, settled %v; want settled below 100", low, ok)
+	}
+
+	v = 1e6
+	low, took, ok = settle(ctx, v, 4*quiet, poll, 10*quiet, func() float64 { v *= 0.9; return v })
+	if ok || took < 4*quiet || low >= 1e6 {
+		t.Errorf("still falling: low %v after %v, settled %v; want unsettled at the limit %v", low, took, ok, 4*quiet)
+	}
+
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if low, _, ok = settle(cctx, 7, time.Minute, poll, quiet, seq(1)); ok || low != 7 {
+		t.Errorf("cancelled: low %v, settled %v; want 7 (no reading), not settled", low, ok)
 	}
 }
 

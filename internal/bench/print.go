@@ -95,6 +95,13 @@ func (r *Result) Print(w io.Writer) {
 	}
 	p("live heap / goroutines", "before %.1f MB / %d, all in production %.1f MB / %d, after cleanup %.1f MB / %d",
 		r.HeapLiveBeforeMB, r.GoroutinesBefore, r.HeapLiveAtEndMB, r.GoroutinesAtEnd, r.HeapLiveAfterMB, r.GoroutinesAfterCleanup)
+	if r.HeapSettleSeconds > 0 {
+		state := "settled"
+		if !r.HeapSettled {
+			state = "still falling"
+		}
+		p("live heap, settled", "%.1f MB after %.1f s (%s)", r.HeapLiveSettledMB, r.HeapSettleSeconds, state)
+	}
 	p("outcomes", "%s", kv(r.Outcomes))
 	if len(r.FailedByStage) > 0 {
 		p("failed attempts by stage", "%s", kv(r.FailedByStage))
