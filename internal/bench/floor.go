@@ -47,9 +47,12 @@ type Floor struct {
 	Items []FloorItem `json:"items"`
 	// MillisPerNode is the CPU all items cost one node, in milliseconds.
 	MillisPerNode float64 `json:"ms_per_node"`
-	// NodesPerMin is what GOMAXPROCS cores would provision if a node
-	// cost only MillisPerNode.
+	// NodesPerMin is what Cores cores would provision if a node cost
+	// only MillisPerNode.
 	NodesPerMin float64 `json:"nodes_per_min"`
+	// Cores is the cores NodesPerMin counts: GOMAXPROCS, but no more than
+	// the machine's CPUs (floorCores).
+	Cores int `json:"cores"`
 	// Efficiency is the run's nodes/min divided by NodesPerMin (set
 	// after the run): below 1 by the orchestration's CPU, by the cores
 	// the hypervisor took, and by cores left idle.
@@ -178,10 +181,18 @@ func measureFloor(ctx context.Context, ff floorFleet) (*Floor, error) {
 		fl.Items = append(fl.Items, FloorItem{Name: s.name, PerNode: s.perNode, EachMS: ms, Runs: runs[i]})
 		fl.MillisPerNode += ms * float64(s.perNode)
 	}
+	fl.Cores = floorCores()
 	if fl.MillisPerNode > 0 {
-		fl.NodesPerMin = 60e3 * float64(runtime.GOMAXPROCS(0)) / fl.MillisPerNode
+		fl.NodesPerMin = 60e3 * float64(fl.Cores) / fl.MillisPerNode
 	}
 	return fl, nil
+}
+
+// floorCores is how many cores the run can keep busy: GOMAXPROCS, which
+// bounds this process, but no more than the CPUs it may run on
+// (--gomaxprocs above them adds Ps, not cores).
+func floorCores() int {
+	return min(runtime.GOMAXPROCS(0), runtime.NumCPU())
 }
 
 // measureCPU runs op once to warm it up when warm is set, then for

@@ -41,7 +41,10 @@ func checkFloor(t *testing.T, r *Result, items int) {
 	if math.Abs(sum-fl.MillisPerNode) > 1e-9*sum {
 		t.Errorf("ms per node %v, items add up to %v", fl.MillisPerNode, sum)
 	}
-	if want := 60e3 * float64(runtime.GOMAXPROCS(0)) / fl.MillisPerNode; math.Abs(fl.NodesPerMin-want) > 1e-9*want {
+	if fl.Cores != min(runtime.GOMAXPROCS(0), runtime.NumCPU()) {
+		t.Errorf("floor cores %d, want GOMAXPROCS %d capped at %d CPUs", fl.Cores, runtime.GOMAXPROCS(0), runtime.NumCPU())
+	}
+	if want := 60e3 * float64(fl.Cores) / fl.MillisPerNode; math.Abs(fl.NodesPerMin-want) > 1e-9*want {
 		t.Errorf("floor nodes/min %v, want %v", fl.NodesPerMin, want)
 	}
 	if want := r.NodesPerMin / fl.NodesPerMin; math.Abs(fl.Efficiency-want) > 1e-9*want || fl.Efficiency <= 0 {
@@ -187,5 +190,19 @@ func TestParseProcStat(t *testing.T) {
 				t.Errorf("parseProcStat = %+v, want %+v", got, tc.want)
 			}
 		})
+	}
+}
+
+// TestFloorCores checks that the floor counts no more cores than the
+// machine has, whatever GOMAXPROCS says.
+func TestFloorCores(t *testing.T) {
+	cpus := runtime.NumCPU()
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(cpus + 2))
+	if got := floorCores(); got != cpus {
+		t.Errorf("GOMAXPROCS %d on %d CPUs: floor cores %d, want %d", cpus+2, cpus, got, cpus)
+	}
+	runtime.GOMAXPROCS(1)
+	if got := floorCores(); got != 1 {
+		t.Errorf("GOMAXPROCS 1: floor cores %d, want 1", got)
 	}
 }

@@ -80,7 +80,7 @@ func (r *Result) Print(w io.Writer) {
 	case r.Floor != nil:
 		fl := r.Floor
 		p("floor", "%.3f ms CPU per node: %.0f nodes/min on %d whole cores; this run reached %.0f%% of that rate, and %.0f%% of its CPU per node was floor work",
-			fl.MillisPerNode, fl.NodesPerMin, r.Machine.GOMAXPROC, 100*fl.Efficiency, 100*fl.CPUShare)
+			fl.MillisPerNode, fl.NodesPerMin, fl.Cores, 100*fl.Efficiency, 100*fl.CPUShare)
 		for _, it := range fl.Items {
 			fmt.Fprintf(w, "  %-58s %d x %7.3f ms\n", it.Name, it.PerNode, it.EachMS)
 		}
