@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/bench"
 	"github.com/muster-io/muster/internal/logging"
 )
@@ -113,10 +114,14 @@ by. The run checks that no node was provisioned twice, whichever provisioner did
 			}
 			o.Logger = log
 			o.NoFloor = !floor
-			if procs > 0 {
+			switch {
+			case procs > 0:
 				// This process only: helpers and agent processes keep
 				// their own default.
 				runtime.GOMAXPROCS(procs)
+			case o.Helper == bench.HelperExec:
+				// As the provisioner command does.
+				helper.ReserveForkP(os.Getenv)
 			}
 			if !asJSON {
 				o.Progress = cmd.ErrOrStderr()
@@ -187,7 +192,7 @@ by. The run checks that no node was provisioned twice, whichever provisioner did
 	f.IntVar(&o.KnownNodes, "known-nodes", 0, "identities the file registry holds before the run (a fleet that already exists)")
 	f.StringVar(&o.StateDir, "state-dir", "", "directory for the fleet's CA and agent state directories (default: the system temp dir; a tmpfs such as /dev/shm leaves the disk out)")
 	f.BoolVar(&floor, "floor", true, "measure the floor first: what a node's security work (connections, signatures, key, CSR, helper, certificate checks) costs on this machine now, and the share of it the run reached")
-	f.IntVar(&procs, "gomaxprocs", 0, "GOMAXPROCS of this process only (broker, provisioner, in-process agents); 0: Go's default. Helper and agent processes keep theirs")
+	f.IntVar(&procs, "gomaxprocs", 0, "GOMAXPROCS of this process only (broker, provisioner, in-process agents); 0: Go's default, plus one with --helper exec as the provisioner command has it (a fork holds a P). Helper and agent processes keep theirs")
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (no progress)")
 	f.StringVar(&cpuProf, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
 	f.StringVar(&memProf, "memprofile", "", "write a heap profile taken after the run (what stays live after cleanup; after --heap-settle when set) to this file")

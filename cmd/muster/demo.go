@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/demo"
 	"github.com/muster-io/muster/internal/logging"
 	"github.com/muster-io/muster/provisioner"
@@ -59,6 +60,10 @@ them, so they need no flags.`,
 				log.SetOutput(discard{})
 			}
 			o.Logger = log
+			if o.HelperCommand != "" && !o.HelperPersistent {
+				// As the provisioner command does.
+				helper.ReserveForkP(os.Getenv)
+			}
 			if keep {
 				dir, err := os.MkdirTemp("", "muster-demo-")
 				if err != nil {

@@ -171,6 +171,9 @@ func buildHelper(cfg provisioner.Config, log *logrus.Entry) (helper.Helper, erro
 		if err != nil {
 			return nil, fmt.Errorf("helper: %w", err)
 		}
+		if from, to := helper.ReserveForkP(os.Getenv); to != from && log != nil {
+			log.Infof("GOMAXPROCS %d -> %d: one more for the exec'd helper's forks (set GOMAXPROCS to choose)", from, to)
+		}
 		return h, nil
 	}
 	if cfg.HelperConfig == "" {
