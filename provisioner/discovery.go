@@ -115,8 +115,7 @@ func (p *Provisioner) markProduction(ev *protocol.Event) {
 	p.mu.Lock()
 	n := p.nodes[id]
 	if n == nil {
-		n = &node{NodeStatus: NodeStatus{Identity: id}}
-		p.nodes[id] = n
+		n = p.addNode(id)
 	}
 	if ev.ID == "" || ev.ID != n.arrivalID {
 		// One arrival per ID: a node publishes its event again after a
@@ -136,7 +135,7 @@ func (p *Provisioner) markProduction(ev *protocol.Event) {
 	switch n.State {
 	case StateInProgress, StateQueued, StateHeld, StateDenied:
 	default:
-		n.State = StateProduction
+		p.setState(n, StateProduction)
 		n.RetryAt = time.Time{}
 	}
 	n.Updated = now
@@ -164,8 +163,7 @@ func (p *Provisioner) offer(id, source string, l nodeLife) bool {
 	defer p.mu.Unlock()
 	n := p.nodes[id]
 	if n == nil {
-		n = &node{NodeStatus: NodeStatus{Identity: id}}
-		p.nodes[id] = n
+		n = p.addNode(id)
 	}
 	switch n.State {
 	case StateQueued, StateInProgress, StateHeld, StateDenied:
@@ -190,11 +188,11 @@ func (p *Provisioner) offer(id, source string, l nodeLife) bool {
 	default:
 		p.m.shed.Inc()
 		if n.State == "" {
-			delete(p.nodes, id)
+			p.dropNode(id)
 		}
 		return false
 	}
-	n.State = StateQueued
+	p.setState(n, StateQueued)
 	n.Source = source
 	n.Updated = now
 	n.queuedAt = now

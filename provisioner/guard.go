@@ -633,10 +633,10 @@ func (p *Provisioner) applyHold(n *node, err error, now time.Time) bool {
 	n.RetryAt = time.Time{}
 	n.LastError = he.Error()
 	if he.denied {
-		n.State = StateDenied
+		p.setState(n, StateDenied)
 		return true
 	}
-	n.State = StateHeld
+	p.setState(n, StateHeld)
 	n.HoldReason = he.reason
 	n.HeldAt = now
 	n.heldCSR = nil
@@ -717,14 +717,13 @@ func (p *Provisioner) Hold(identity, reason string) error {
 	p.mu.Lock()
 	n := p.nodes[identity]
 	if n == nil {
-		n = &node{NodeStatus: NodeStatus{Identity: identity}}
-		p.nodes[identity] = n
+		n = p.addNode(identity)
 	}
 	if n.State == StateDenied || n.State == StateHeld {
 		p.mu.Unlock()
 		return nil
 	}
-	n.State = StateHeld
+	p.setState(n, StateHeld)
 	n.HoldReason = reason
 	n.HeldAt = now
 	n.Updated = now
@@ -780,7 +779,7 @@ func (p *Provisioner) Approve(identity string) error {
 	n.approval = ap
 	n.heldCSR = nil
 	reason := n.HoldReason
-	n.State = StateQueued
+	p.setState(n, StateQueued)
 	n.HoldReason = ""
 	n.HeldAt = time.Time{}
 	n.LastError = ""
@@ -810,7 +809,7 @@ func (p *Provisioner) Deny(identity string) error {
 	}
 	fp := n.KeyFingerprint
 	reason := n.HoldReason
-	n.State = StateDenied
+	p.setState(n, StateDenied)
 	n.LastError = ErrDenied.Error()
 	n.heldCSR = nil
 	n.approval = nil
@@ -846,19 +845,6 @@ func (p *Provisioner) HeldNodes() []NodeStatus {
 	p.mu.Unlock()
 	sortNodes(out)
 	return out
-}
-
-// heldCount is the value of muster_provisioner_held_nodes.
-func (p *Provisioner) heldCount() float64 {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	c := 0
-	for _, n := range p.nodes {
-		if n.State == StateHeld {
-			c++
-		}
-	}
-	return float64(c)
 }
 
 // NodeDetail is one node's status with its registry record (GET
@@ -906,10 +892,9 @@ func (p *Provisioner) loadDenied() error {
 		if !r.Denied {
 			continue
 		}
-		p.nodes[r.Identity] = &node{NodeStatus: NodeStatus{
-			Identity: r.Identity, State: StateDenied, LastError: ErrDenied.Error(),
-			KeyFingerprint: r.DeniedKey, Updated: r.DeniedAt,
-		}}
+		n := p.addNode(r.Identity)
+		p.setState(n, StateDenied)
+		n.LastError, n.KeyFingerprint, n.Updated = ErrDenied.Error(), r.DeniedKey, r.DeniedAt
 	}
 	return nil
 }

@@ -605,7 +605,7 @@ func (p *Provisioner) backToProduction(identity string, ip *inProduction) {
 	now := time.Now()
 	p.mu.Lock()
 	if n := p.nodes[identity]; n != nil && n.State == StateInProgress {
-		n.State = StateProduction
+		p.setState(n, StateProduction)
 		n.Stage = ""
 		n.Attempts--
 		n.Updated = now
@@ -626,7 +626,7 @@ func (p *Provisioner) markElsewhere(identity string) {
 	now := time.Now()
 	p.mu.Lock()
 	if n := p.nodes[identity]; n != nil && n.State == StateInProgress {
-		n.State = StateElsewhere
+		p.setState(n, StateElsewhere)
 		n.Attempts--
 		n.Updated = now
 		n.RetryAt = now.Add(p.shared.claims.Lease())

@@ -225,6 +225,11 @@ func TestClaimsModeProvisionsEachNodeOnce(t *testing.T) {
 		}
 	}
 	t.Logf("nodes provisioned per provisioner: %v", by)
+	// Each provisioner's counts by state (elsewhere: the nodes the
+	// others took) match its nodes.
+	for _, hp := range ps {
+		checkStateCounts(t, hp.p)
+	}
 }
 
 func TestClaimsModeCrashedProvisionerIsReplaced(t *testing.T) {

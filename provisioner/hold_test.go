@@ -305,6 +305,7 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 	if got := heldGauge(t, r.p); got != 1 {
 		t.Errorf("held_nodes = %v, want 1", got)
 	}
+	checkStateCounts(t, r.p)
 	if held := r.p.HeldNodes(); len(held) != 1 || held[0].Identity != id {
 		t.Fatalf("HeldNodes = %+v", held)
 	}
@@ -371,6 +372,7 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 		t.Fatalf("registry after deny: %+v", rec)
 	}
 	r.stop(t)
+	checkNodesGauge(t, r.p)
 	snapDenied := snapshot(t, dir3)
 
 	// 5. A new provisioner on the same state_dir: still denied, never
@@ -378,6 +380,11 @@ func TestChangedKeyHeldApprovedDenied(t *testing.T) {
 	r2 := startProvisioner(t, url, cfg, h, obs, nil)
 	if st, ok := nodeState(r2.p, id); !ok || st.State != StateDenied {
 		t.Fatalf("after restart: %+v %v", st, ok)
+	}
+	// Loaded from the registry as denied.
+	checkStateCounts(t, r2.p)
+	if got := nodesGauge(t, r2.p, StateDenied); got != 1 {
+		t.Errorf("muster_provisioner_nodes{state=denied} = %v after restart, want 1", got)
 	}
 	for i := 0; i < 3; i++ {
 		if n, err := r2.p.Discover(context.Background()); err != nil || n != 1 {
@@ -851,6 +858,7 @@ func TestHoldAPI(t *testing.T) {
 	if got := heldGauge(t, r.p); got != 2 {
 		t.Fatalf("held_nodes = %v", got)
 	}
+	checkStateCounts(t, r.p)
 	for _, tc := range []struct {
 		method, path string
 		operator     bool
@@ -916,6 +924,10 @@ func TestHoldAPI(t *testing.T) {
 	}
 	if got := heldGauge(t, r.p); got != 0 {
 		t.Fatalf("held_nodes = %v at the end", got)
+	}
+	checkNodesGauge(t, r.p)
+	if got := nodesGauge(t, r.p, StateDenied); got != 1 {
+		t.Errorf("muster_provisioner_nodes{state=denied} = %v, want 1", got)
 	}
 }
 

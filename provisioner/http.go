@@ -29,18 +29,13 @@ func (p *Provisioner) Status() Status {
 		Workers:       p.cfg.Workers,
 		QueueDepth:    len(p.queue),
 		QueueCapacity: cap(p.queue),
-		States:        map[State]int{},
+		States:        p.stateCounts(),
 	}
 	p.mu.Lock()
 	s.Paused = p.paused
 	s.Nodes = len(p.nodes)
-	for _, n := range p.nodes {
-		s.States[n.State]++
-		if n.State == StateInProgress {
-			s.BusyWorkers++
-		}
-	}
 	p.mu.Unlock()
+	s.BusyWorkers = s.States[StateInProgress]
 	return s
 }
 

@@ -55,7 +55,7 @@ type metrics struct {
 	claimConflicts     prometheus.Counter
 }
 
-func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metrics, error) {
+func newMetrics(queueDepth func() float64, states func() map[State]int, capacity, workers int) (*metrics, error) {
 	opts := func(name, help string) prometheus.Opts {
 		return prometheus.Opts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}
 	}
@@ -99,7 +99,13 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 	m.claimConflicts = prometheus.NewCounter(prometheus.CounterOpts(opts("claim_conflicts_total",
 		"Nodes taken from the queue that another provisioner held or had finished (ha modes; in claims mode every provisioner queues every node, so each node counts here once per other provisioner that saw it).")))
 	m.policyRejections = prometheus.NewCounterVec(prometheus.CounterOpts(opts("policy_rejections_total", "CSRs and certificates refused by the provisioner's policy, by reason.")), []string{"reason"})
-	heldG := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("held_nodes", "Nodes held for an operator's approval.")), held)
+	heldG := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("held_nodes", "Nodes held for an operator's approval.")),
+		func() float64 { return float64(states()[StateHeld]) })
+	byState := stateCollector{
+		desc: prometheus.NewDesc(prometheus.BuildFQName(metricsNamespace, metricsSubsystem, "nodes"),
+			"Nodes this provisioner knows, by state.", []string{"state"}, nil),
+		states: states,
+	}
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
 	capG := prometheus.NewGauge(prometheus.GaugeOpts(opts("queue_capacity", "Size of the queue.")))
 	capG.Set(float64(capacity))
@@ -136,11 +142,29 @@ func newMetrics(queueDepth, held func() float64, capacity, workers int) (*metric
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
 		m.queueWait, m.nodeDuration, m.clockOffset, m.tokenRefusals, m.policyRejections, heldG, m.standby, m.completedOnArrival,
-		m.claimsLost, m.claimConflicts,
+		m.claimsLost, m.claimConflicts, byState,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// stateCollector exposes muster_provisioner_nodes{state}, read at scrape
+// time. Every state has a series, 0 while no node is in it.
+type stateCollector struct {
+	desc   *prometheus.Desc
+	states func() map[State]int
+}
+
+// Describe implements prometheus.Collector.
+func (c stateCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+// Collect implements prometheus.Collector.
+func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
+	counts := c.states()
+	for _, s := range allStates {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(counts[s]), string(s))
+	}
 }

@@ -70,7 +70,7 @@ func (p *Provisioner) process(ctx context.Context, it queueItem) {
 		p.mu.Unlock()
 		return
 	}
-	n.State = StateInProgress
+	p.setState(n, StateInProgress)
 	n.Stage = StageInventory
 	n.Attempts++
 	n.Updated = now
@@ -363,8 +363,7 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 	p.mu.Lock()
 	n := p.nodes[a.id]
 	if n == nil {
-		n = &node{NodeStatus: NodeStatus{Identity: a.id}}
-		p.nodes[a.id] = n
+		n = p.addNode(a.id)
 	}
 	n.Stage = stage
 	n.Updated = now
@@ -380,35 +379,35 @@ func (p *Provisioner) finish(a *attempt, err error, abandoned bool) {
 	case held:
 		outcome = OutcomeHeld
 	case lost:
-		n.State = StateElsewhere
+		p.setState(n, StateElsewhere)
 		n.LastError = fmt.Sprintf("%s: %v", stage, context.Cause(a.hold.ctx))
 		n.RetryAt = now.Add(p.shared.claims.Lease())
 		outcome = OutcomeFailed
 	case err != nil && abandoned:
-		n.State = StateAbandoned
+		p.setState(n, StateAbandoned)
 		n.LastError = ErrAbandoned.Error()
 		n.RetryAt = time.Time{}
 		outcome = OutcomeFailed
 		err = fmt.Errorf("%s: %w", stage, ErrAbandoned)
 	case err != nil:
-		n.State = StateFailed
+		p.setState(n, StateFailed)
 		n.LastError = err.Error()
 		n.RetryAt = now.Add(p.cfg.DeferBackoff.D())
 		outcome = OutcomeFailed
 	case outcome == OutcomeDeferred:
-		n.State = StateDeferred
+		p.setState(n, StateDeferred)
 		n.LastError = ""
 		n.RetryAt = now.Add(a.retryAt)
 	case outcome == OutcomeShutdown:
-		n.State = StateShutdown
+		p.setState(n, StateShutdown)
 		n.LastError = ""
 		n.RetryAt = now.Add(p.cfg.Grace.D())
 	case outcome == OutcomeProvisioned:
 		if n.State != StateProduction {
-			n.State = StateProvisioned
+			p.setState(n, StateProvisioned)
 		}
 		if a.serial != "" && n.arrivedSerial == a.serial {
-			n.State = StateProduction
+			p.setState(n, StateProduction)
 		}
 		n.LastError = ""
 		n.ProvisionedAt = now

@@ -103,6 +103,9 @@ const (
 	StateDenied State = "denied"
 )
 
+// allStates are the label values of muster_provisioner_nodes.
+var allStates = []State{StateQueued, StateInProgress, StateDeferred, StateFailed, StateProvisioned, StateProduction, StateShutdown, StateAbandoned, StateHeld, StateDenied, StateElsewhere}
+
 // Sentinel errors.
 var (
 	ErrNoHelper       = errors.New("no helper")
@@ -192,6 +195,47 @@ type node struct {
 	approval *approval
 }
 
+// addNode adds a node without a state yet, replacing any it had; p.mu is
+// held.
+func (p *Provisioner) addNode(identity string) *node {
+	if old := p.nodes[identity]; old != nil {
+		p.counts[old.State]--
+	}
+	n := &node{NodeStatus: NodeStatus{Identity: identity}}
+	p.nodes[identity] = n
+	p.counts[""]++
+	return n
+}
+
+// setState moves n to state s; p.mu is held.
+func (p *Provisioner) setState(n *node, s State) {
+	p.counts[n.State]--
+	p.counts[s]++
+	n.State = s
+}
+
+// dropNode forgets a node; p.mu is held.
+func (p *Provisioner) dropNode(identity string) {
+	if n := p.nodes[identity]; n != nil {
+		p.counts[n.State]--
+		delete(p.nodes, identity)
+	}
+}
+
+// stateCounts returns the nodes known by state, leaving out states no node
+// is in.
+func (p *Provisioner) stateCounts() map[State]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make(map[State]int, len(p.counts))
+	for s, c := range p.counts {
+		if c != 0 {
+			out[s] = c
+		}
+	}
+	return out
+}
+
 type queueItem struct {
 	identity string
 	queuedAt time.Time
@@ -237,11 +281,15 @@ type Provisioner struct {
 	helperSem chan struct{}
 	drain     time.Duration
 
-	mu        sync.Mutex
-	nc        *nats.Conn
-	ownConn   bool
-	running   bool
-	nodes     map[string]*node
+	mu      sync.Mutex
+	nc      *nats.Conn
+	ownConn bool
+	running bool
+	nodes   map[string]*node
+	// counts counts nodes by state (a node just created has none yet),
+	// kept by addNode, setState and dropNode so that /status and the
+	// metrics never walk nodes.
+	counts    map[State]int
 	paused    bool
 	gateCh    chan struct{} // closed and replaced on every pause/resume
 	monAddr   string
@@ -343,6 +391,7 @@ func New(opts Options) (*Provisioner, error) {
 		helperSem:    make(chan struct{}, cfg.helperConcurrency()),
 		drain:        opts.DrainTimeout,
 		nodes:        map[string]*node{},
+		counts:       map[State]int{},
 		gateCh:       make(chan struct{}),
 		invalidAt:    map[string]logThrottle{},
 		connOverride: opts.Conn,
@@ -358,7 +407,7 @@ func New(opts Options) (*Provisioner, error) {
 	if p.drain == 0 {
 		p.drain = cfg.RPCTimeout.D() + cfg.HelperTimeout.D()
 	}
-	m, err := newMetrics(func() float64 { return float64(len(p.queue)) }, p.heldCount, cfg.QueueSize, cfg.Workers)
+	m, err := newMetrics(func() float64 { return float64(len(p.queue)) }, p.stateCounts, cfg.QueueSize, cfg.Workers)
 	if err != nil {
 		return fail(fmt.Errorf("provisioner metrics: %w", err))
 	}
@@ -722,7 +771,7 @@ func (p *Provisioner) abandonQueued() {
 		case it := <-p.queue:
 			p.mu.Lock()
 			if n, ok := p.nodes[it.identity]; ok && n.State == StateQueued {
-				n.State = StateAbandoned
+				p.setState(n, StateAbandoned)
 				n.Updated = time.Now()
 			}
 			p.mu.Unlock()

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"runtime"
@@ -284,7 +285,9 @@ func TestNodeBehaviours(t *testing.T) {
 			obs := newObserved()
 			r := startProvisioner(t, url, testConfig(), h, obs, nil)
 			tc.check(t, caseEnv{p: r.p, node: node, h: h, obs: obs})
+			checkStateCounts(t, r.p)
 			r.stop(t)
+			checkNodesGauge(t, r.p)
 		})
 	}
 }
@@ -335,6 +338,12 @@ func TestQueueShedAndPause(t *testing.T) {
 	waitFor(t, 10*time.Second, "queue full and shedding", func() bool {
 		return len(p.queue) == 2 && testutil.ToFloat64(p.m.shed) >= 3
 	})
+	// A shed node is forgotten: only the queued ones are counted (paused,
+	// so nothing moves).
+	checkNodesGauge(t, p)
+	if got := nodesGauge(t, p, StateQueued); got != 2 {
+		t.Errorf("muster_provisioner_nodes{state=queued} = %v, want 2", got)
+	}
 	for _, id := range ids {
 		if n := fleet.nodes[id].count(protocol.ActionInventory); n != 0 {
 			t.Fatalf("%s got inventory while paused", id)
@@ -361,6 +370,80 @@ func TestQueueShedAndPause(t *testing.T) {
 		return done == len(ids)
 	})
 	r.stop(t)
+	checkNodesGauge(t, p)
+	if got := nodesGauge(t, p, StateProvisioned) + nodesGauge(t, p, StateProduction); got != float64(len(ids)) {
+		t.Errorf("muster_provisioner_nodes{state=provisioned|production} = %v, want %d", got, len(ids))
+	}
+}
+
+// checkStateCounts checks the counts by state the provisioner keeps (for
+// /status and muster_provisioner_nodes) against its nodes, at one moment:
+// it may run at any time.
+func checkStateCounts(t *testing.T, p *Provisioner) map[State]int {
+	t.Helper()
+	want := map[State]int{}
+	p.mu.Lock()
+	for _, n := range p.nodes {
+		want[n.State]++
+	}
+	kept := maps.Clone(p.counts)
+	p.mu.Unlock()
+	maps.DeleteFunc(kept, func(_ State, c int) bool { return c == 0 })
+	if !maps.Equal(kept, want) {
+		t.Errorf("counts by state %v, nodes by state %v", kept, want)
+	}
+	return want
+}
+
+// checkNodesGauge checks muster_provisioner_nodes against the nodes, and
+// their counts; the provisioner must be stopped or still (the gauge is read
+// apart from the nodes).
+func checkNodesGauge(t *testing.T, p *Provisioner) {
+	t.Helper()
+	want := checkStateCounts(t, p)
+	mfs, err := p.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gauge := map[State]int{}
+	for _, mf := range mfs {
+		if mf.GetName() != "muster_provisioner_nodes" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if v := int(m.GetGauge().GetValue()); v != 0 {
+				gauge[State(m.GetLabel()[0].GetValue())] = v
+			}
+		}
+		if len(mf.GetMetric()) != len(allStates) {
+			t.Errorf("muster_provisioner_nodes has %d series, want one per state (%d)", len(mf.GetMetric()), len(allStates))
+		}
+	}
+	delete(want, "")
+	if !maps.Equal(gauge, want) {
+		t.Errorf("muster_provisioner_nodes %v, nodes by state %v", gauge, want)
+	}
+}
+
+// nodesGauge is muster_provisioner_nodes for one state.
+func nodesGauge(t *testing.T, p *Provisioner, s State) float64 {
+	t.Helper()
+	mfs, err := p.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "muster_provisioner_nodes" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if m.GetLabel()[0].GetValue() == string(s) {
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	t.Fatalf("muster_provisioner_nodes{state=%q} missing", s)
+	return 0
 }
 
 // TestInvalidMessagesCounted feeds malformed messages to every source.
@@ -716,7 +799,8 @@ func TestMetricsAndHTTP(t *testing.T) {
 		"muster_provisioner_workers", "muster_provisioner_busy_workers", "muster_provisioner_paused",
 		"muster_provisioner_production_arrivals_total", "muster_provisioner_rpc_duration_seconds",
 		"muster_provisioner_helper_duration_seconds", "muster_provisioner_queue_wait_seconds",
-		"muster_provisioner_node_duration_seconds", "go_goroutines", "process_start_time_seconds",
+		"muster_provisioner_node_duration_seconds", "muster_provisioner_nodes", "muster_provisioner_held_nodes",
+		"go_goroutines", "process_start_time_seconds",
 	}
 	for _, name := range names {
 		n, err := testutil.GatherAndCount(p.Registry(), name)
