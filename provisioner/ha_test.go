@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -36,9 +37,15 @@ func startHA(t *testing.T, url, name, mode string, h helper.Helper) *haProvision
 // for leases to lapse use startHA's short one.
 func startHALease(t *testing.T, url, name, mode string, h helper.Helper, lease time.Duration) *haProvisioner {
 	t.Helper()
+	return startHAReplicas(t, url, name, mode, h, lease, 0)
+}
+
+// startHAReplicas is startHALease with the shared state's replicas.
+func startHAReplicas(t *testing.T, url, name, mode string, h helper.Helper, lease time.Duration, replicas int) *haProvisioner {
+	t.Helper()
 	cfg := testConfig()
 	cfg.Name = name
-	cfg.HA = HAConfig{Mode: mode, Lease: Duration(lease)}
+	cfg.HA = HAConfig{Mode: mode, Lease: Duration(lease), Replicas: replicas}
 	cfg.Workers = 4
 	cfg.Grace = Duration(time.Minute)
 	// Three provisioners under the race detector on a shared machine:
@@ -230,6 +237,69 @@ func TestClaimsModeProvisionsEachNodeOnce(t *testing.T) {
 	for _, hp := range ps {
 		checkStateCounts(t, hp.p)
 	}
+}
+
+// TestClaimsModeR3ReadsFromLeader: with the shared state replicated on a
+// cluster of three servers, two provisioners provision every node once,
+// and none of their reads of the claims, node state or registry buckets
+// is a direct get (which a follower may answer with a stale value).
+func TestClaimsModeR3ReadsFromLeader(t *testing.T) {
+	urls := natstest.Cluster(t, 3)
+	watch := connect(t, urls[0])
+	var mu sync.Mutex
+	direct, leader := map[string]int{}, map[string]int{}
+	count := func(into map[string]int) nats.MsgHandler {
+		return func(m *nats.Msg) {
+			// $JS.API.DIRECT.GET.<stream>[.<subject>] or
+			// $JS.API.STREAM.MSG.GET.<stream>
+			tok := strings.Split(m.Subject, ".")
+			stream := tok[4]
+			if tok[2] == "STREAM" {
+				stream = tok[5]
+			}
+			mu.Lock()
+			into[stream]++
+			mu.Unlock()
+		}
+	}
+	if _, err := watch.Subscribe("$JS.API.DIRECT.GET.>", count(direct)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := watch.Subscribe("$JS.API.STREAM.MSG.GET.*", count(leader)); err != nil {
+		t.Fatal(err)
+	}
+	if err := watch.Flush(); err != nil {
+		t.Fatal(err)
+	}
+
+	c := newCA(t)
+	fleet := newSimFleet(t, urls[0], c.CertificatePEM())
+	ids := simNodes(t, fleet, 20)
+	var ps []*haProvisioner
+	for i := 0; i < 2; i++ {
+		ps = append(ps, startHAReplicas(t, urls[1+i], fmt.Sprintf("prov-%d", i), HAClaims, newTestHelper(c, nil), DefaultLease, 3))
+	}
+	for _, id := range ids {
+		fleet.publishMetadata(id)
+	}
+	exactlyOnce(t, fleet, ids, 2*time.Minute, ps...)
+	for _, hp := range ps {
+		hp.stop(t)
+	}
+	if err := watch.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, stream := range []string{"KV_" + claims.DefaultBucket, "KV_" + nodestate.DefaultBucket, "KV_" + RegistryBucket} {
+		if direct[stream] != 0 {
+			t.Errorf("%s: %d direct gets", stream, direct[stream])
+		}
+	}
+	if leader["KV_"+claims.DefaultBucket] == 0 || leader["KV_"+nodestate.DefaultBucket] == 0 || leader["KV_"+RegistryBucket] == 0 {
+		t.Errorf("reads from the leader by stream: %v (direct: %v)", leader, direct)
+	}
+	t.Logf("reads from the leader by stream: %v", leader)
 }
 
 func TestClaimsModeCrashedProvisionerIsReplaced(t *testing.T) {

@@ -16,6 +16,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/internal/fsutil"
+	"github.com/muster-io/muster/internal/kvutil"
 	"github.com/muster-io/muster/internal/protocol"
 )
 
@@ -46,7 +47,7 @@ func openKVRegistry(ctx context.Context, js jetstream.JetStream, replicas int) (
 	if err != nil {
 		return nil, fmt.Errorf("registry bucket %s: %w", RegistryBucket, err)
 	}
-	return &kvRegistry{kv: kv}, nil
+	return &kvRegistry{kv: kvutil.LeaderReads(js, kv, replicas)}, nil
 }
 
 func decodeKVRecord(data []byte) (Record, error) {

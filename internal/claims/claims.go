@@ -102,7 +102,7 @@ func New(ctx context.Context, js jetstream.JetStream, cfg Config) (*Store, error
 	if err != nil {
 		return nil, fmt.Errorf("claims bucket %s: %w", cfg.Bucket, err)
 	}
-	return &Store{kv: kv, owner: cfg.Owner, lease: cfg.Lease}, nil
+	return &Store{kv: kvutil.LeaderReads(js, kv, cfg.Replicas), owner: cfg.Owner, lease: cfg.Lease}, nil
 }
 
 // Lease is the configured lease.

@@ -2,9 +2,13 @@ package kvutil
 
 import (
 	"context"
+	"errors"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/muster-io/muster/internal/natstest"
@@ -50,5 +54,151 @@ func TestLanded(t *testing.T) {
 		if ok != tc.want || ok && rev != rev2 {
 			t.Errorf("%s: Landed = %d, %v; want %v (revision %d)", tc.name, rev, ok, tc.want, rev2)
 		}
+	}
+}
+
+// TestLeaderReads: on a replicated bucket Get goes to the stream leader
+// (no direct get is sent, which a follower could answer with a stale
+// value) and reads what the bucket's own Get reads; on one replica the
+// bucket is left as it is.
+func TestLeaderReads(t *testing.T) {
+	urls := natstest.Cluster(t, 3)
+	js := natstest.ConnectJetStream(t, urls[1])
+	nc := js.Conn()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var (
+		kv  jetstream.KeyValue
+		err error
+	)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		// A new cluster may not answer the first creations.
+		kv, err = js.CreateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: "T3", Replicas: 3, TTL: time.Hour})
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if one := LeaderReads(js, kv, 1); one != kv {
+		t.Fatal("LeaderReads wrapped a bucket of one replica")
+	}
+	lkv := LeaderReads(js, kv, 3)
+
+	// Every get request on the bucket's stream, seen by a plain
+	// subscriber (the servers' own subscriptions are a queue group).
+	watch, err := nats.Connect(urls[2])
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(watch.Close)
+	var mu sync.Mutex
+	seen := map[string]int{}
+	for _, subj := range []string{"$JS.API.DIRECT.GET.KV_T3", "$JS.API.DIRECT.GET.KV_T3.>", "$JS.API.STREAM.MSG.GET.KV_T3"} {
+		if _, err := watch.Subscribe(subj, func(m *nats.Msg) {
+			mu.Lock()
+			seen[strings.SplitN(m.Subject, ".", 4)[2]]++
+			mu.Unlock()
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := watch.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	count := func(kind string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return seen[kind]
+	}
+
+	rev1, err := kv.Create(ctx, "node1.example.net", []byte("one"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev2, err := kv.Update(ctx, "node1.example.net", []byte("two"), rev1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, "gone.example.net", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Delete(ctx, "gone.example.net"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, "purged.example.net", []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := kv.Purge(ctx, "purged.example.net"); err != nil {
+		t.Fatal(err)
+	}
+
+	e, err := lkv.Get(ctx, "node1.example.net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(e.Value()) != "two" || e.Revision() != rev2 || e.Key() != "node1.example.net" || e.Bucket() != "T3" || e.Created().IsZero() {
+		t.Errorf("Get = %q revision %d key %q bucket %q created %v; want \"two\" at %d", e.Value(), e.Revision(), e.Key(), e.Bucket(), e.Created(), rev2)
+	}
+	for _, key := range []string{"gone.example.net", "purged.example.net", "never.example.net"} {
+		if _, err := lkv.Get(ctx, key); !errors.Is(err, jetstream.ErrKeyNotFound) {
+			t.Errorf("Get(%s) = %v, want ErrKeyNotFound", key, err)
+		}
+	}
+	for _, key := range []string{"", "a.*", "a.>", "a b", ".a", "a."} {
+		if _, err := lkv.Get(ctx, key); !errors.Is(err, jetstream.ErrInvalidKey) {
+			t.Errorf("Get(%q) = %v, want ErrInvalidKey", key, err)
+		}
+	}
+	// Create as the bucket's own: a new key, an existing one refused, a
+	// deleted one written over its marker.
+	if _, err := lkv.Create(ctx, "new.example.net", []byte("n")); err != nil {
+		t.Errorf("Create of a new key: %v", err)
+	}
+	if _, err := lkv.Create(ctx, "node1.example.net", []byte("again")); !errors.Is(err, jetstream.ErrKeyExists) {
+		t.Errorf("Create of an existing key = %v, want ErrKeyExists", err)
+	}
+	if _, err := lkv.Create(ctx, "gone.example.net", []byte("back")); err != nil {
+		t.Errorf("Create over a delete marker: %v", err)
+	}
+	if e, err := lkv.Get(ctx, "gone.example.net"); err != nil || string(e.Value()) != "back" {
+		t.Errorf("Get after Create over a delete marker = %v, %v", e, err)
+	}
+	// What was written with lkv reads back through Landed too.
+	if rev, ok := Landed(ctx, lkv, "node1.example.net", rev1, []byte("two"), 5*time.Second); !ok || rev != rev2 {
+		t.Errorf("Landed through leader reads = %d, %v", rev, ok)
+	}
+	if err := watch.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	const reads = 8
+	deadline = time.Now().Add(10 * time.Second)
+	for count("STREAM") < reads && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := count("STREAM"); got != reads {
+		t.Errorf("%d message gets through the API, want %d", got, reads)
+	}
+	if got := count("DIRECT"); got != 0 {
+		t.Errorf("%d direct gets, want 0 (a follower may answer those)", got)
+	}
+
+	// The bucket's own Get sends direct gets: what the subscription would
+	// see if LeaderReads did not take them.
+	if _, err := kv.Get(ctx, "node1.example.net"); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for count("DIRECT") == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if count("DIRECT") == 0 {
+		t.Error("the bucket's own Get sent no direct get: the check above proves nothing")
 	}
 }

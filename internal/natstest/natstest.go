@@ -6,6 +6,10 @@ package natstest
 
 import (
 	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,7 +23,14 @@ import (
 // its client URL.
 func Server(t testing.TB, js bool) string {
 	t.Helper()
-	s, err := server.NewServer(&server.Options{Host: "127.0.0.1", Port: -1, JetStream: js, StoreDir: t.TempDir(), NoLog: true, NoSigs: true})
+	return start(t, &server.Options{Host: "127.0.0.1", Port: -1, JetStream: js, StoreDir: t.TempDir(), NoLog: true, NoSigs: true}).ClientURL()
+}
+
+// start starts a server, shut down at cleanup, and waits until it takes
+// connections.
+func start(t testing.TB, opts *server.Options) *server.Server {
+	t.Helper()
+	s, err := server.NewServer(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -28,14 +39,21 @@ func Server(t testing.TB, js bool) string {
 	if !s.ReadyForConnections(10 * time.Second) {
 		t.Fatal("nats-server not ready")
 	}
-	return s.ClientURL()
+	return s
 }
 
 // JetStream starts a JetStream server and returns a JetStream context on a
 // connection closed at cleanup.
 func JetStream(t testing.TB) jetstream.JetStream {
 	t.Helper()
-	nc, err := nats.Connect(Server(t, true))
+	return ConnectJetStream(t, Server(t, true))
+}
+
+// ConnectJetStream returns a JetStream context on a connection to url,
+// closed at cleanup.
+func ConnectJetStream(t testing.TB, url string) jetstream.JetStream {
+	t.Helper()
+	nc, err := nats.Connect(url)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,4 +124,54 @@ func (l *LosingKV) Create(ctx context.Context, key string, value []byte, opts ..
 // Update updates key, unless dropped; the reply may be lost.
 func (l *LosingKV) Update(ctx context.Context, key string, value []byte, revision uint64) (uint64, error) {
 	return l.write(func() (uint64, error) { return l.KeyValue.Update(ctx, key, value, revision) })
+}
+
+// Cluster starts n plain JetStream nats-servers routed to each other on
+// loopback, waits until they have formed the cluster and elected a
+// JetStream meta leader, and returns their client URLs.
+func Cluster(t testing.TB, n int) []string {
+	t.Helper()
+	ports := FreePorts(t, n)
+	routes := make([]*url.URL, n)
+	for i, p := range ports {
+		routes[i] = &url.URL{Scheme: "nats-route", Host: net.JoinHostPort("127.0.0.1", strconv.Itoa(p))}
+	}
+	servers := make([]*server.Server, n)
+	urls := make([]string, n)
+	for i := range servers {
+		s := start(t, &server.Options{
+			ServerName: fmt.Sprintf("s%d", i), Host: "127.0.0.1", Port: -1,
+			JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
+			Cluster: server.ClusterOpts{Name: "natstest", Host: "127.0.0.1", Port: ports[i]},
+			Routes:  routes,
+		})
+		servers[i], urls[i] = s, s.ClientURL()
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		formed := true
+		for _, s := range servers {
+			if s.NumRoutes() < n-1 || !s.JetStreamIsCurrent() {
+				formed = false
+			}
+		}
+		if formed && jsLeaderKnown(servers) {
+			return urls
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("cluster of %d not formed in 30 s", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// jsLeaderKnown reports whether one of servers is the JetStream meta
+// leader.
+func jsLeaderKnown(servers []*server.Server) bool {
+	for _, s := range servers {
+		if s.JetStreamIsLeader() {
+			return true
+		}
+	}
+	return false
 }

@@ -215,7 +215,7 @@ func New(ctx context.Context, js jetstream.JetStream, bucket string, replicas in
 	if err != nil {
 		return nil, fmt.Errorf("node state bucket %s: %w", bucket, err)
 	}
-	return &Store{kv: kv}, nil
+	return &Store{kv: kvutil.LeaderReads(js, kv, replicas)}, nil
 }
 
 // Open opens an existing bucket without changing it (for read-only tools).
@@ -327,12 +327,7 @@ func (s *Store) Update(ctx context.Context, identity string, change func(r *Reco
 
 // conflict reports a failed compare-and-set.
 func conflict(err error) bool {
-	var apiErr *jetstream.APIError
-	if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
-		apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
-		return true
-	}
-	return errors.Is(err, jetstream.ErrKeyExists)
+	return kvutil.WrongLastSequence(err) || errors.Is(err, jetstream.ErrKeyExists)
 }
 
 // Get reads one record.
