@@ -19,12 +19,12 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/agent"
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/demo"
+	"github.com/muster-io/muster/internal/progress"
 	"github.com/muster-io/muster/provisioner"
 )
 
@@ -479,7 +479,7 @@ type recorder struct {
 	lastErr     map[string]string
 	helperDur   []time.Duration
 	newProd     chan struct{}
-	bar         *progressbar.ProgressBar
+	bar         *progress.Meter
 }
 
 func newRecorder(n int) *recorder {
@@ -518,7 +518,7 @@ func (r *recorder) modeChanged(id string, m agent.Mode, at time.Time) {
 		return
 	}
 	if bar != nil {
-		_ = bar.Add(1)
+		bar.Add(1)
 	}
 	select {
 	case r.newProd <- struct{}{}:
@@ -827,16 +827,8 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		fmt.Fprintf(o.Progress, "provisioning %d agents: %s arrival, helper %s, %d workers, %s transport\n",
 			o.Nodes, o.Arrival, o.Helper, o.Workers, o.Transport)
 		rec.mu.Lock()
-		rec.bar = progressbar.NewOptions(o.Nodes,
-			progressbar.OptionSetWriter(o.Progress),
-			progressbar.OptionSetDescription("provisioning"),
-			progressbar.OptionShowCount(),
-			progressbar.OptionShowIts(),
-			progressbar.OptionSetItsString("nodes"),
-			progressbar.OptionSetPredictTime(true),
-			progressbar.OptionThrottle(100*time.Millisecond),
-			progressbar.OptionOnCompletion(func() { fmt.Fprintln(o.Progress) }),
-		)
+		rec.bar = progress.New(o.Progress, o.Nodes, progress.Options{Description: "provisioning", Unit: "nodes"})
+		defer rec.bar.Done() // on an early return; Done again is nothing
 		rec.mu.Unlock()
 	}
 
@@ -878,11 +870,11 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 			res.AgentProcessRSSMB = ps.RSSBytes / float64(ps.Processes) / (1 << 20)
 		}
 	}
-	if o.Progress != nil && rec.productionCount() < o.Nodes {
+	if o.Progress != nil {
 		rec.mu.Lock()
-		_ = rec.bar.Exit()
+		bar := rec.bar
 		rec.mu.Unlock()
-		fmt.Fprintln(o.Progress)
+		bar.Done()
 	}
 	if o.Settle > 0 && ctx.Err() == nil {
 		t := time.NewTimer(o.Settle)

@@ -7,7 +7,7 @@ import (
 	"sort"
 	"time"
 
-	"github.com/schollz/progressbar/v3"
+	"github.com/muster-io/muster/internal/progress"
 )
 
 // Summary is what a demo run reports.
@@ -44,19 +44,11 @@ func Run(ctx context.Context, ro RunOptions) (*Summary, error) {
 	if ro.Timeout == 0 {
 		ro.Timeout = 5 * time.Minute
 	}
-	var bar *progressbar.ProgressBar
+	var bar *progress.Meter
 	if ro.Progress != nil {
-		bar = progressbar.NewOptions(ro.Nodes,
-			progressbar.OptionSetWriter(ro.Progress),
-			progressbar.OptionSetDescription("provisioning"),
-			progressbar.OptionShowCount(),
-			progressbar.OptionShowIts(),
-			progressbar.OptionSetItsString("nodes"),
-			progressbar.OptionSetPredictTime(true),
-			progressbar.OptionThrottle(100*time.Millisecond),
-			progressbar.OptionOnCompletion(func() { fmt.Fprintln(ro.Progress) }),
-		)
-		ro.OnProvisioned = func(string, time.Time) { _ = bar.Add(1) }
+		bar = progress.New(ro.Progress, ro.Nodes, progress.Options{Description: "provisioning", Unit: "nodes"})
+		ro.OnProvisioned = func(string, time.Time) { bar.Add(1) }
+		defer bar.Done()
 	}
 	f, err := New(ro.Options)
 	if err != nil {
@@ -70,9 +62,8 @@ func Run(ctx context.Context, ro RunOptions) (*Summary, error) {
 	defer cancel()
 	reached := f.WaitProduction(waitCtx, ro.Nodes)
 	elapsed := time.Since(f.Started())
-	if bar != nil && reached < ro.Nodes {
-		_ = bar.Exit()
-		fmt.Fprintln(ro.Progress)
+	if bar != nil {
+		bar.Done()
 	}
 
 	s := &Summary{Nodes: ro.Nodes, Provisioned: reached, Failed: ro.Nodes - reached, Seconds: elapsed.Seconds()}
