@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -103,8 +104,12 @@ const (
 	StateDenied State = "denied"
 )
 
-// allStates are the label values of muster_provisioner_nodes.
+// allStates are the node states, the label values of
+// muster_provisioner_nodes.
 var allStates = []State{StateQueued, StateInProgress, StateDeferred, StateFailed, StateProvisioned, StateProduction, StateShutdown, StateAbandoned, StateHeld, StateDenied, StateElsewhere}
+
+// States returns every node state.
+func States() []State { return slices.Clone(allStates) }
 
 // Sentinel errors.
 var (

@@ -16,13 +16,6 @@ import (
 	"github.com/muster-io/muster/provisioner"
 )
 
-// nodeStates are the values --state accepts.
-var nodeStates = []provisioner.State{
-	provisioner.StateQueued, provisioner.StateInProgress, provisioner.StateDeferred, provisioner.StateFailed,
-	provisioner.StateProvisioned, provisioner.StateProduction, provisioner.StateShutdown, provisioner.StateAbandoned,
-	provisioner.StateHeld, provisioner.StateDenied,
-}
-
 func newNodesCmd() *cobra.Command {
 	var monitorURL string
 	cmd := &cobra.Command{
@@ -132,7 +125,7 @@ func callNode(cmd *cobra.Command, base, method, id, suffix string) ([]byte, erro
 }
 
 func knownState(s string) bool {
-	for _, st := range nodeStates {
+	for _, st := range provisioner.States() {
 		if string(st) == s {
 			return true
 		}
@@ -141,8 +134,9 @@ func knownState(s string) bool {
 }
 
 func stateList() string {
-	names := make([]string, len(nodeStates))
-	for i, st := range nodeStates {
+	states := provisioner.States()
+	names := make([]string, len(states))
+	for i, st := range states {
 		names[i] = string(st)
 	}
 	return strings.Join(names, ", ")

@@ -85,6 +85,13 @@ func TestNodesCommands(t *testing.T) {
 	if _, err := runCLI(t, "nodes", "ls", "--url", url, "--state", "bogus"); err == nil || !strings.Contains(err.Error(), "--state") {
 		t.Fatalf("bad --state: %v", err)
 	}
+	// Every state the provisioner has is accepted (elsewhere, an ha
+	// mode's, was refused until 3 Dec).
+	for _, st := range provisioner.States() {
+		if out, err := runCLI(t, "nodes", "ls", "--url", url, "--state", string(st)); err != nil || strings.Contains(out, a) != (st == provisioner.StateHeld) {
+			t.Errorf("nodes ls --state %s: %v\n%s", st, err, out)
+		}
+	}
 	out, err = runCLI(t, "nodes", "show", "--url", url, a)
 	if err != nil || !strings.Contains(out, "hold reason") || !strings.Contains(out, "duplicate_connection") {
 		t.Fatalf("nodes show: %v\n%s", err, out)
