@@ -178,26 +178,38 @@ func (l *leaderKV) read(ctx context.Context, key string) (e *entry, deleted bool
 	if err != nil {
 		return nil, false, fmt.Errorf("read %s from the stream leader: %w", key, err)
 	}
-	if len(msg.Data) > maxLeaderReply {
-		return nil, false, fmt.Errorf("read %s from the stream leader: reply of %d bytes: %w", key, len(msg.Data), jetstream.ErrInvalidJetStreamResponse)
+	e, deleted, err = decodeMsgGet(msg.Data, l.Bucket(), key, l.keys+key)
+	if err != nil {
+		return nil, false, fmt.Errorf("read %s from the stream leader: %w", key, err)
+	}
+	return e, deleted, nil
+}
+
+// decodeMsgGet decodes the JetStream API's reply to a message get of
+// subject, the subject of key in bucket: the entry, or a delete or purge
+// marker (deleted, with the marker's revision); jetstream.ErrKeyNotFound
+// when the stream has no message on it.
+func decodeMsgGet(data []byte, bucket, key, subject string) (*entry, bool, error) {
+	if len(data) > maxLeaderReply {
+		return nil, false, fmt.Errorf("reply of %d bytes: %w", len(data), jetstream.ErrInvalidJetStreamResponse)
 	}
 	var r msgGetReply
-	if err := json.Unmarshal(msg.Data, &r); err != nil {
-		return nil, false, fmt.Errorf("read %s from the stream leader: %w: %w", key, jetstream.ErrInvalidJetStreamResponse, err)
+	if err := json.Unmarshal(data, &r); err != nil {
+		return nil, false, fmt.Errorf("%w: %w", jetstream.ErrInvalidJetStreamResponse, err)
 	}
 	switch {
 	case r.Error != nil && r.Error.ErrCode == jsErrMessageNotFound:
 		return nil, false, jetstream.ErrKeyNotFound
 	case r.Error != nil:
-		return nil, false, fmt.Errorf("read %s from the stream leader: %d %s", key, r.Error.Code, r.Error.Description)
-	case r.Message == nil || r.Message.Subject != l.keys+key:
-		return nil, false, fmt.Errorf("read %s from the stream leader: %w", key, jetstream.ErrInvalidJetStreamResponse)
+		return nil, false, fmt.Errorf("error %d: %q", r.Error.Code, r.Error.Description)
+	case r.Message == nil || r.Message.Subject != subject:
+		return nil, false, jetstream.ErrInvalidJetStreamResponse
 	}
-	e = &entry{bucket: l.Bucket(), key: key, value: r.Message.Data, revision: r.Message.Sequence, created: r.Message.Time}
+	e := &entry{bucket: bucket, key: key, value: r.Message.Data, revision: r.Message.Sequence, created: r.Message.Time}
 	if len(r.Message.Header) > 0 {
 		h, err := nats.DecodeHeadersMsg(r.Message.Header)
 		if err != nil {
-			return nil, false, fmt.Errorf("read %s from the stream leader: headers: %w", key, err)
+			return nil, false, fmt.Errorf("headers: %w", err)
 		}
 		// A delete or purge marker, or the server's marker of a value
 		// that expired or was removed.

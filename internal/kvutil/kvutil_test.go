@@ -2,7 +2,9 @@ package kvutil
 
 import (
 	"context"
+	"encoding/base64"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -201,4 +203,71 @@ func TestLeaderReads(t *testing.T) {
 	if count("DIRECT") == 0 {
 		t.Error("the bucket's own Get sent no direct get: the check above proves nothing")
 	}
+}
+
+// TestDecodeMsgGet: the message get replies a leader read meets, and
+// replies it must refuse.
+func TestDecodeMsgGet(t *testing.T) {
+	const subj = "$KV.B.k1"
+	b64 := func(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+	msg := func(subject, hdrs, data string) string {
+		return fmt.Sprintf(`{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":%q,"seq":7,"hdrs":%q,"data":%q,"time":"2026-12-03T09:00:00Z"}}`, subject, hdrs, data)
+	}
+	cases := []struct {
+		name    string
+		reply   string
+		value   string
+		deleted bool
+		err     error // nil: ok
+	}{
+		{"value", msg(subj, "", b64("v1")), "v1", false, nil},
+		{"delete marker", msg(subj, b64("NATS/1.0\r\nKV-Operation: DEL\r\n\r\n"), ""), "", true, nil},
+		{"purge marker", msg(subj, b64("NATS/1.0\r\nKV-Operation: PURGE\r\n\r\n"), ""), "", true, nil},
+		{"server marker", msg(subj, b64("NATS/1.0\r\nNats-Marker-Reason: MaxAge\r\n\r\n"), ""), "", true, nil},
+		{"other header", msg(subj, b64("NATS/1.0\r\nX-Other: 1\r\n\r\n"), b64("v2")), "v2", false, nil},
+		{"not found", `{"error":{"code":404,"err_code":10037,"description":"no message found"}}`, "", false, jetstream.ErrKeyNotFound},
+		{"other error", `{"error":{"code":503,"err_code":10008,"description":"unavailable"}}`, "", false, errAny},
+		{"another subject", msg("$KV.B.k2", "", b64("v")), "", false, jetstream.ErrInvalidJetStreamResponse},
+		{"no message", `{"type":"x"}`, "", false, jetstream.ErrInvalidJetStreamResponse},
+		{"not json", `NATS/1.0 503`, "", false, jetstream.ErrInvalidJetStreamResponse},
+		{"bad headers", msg(subj, b64("HTTP/1.1\r\n"), ""), "", false, errAny},
+		{"too big", `{"x":"` + strings.Repeat("a", maxLeaderReply) + `"}`, "", false, jetstream.ErrInvalidJetStreamResponse},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e, deleted, err := decodeMsgGet([]byte(tc.reply), "B", "k1", subj)
+			switch {
+			case tc.err == nil && err != nil:
+				t.Fatalf("error %v", err)
+			case tc.err == errAny && err == nil, tc.err != nil && tc.err != errAny && !errors.Is(err, tc.err):
+				t.Fatalf("error %v, want %v", err, tc.err)
+			case tc.err != nil:
+				return
+			}
+			if deleted != tc.deleted || string(e.Value()) != tc.value || e.Revision() != 7 || e.Key() != "k1" || e.Bucket() != "B" {
+				t.Errorf("entry %q rev %d key %q bucket %q deleted %v", e.Value(), e.Revision(), e.Key(), e.Bucket(), deleted)
+			}
+		})
+	}
+}
+
+// errAny stands for any error in TestDecodeMsgGet.
+var errAny = errors.New("any error")
+
+// FuzzDecodeMsgGet: any reply decodes to an error or to an entry of the
+// key asked for, without panicking.
+func FuzzDecodeMsgGet(f *testing.F) {
+	f.Add([]byte(`{"message":{"subject":"$KV.B.k1","seq":7,"hdrs":"TkFUUy8xLjANCktWLU9wZXJhdGlvbjogREVMDQoNCg==","data":"","time":"2026-12-03T09:00:00Z"}}`))
+	f.Add([]byte(`{"message":{"subject":"$KV.B.k1","seq":1,"data":"djE="}}`))
+	f.Add([]byte(`{"error":{"code":404,"err_code":10037}}`))
+	f.Add([]byte(`{"message":null}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		e, _, err := decodeMsgGet(data, "B", "k1", "$KV.B.k1")
+		if err == nil && (e == nil || e.Key() != "k1" || e.Bucket() != "B") {
+			t.Fatalf("entry %+v without an error", e)
+		}
+		if err != nil && e != nil {
+			t.Fatalf("entry %+v with error %v", e, err)
+		}
+	})
 }
