@@ -29,11 +29,11 @@ func (p *Provisioner) Status() Status {
 		Workers:       p.cfg.Workers,
 		QueueDepth:    len(p.queue),
 		QueueCapacity: cap(p.queue),
-		States:        p.stateCounts(),
 	}
 	p.mu.Lock()
 	s.Paused = p.paused
 	s.Nodes = len(p.nodes)
+	s.States = p.stateCountsLocked()
 	p.mu.Unlock()
 	s.BusyWorkers = s.States[StateInProgress]
 	return s

@@ -232,6 +232,11 @@ func (p *Provisioner) dropNode(identity string) {
 func (p *Provisioner) stateCounts() map[State]int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	return p.stateCountsLocked()
+}
+
+// stateCountsLocked is stateCounts with p.mu held.
+func (p *Provisioner) stateCountsLocked() map[State]int {
 	out := make(map[State]int, len(p.counts))
 	for s, c := range p.counts {
 		if c != 0 {

@@ -401,22 +401,14 @@ func checkStateCounts(t *testing.T, p *Provisioner) map[State]int {
 func checkNodesGauge(t *testing.T, p *Provisioner) {
 	t.Helper()
 	want := checkStateCounts(t, p)
-	mfs, err := p.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
+	all := nodesGauges(t, p)
+	if len(all) != len(allStates) {
+		t.Errorf("muster_provisioner_nodes has %d series, want one per state (%d)", len(all), len(allStates))
 	}
 	gauge := map[State]int{}
-	for _, mf := range mfs {
-		if mf.GetName() != "muster_provisioner_nodes" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			if v := int(m.GetGauge().GetValue()); v != 0 {
-				gauge[State(m.GetLabel()[0].GetValue())] = v
-			}
-		}
-		if len(mf.GetMetric()) != len(allStates) {
-			t.Errorf("muster_provisioner_nodes has %d series, want one per state (%d)", len(mf.GetMetric()), len(allStates))
+	for st, v := range all {
+		if v != 0 {
+			gauge[st] = int(v)
 		}
 	}
 	delete(want, "")
@@ -425,25 +417,33 @@ func checkNodesGauge(t *testing.T, p *Provisioner) {
 	}
 }
 
-// nodesGauge is muster_provisioner_nodes for one state.
-func nodesGauge(t *testing.T, p *Provisioner, s State) float64 {
+// nodesGauges gathers muster_provisioner_nodes, by state.
+func nodesGauges(t *testing.T, p *Provisioner) map[State]float64 {
 	t.Helper()
 	mfs, err := p.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
+	out := map[State]float64{}
 	for _, mf := range mfs {
 		if mf.GetName() != "muster_provisioner_nodes" {
 			continue
 		}
 		for _, m := range mf.GetMetric() {
-			if m.GetLabel()[0].GetValue() == string(s) {
-				return m.GetGauge().GetValue()
-			}
+			out[State(m.GetLabel()[0].GetValue())] = m.GetGauge().GetValue()
 		}
 	}
-	t.Fatalf("muster_provisioner_nodes{state=%q} missing", s)
-	return 0
+	return out
+}
+
+// nodesGauge is muster_provisioner_nodes for one state.
+func nodesGauge(t *testing.T, p *Provisioner, s State) float64 {
+	t.Helper()
+	v, ok := nodesGauges(t, p)[s]
+	if !ok {
+		t.Fatalf("muster_provisioner_nodes{state=%q} missing", s)
+	}
+	return v
 }
 
 // TestInvalidMessagesCounted feeds malformed messages to every source.

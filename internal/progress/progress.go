@@ -20,21 +20,22 @@ import (
 const DefaultInterval = 2 * time.Second
 
 // Meter counts done items against a total and shows it. Add may be called
-// from several goroutines; Done once, after the last Add.
+// from several goroutines, Done after the last Add.
 type Meter struct {
 	w   io.Writer
-	bar *progressbar.ProgressBar
+	bar *progressbar.ProgressBar // nil in line mode
+
+	mu       sync.Mutex
+	finished bool // Done was called
 
 	// Line mode.
-	desc     string
-	unit     string
-	total    int
-	start    time.Time
-	mu       sync.Mutex
-	done     int
-	stop     chan struct{}
-	stopped  chan struct{}
-	finished bool
+	desc    string
+	unit    string
+	total   int
+	start   time.Time
+	done    int
+	stop    chan struct{}
+	stopped chan struct{}
 }
 
 // Options configure a Meter.
@@ -43,8 +44,6 @@ type Options struct {
 	Description string
 	// Unit names what is counted ("nodes").
 	Unit string
-	// Lines forces line mode even on a terminal.
-	Lines bool
 	// Interval between lines in line mode (default DefaultInterval).
 	Interval time.Duration
 }
@@ -55,7 +54,7 @@ func New(w io.Writer, total int, o Options) *Meter {
 	if o.Unit == "" {
 		o.Unit = "items"
 	}
-	if !o.Lines && IsTerminal(w) {
+	if IsTerminal(w) {
 		return &Meter{w: w, bar: progressbar.NewOptions(total,
 			progressbar.OptionSetWriter(w),
 			progressbar.OptionSetDescription(o.Description),
