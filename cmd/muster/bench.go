@@ -51,8 +51,9 @@ TLS over loopback and mutual TLS in production; each agent then needs two file d
 ends live in this process).
 
 It reports nodes/min, time to production (agent start to production connection), per-stage latency,
-CPU per node (getrusage), peak RSS, memory per idle agent, outcomes, errors and retries by stage, and
-whether every node was provisioned exactly once (exit code 2 if not).
+CPU per node (getrusage), peak RSS, memory per idle agent, the broker's traffic per node (messages,
+bytes and connections, from its own counters: a figure to size brokers by), outcomes, errors and
+retries by stage, and whether every node was provisioned exactly once (exit code 2 if not).
 
 Before the clock starts it measures the floor (--floor, on by default, about a second): the CPU of
 each piece of security work a node needs (its two connections with the broker's token and

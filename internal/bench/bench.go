@@ -447,6 +447,10 @@ type Result struct {
 	// SampleErrors holds the last error of up to 10 nodes.
 	SampleErrors map[string]string `json:"sample_errors,omitempty"`
 
+	// Broker is what the provisioning phase cost the broker in messages,
+	// bytes and connections (nil where its counters could not be read).
+	Broker *BrokerTraffic `json:"broker,omitempty"`
+
 	// Floor is what a node costs at least on this machine, measured just
 	// before the provisioning phase (nil when skipped or when it could not
 	// be measured: FloorError says why).
@@ -839,6 +843,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	// processes are counted on their own).
 	liveBefore := liveChildrenCPU()
 	m0 := readMachineTimes()
+	b0 := readBrokerCounters(f.Broker().Server())
 	if err := f.Start(ctx); err != nil {
 		return err
 	}
@@ -857,6 +862,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruAfter)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chAfter)
 	res.Machine.Use = machineUse(m0, readMachineTimes(), runtime.NumCPU(), rec.productionCount())
+	res.Broker = brokerTraffic(b0, readBrokerCounters(f.Broker().Server()), rec.productionCount())
 	// The agent processes are children too, counted on their own below.
 	helperLive := liveChildrenCPU(f.AgentPIDs()...) - liveBefore
 	if o.Processes {

@@ -165,6 +165,7 @@ func TestRunAccounting(t *testing.T) {
 				t.Fatalf("Run: %v", err)
 			}
 			checkResult(t, r, tc.nodes, len(fail))
+			checkBroker(t, r, tc.nodes, len(fail))
 			checkFloor(t, r, 10)
 			checkProvisioners(t, r, tc.ha, max(tc.provs, 1))
 			checkHeapSettle(t, r, o.HeapSettle)
@@ -278,6 +279,36 @@ func checkResult(t *testing.T, r *Result, nodes, failures int) {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}
+	}
+}
+
+// checkBroker checks the broker's traffic of a run of nodes nodes, failures
+// of which failed once at the helper: it counts at least each request and
+// its reply (four for a provisioned node, inventory and gencsr for a failed
+// attempt) and each node's two connections.
+func checkBroker(t *testing.T, r *Result, nodes, failures int) {
+	t.Helper()
+	b := r.Broker
+	if b == nil {
+		t.Fatal("no broker traffic")
+	}
+	rpcs := int64(4*nodes + 2*failures)
+	if b.MsgsIn < 2*rpcs || b.MsgsOut < 2*rpcs {
+		t.Errorf("broker messages %d in, %d out; want at least %d each (%d requests and their replies)", b.MsgsIn, b.MsgsOut, 2*rpcs, rpcs)
+	}
+	if b.Connections < int64(2*nodes) {
+		t.Errorf("broker connections %d, want at least %d (provisioning and production per node)", b.Connections, 2*nodes)
+	}
+	if b.BytesIn < b.MsgsIn || b.BytesOut < b.MsgsOut {
+		t.Errorf("broker bytes %d in, %d out for %d / %d messages", b.BytesIn, b.BytesOut, b.MsgsIn, b.MsgsOut)
+	}
+	if want := float64(b.MsgsIn) / float64(r.Provisioned); b.MsgsInPerNode != want {
+		t.Errorf("messages in per node %v, want %v", b.MsgsInPerNode, want)
+	}
+	var out strings.Builder
+	r.Print(&out)
+	if !strings.Contains(out.String(), "broker traffic") {
+		t.Errorf("table lacks the broker traffic:\n%s", out.String())
 	}
 }
 

@@ -87,6 +87,10 @@ func (r *Result) Print(w io.Writer) {
 	case r.FloorError != "":
 		p("floor", "not measured: %s", r.FloorError)
 	}
+	if b := r.Broker; b != nil {
+		p("broker traffic", "per node %.1f msgs in, %.1f out, %.1f KB in, %.1f KB out, %.2f connections; %d slow consumers",
+			b.MsgsInPerNode, b.MsgsOutPerNode, b.BytesInPerNode/1024, b.BytesOutPerNode/1024, b.ConnectionsPerNode, b.SlowConsumers)
+	}
 	p("peak RSS", "%.0f MB (this process)", r.PeakRSSMB)
 	if r.IdleAgents > 0 {
 		p("memory per idle agent", "%.1f KB heap, %.1f goroutines (%d idle agents)", r.IdleAgentHeapBytes/1024, r.IdleAgentGoroutines, r.IdleAgents)
