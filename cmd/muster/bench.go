@@ -48,7 +48,8 @@ until every one reaches production mode.
 descriptors; the provisioning side runs without TLS, production connections use mutual TLS over the
 in-process pipe, so the broker verifies every node's certificate as over TCP. --transport tcp uses
 TLS over loopback and mutual TLS in production; each agent then needs two file descriptors (both
-ends live in this process).
+ends live in this process), as does each agent process of --processes. A fleet that would not fit in
+the open-file limit (ulimit -n) is refused before it starts, with how many agents would fit.
 
 It reports nodes/min, time to production (agent start to production connection), per-stage latency,
 CPU per node (getrusage), peak RSS, memory per idle agent, the broker's traffic per node (messages,

@@ -224,6 +224,9 @@ func New(opts Options) (*Fleet, error) {
 	default:
 		return nil, fmt.Errorf("ha mode %q: must be single, claims or leader", opts.HA)
 	}
+	if err := checkFileLimit(opts); err != nil {
+		return nil, err
+	}
 	f := &Fleet{
 		opts:       opts,
 		log:        opts.Logger,

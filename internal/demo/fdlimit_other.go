@@ -1,0 +1,5 @@
+//go:build !unix
+
+package demo
+
+func readOpenFileLimit() (uint64, bool) { return 0, false }
