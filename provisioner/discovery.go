@@ -26,12 +26,17 @@ const invalidLogEvery = 5 * time.Second
 // messageLoop handles metadata, startup and production events until ctx is
 // done.
 func (p *Provisioner) messageLoop(ctx context.Context, msgs <-chan *nats.Msg) {
+	report := time.NewTicker(p.intake.reportEvery)
+	defer report.Stop()
 	for {
 		select {
 		case <-ctx.Done():
+			p.intake.report(p.log, p.cfg.QueueSize)
 			return
 		case m := <-msgs:
 			p.handleMessage(m)
+		case <-report.C:
+			p.intake.report(p.log, p.cfg.QueueSize)
 		}
 	}
 }

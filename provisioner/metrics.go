@@ -55,7 +55,7 @@ type metrics struct {
 	claimConflicts     prometheus.Counter
 }
 
-func newMetrics(queueDepth func() float64, states func() map[State]int, capacity, workers int) (*metrics, error) {
+func newMetrics(queueDepth func() float64, states func() map[State]int, intakeDropped func() map[string]int64, capacity, workers int) (*metrics, error) {
 	opts := func(name, help string) prometheus.Opts {
 		return prometheus.Opts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}
 	}
@@ -106,6 +106,11 @@ func newMetrics(queueDepth func() float64, states func() map[State]int, capacity
 			"Nodes this provisioner knows, by state.", []string{"state"}, nil),
 		states: states,
 	}
+	intakeC := intakeCollector{
+		desc: prometheus.NewDesc(prometheus.BuildFQName(metricsNamespace, metricsSubsystem, "intake_dropped_total"),
+			"Announcements and events dropped before the provisioner read them, because its intake was full (a slow consumer), by source.", []string{"source"}, nil),
+		dropped: intakeDropped,
+	}
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
 	capG := prometheus.NewGauge(prometheus.GaugeOpts(opts("queue_capacity", "Size of the queue.")))
 	capG.Set(float64(capacity))
@@ -142,7 +147,7 @@ func newMetrics(queueDepth func() float64, states func() map[State]int, capacity
 		m.discovered, m.provisioned, m.deferred, m.shutdown, m.errors, m.retries, m.invalid,
 		m.shed, depth, capG, wG, m.busy, m.paused, m.arrivals, m.rpcDuration, m.helperDur,
 		m.queueWait, m.nodeDuration, m.clockOffset, m.tokenRefusals, m.policyRejections, heldG, m.standby, m.completedOnArrival,
-		m.claimsLost, m.claimConflicts, byState,
+		m.claimsLost, m.claimConflicts, byState, intakeC,
 	} {
 		if err := m.reg.Register(c); err != nil {
 			return nil, err

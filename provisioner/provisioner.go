@@ -306,6 +306,8 @@ type Provisioner struct {
 	invalidAt map[string]logThrottle
 
 	connOverride *nats.Conn
+	// intake holds the subscriptions announcements and events come in by.
+	intake *intake
 	// signer signs every request to nodes (the provisioner's nkey).
 	signer *protocol.Signer
 	// tokens verifies provisioning tokens; nil with insecure_tokenless.
@@ -417,7 +419,8 @@ func New(opts Options) (*Provisioner, error) {
 	if p.drain == 0 {
 		p.drain = cfg.RPCTimeout.D() + cfg.HelperTimeout.D()
 	}
-	m, err := newMetrics(func() float64 { return float64(len(p.queue)) }, p.stateCounts, cfg.QueueSize, cfg.Workers)
+	p.intake = newIntake(cfg.QueueSize)
+	m, err := newMetrics(func() float64 { return float64(len(p.queue)) }, p.stateCounts, p.intake.dropped, cfg.QueueSize, cfg.Workers)
 	if err != nil {
 		return fail(fmt.Errorf("provisioner metrics: %w", err))
 	}
@@ -580,7 +583,6 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		p.setStandby(true)
 	}
 
-	const subBuffer = 4096
 	type subSpec struct {
 		subject, source string
 	}
@@ -590,20 +592,18 @@ func (p *Provisioner) Run(ctx context.Context) error {
 		{productionPrefix + protocol.LifecycleSubject(protocol.EventProvisioned, "*", ">"), sourceProduction},
 		{protocol.AdvisoryDuplicateIdentity, sourceAdvisory},
 	}
-	msgs := make(chan *nats.Msg, subBuffer)
-	var subs []*nats.Subscription
+	msgs := make(chan *nats.Msg, p.intake.handoff)
+	intakeCtx, stopIntake := context.WithCancel(ctx)
+	defer stopIntake()
 	unsubscribe := func() {
-		for _, s := range subs {
-			_ = s.Unsubscribe()
-		}
+		stopIntake() // a callback waiting to hand a message over gives up
+		p.intake.unsubscribe()
 	}
 	for _, s := range specs {
-		sub, err := nc.ChanSubscribe(s.subject, msgs)
-		if err != nil {
+		if err := p.intake.subscribe(intakeCtx, nc, s.subject, s.source, msgs); err != nil {
 			unsubscribe()
 			return fmt.Errorf("subscribe %s: %w", s.subject, err)
 		}
-		subs = append(subs, sub)
 	}
 	// Make sure the server holds the subscriptions before Run reports ready,
 	// so an announcement made after that is never missed.
@@ -755,6 +755,10 @@ func (p *Provisioner) connect() (*nats.Conn, bool, error) {
 		nats.ReconnectHandler(func(c *nats.Conn) {
 			p.log.WithField("broker", c.ConnectedUrlRedacted()).Info("reconnected to broker")
 		}),
+		// Asynchronous errors go to the log, not to nats.go's default of
+		// standard error; the intake's slow consumers are counted and
+		// reported by the intake.
+		nats.ErrorHandler(p.asyncError),
 	}
 	// TLS always: the broker requires it, and whoever could talk to the
 	// provisioner in the clear would see every request and could pose as
@@ -772,6 +776,20 @@ func (p *Provisioner) connect() (*nats.Conn, bool, error) {
 		return nil, false, fmt.Errorf("connect to brokers: %w", err)
 	}
 	return nc, true, nil
+}
+
+// asyncError logs an asynchronous error of the broker connection (instead
+// of nats.go's default, standard error). The intake's slow consumers are
+// left to the intake, which counts and reports them.
+func (p *Provisioner) asyncError(_ *nats.Conn, sub *nats.Subscription, err error) {
+	if errors.Is(err, nats.ErrSlowConsumer) && sub != nil && p.intake.isIntake(sub) {
+		return
+	}
+	l := p.log.WithError(err)
+	if sub != nil {
+		l = l.WithField("subject", sub.Subject)
+	}
+	l.Warn("broker connection error")
 }
 
 // abandonQueued marks nodes that were still queued at shutdown.

@@ -800,6 +800,7 @@ func TestMetricsAndHTTP(t *testing.T) {
 		"muster_provisioner_production_arrivals_total", "muster_provisioner_rpc_duration_seconds",
 		"muster_provisioner_helper_duration_seconds", "muster_provisioner_queue_wait_seconds",
 		"muster_provisioner_node_duration_seconds", "muster_provisioner_nodes", "muster_provisioner_held_nodes",
+		"muster_provisioner_intake_dropped_total",
 		"go_goroutines", "process_start_time_seconds",
 	}
 	for _, name := range names {
