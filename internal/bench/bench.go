@@ -444,6 +444,12 @@ type Result struct {
 	// held or had finished), over every provisioner.
 	ClaimsLost     map[string]float64 `json:"claims_lost_total,omitempty"`
 	ClaimConflicts float64            `json:"claim_conflicts_total"`
+	// QueueShed is the provisioners' queue_shed_total (announcements
+	// dropped with the queue full) and IntakeDropped their
+	// intake_dropped_total by source (dropped before they were read): a
+	// node whose announcement was dropped waits for its next one.
+	QueueShed     float64            `json:"queue_shed_total"`
+	IntakeDropped map[string]float64 `json:"intake_dropped_total,omitempty"`
 	// SampleErrors holds the last error of up to 10 nodes.
 	SampleErrors map[string]string `json:"sample_errors,omitempty"`
 
@@ -843,7 +849,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	// processes are counted on their own).
 	liveBefore := liveChildrenCPU()
 	m0 := readMachineTimes()
-	b0 := readBrokerCounters(f.Broker().Server())
+	b0 := readBrokerCounters(f.Broker())
 	if err := f.Start(ctx); err != nil {
 		return err
 	}
@@ -862,7 +868,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruAfter)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chAfter)
 	res.Machine.Use = machineUse(m0, readMachineTimes(), runtime.NumCPU(), rec.productionCount())
-	res.Broker = brokerTraffic(b0, readBrokerCounters(f.Broker().Server()), rec.productionCount())
+	res.Broker = brokerTraffic(b0, readBrokerCounters(f.Broker()), rec.productionCount())
 	// The agent processes are children too, counted on their own below.
 	helperLive := liveChildrenCPU(f.AgentPIDs()...) - liveBefore
 	if o.Processes {
@@ -1006,6 +1012,8 @@ func fill(res *Result, rec *recorder, m *provMetrics) {
 	res.Retries = nonZero(m.retries)
 	res.ClaimsLost = nonZero(m.claimsLost)
 	res.ClaimConflicts = m.claimConflicts
+	res.QueueShed = m.shed
+	res.IntakeDropped = nonZero(m.intakeDropped)
 }
 
 func maps(m map[string]int) map[string]int {

@@ -228,6 +228,9 @@ func checkResult(t *testing.T, r *Result, nodes, failures int) {
 	if got := r.Errors["helper"]; got != float64(failures) {
 		t.Errorf("errors_total{stage=helper} %v, want %d", got, failures)
 	}
+	if r.QueueShed != 0 || len(r.IntakeDropped) != 0 {
+		t.Errorf("announcements dropped: %v shed, %v at the intake; want none with the queue as large as the fleet", r.QueueShed, r.IntakeDropped)
+	}
 	if len(r.SampleErrors) == 0 || !strings.Contains(fmt.Sprint(r.SampleErrors), errInjected.Error()) {
 		t.Errorf("sample errors %v do not show the injected failure", r.SampleErrors)
 	}
@@ -275,7 +278,7 @@ func checkResult(t *testing.T, r *Result, nodes, failures int) {
 	}
 	var out strings.Builder
 	r.Print(&out)
-	for _, want := range []string{"nodes/min", "time to production", "memory per idle agent", "errors_total by stage", "live heap / goroutines", "agent state"} {
+	for _, want := range []string{"nodes/min", "time to production", "memory per idle agent", "errors_total by stage", "live heap / goroutines", "agent state", "announcements dropped"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}
@@ -298,6 +301,12 @@ func checkBroker(t *testing.T, r *Result, nodes, failures int) {
 	}
 	if b.Connections < int64(2*nodes) {
 		t.Errorf("broker connections %d, want at least %d (provisioning and production per node)", b.Connections, 2*nodes)
+	}
+	if b.Authentications["production"] < float64(nodes) || b.Authentications["unprovisioned"] < float64(nodes) {
+		t.Errorf("broker authentications %v: want at least %d production and %d unprovisioned", b.Authentications, nodes, nodes)
+	}
+	if b.TokenRefusals != 0 || b.DuplicateRefusals != 0 {
+		t.Errorf("broker refused %v connections for their token, %v for a duplicate identity: want none", b.TokenRefusals, b.DuplicateRefusals)
 	}
 	if b.BytesIn < b.MsgsIn || b.BytesOut < b.MsgsOut {
 		t.Errorf("broker bytes %d in, %d out for %d / %d messages", b.BytesIn, b.BytesOut, b.MsgsIn, b.MsgsOut)

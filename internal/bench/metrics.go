@@ -18,6 +18,8 @@ const (
 	metricProvCount = "muster_provisioner_provisioned_total"
 	metricLost      = "muster_provisioner_claims_lost_total"
 	metricConflicts = "muster_provisioner_claim_conflicts_total"
+	metricShed      = "muster_provisioner_queue_shed_total"
+	metricIntake    = "muster_provisioner_intake_dropped_total"
 )
 
 // bucket is one cumulative histogram bucket.
@@ -44,13 +46,15 @@ type provMetrics struct {
 	provisioned    []int
 	claimsLost     map[string]float64
 	claimConflicts float64
+	shed           float64
+	intakeDropped  map[string]float64
 }
 
 // gatherMetrics reads the provisioners' registries and adds their series
 // up (several provisioners in the ha modes; their histograms share one
 // bucket layout).
 func gatherMetrics(provs ...*provisioner.Provisioner) (*provMetrics, error) {
-	m := &provMetrics{hist: map[string]map[string]histogram{}, errors: map[string]float64{}, retries: map[string]float64{}, claimsLost: map[string]float64{}}
+	m := &provMetrics{hist: map[string]map[string]histogram{}, errors: map[string]float64{}, retries: map[string]float64{}, claimsLost: map[string]float64{}, intakeDropped: map[string]float64{}}
 	if len(provs) == 0 {
 		return m, errors.New("no provisioner")
 	}
@@ -83,6 +87,10 @@ func gatherMetrics(provs ...*provisioner.Provisioner) (*provMetrics, error) {
 					m.claimsLost[label] += s.GetCounter().GetValue()
 				case metricConflicts:
 					m.claimConflicts += s.GetCounter().GetValue()
+				case metricShed:
+					m.shed += s.GetCounter().GetValue()
+				case metricIntake:
+					m.intakeDropped[label] += s.GetCounter().GetValue()
 				}
 			}
 		}

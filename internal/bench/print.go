@@ -90,6 +90,7 @@ func (r *Result) Print(w io.Writer) {
 	if b := r.Broker; b != nil {
 		p("broker traffic", "per node %.1f msgs in, %.1f out, %.1f KB in, %.1f KB out, %.2f connections; %d slow consumers",
 			b.MsgsInPerNode, b.MsgsOutPerNode, b.BytesInPerNode/1024, b.BytesOutPerNode/1024, b.ConnectionsPerNode, b.SlowConsumers)
+		p("broker authentications", "%s; refused: %.0f for the token, %.0f for an identity already connected", kv(b.Authentications), b.TokenRefusals, b.DuplicateRefusals)
 	}
 	p("peak RSS", "%.0f MB (this process)", r.PeakRSSMB)
 	if r.IdleAgents > 0 {
@@ -110,6 +111,7 @@ func (r *Result) Print(w io.Writer) {
 	if len(r.FailedByStage) > 0 {
 		p("failed attempts by stage", "%s", kv(r.FailedByStage))
 	}
+	p("announcements dropped", "%.0f with the queue full, %s before they were read (intake full)", r.QueueShed, kv(r.IntakeDropped))
 	p("errors_total by stage", "%s", kv(r.Errors))
 	p("retries_total by stage", "%s", kv(r.Retries))
 	if r.HA != "" && r.HA != provisioner.HASingle {

@@ -1,7 +1,9 @@
 package bench
 
 import (
-	"github.com/nats-io/nats-server/v2/server"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/muster-io/muster/broker"
 )
 
 // BrokerTraffic is what the provisioning phase cost the broker, from
@@ -25,15 +27,29 @@ type BrokerTraffic struct {
 	// SlowConsumers counts clients the broker cut off for not reading in
 	// time during the phase.
 	SlowConsumers int64 `json:"slow_consumers"`
+	// Authentications counts the connections the broker authenticated, by
+	// result (muster_broker_authentications_total: production,
+	// unprovisioned, provisioner, admin, rejected); TokenRefusals and
+	// DuplicateRefusals the rejected ones refused for their token and for
+	// an identity another live connection holds. Connections beyond two a
+	// node are agents connecting again.
+	Authentications   map[string]float64 `json:"authentications,omitempty"`
+	TokenRefusals     float64            `json:"token_refusals"`
+	DuplicateRefusals float64            `json:"duplicate_refusals"`
 }
 
 // brokerCounters is a reading of the counters BrokerTraffic is made of.
 type brokerCounters struct {
 	msgsIn, msgsOut, bytesIn, bytesOut, conns, slow int64
+	auth                                            map[string]float64
+	tokenRefusals, duplicates                       float64
 	ok                                              bool
 }
 
-func readBrokerCounters(srv *server.Server) brokerCounters {
+// readBrokerCounters reads nats-server's counters and the broker's own
+// (its Prometheus collector, as a scrape would).
+func readBrokerCounters(b *broker.Broker) brokerCounters {
+	srv := b.Server()
 	if srv == nil {
 		return brokerCounters{}
 	}
@@ -41,15 +57,37 @@ func readBrokerCounters(srv *server.Server) brokerCounters {
 	if err != nil || v == nil {
 		return brokerCounters{}
 	}
-	return brokerCounters{
+	c := brokerCounters{
 		msgsIn:   v.InMsgs,
 		msgsOut:  v.OutMsgs,
 		bytesIn:  v.InBytes,
 		bytesOut: v.OutBytes,
 		conns:    int64(v.TotalConnections),
 		slow:     v.SlowConsumers,
+		auth:     map[string]float64{},
 		ok:       true,
 	}
+	reg := prometheus.NewPedanticRegistry()
+	if err := reg.Register(broker.NewCollector(b)); err != nil {
+		return brokerCounters{}
+	}
+	families, err := reg.Gather()
+	if err != nil {
+		return brokerCounters{}
+	}
+	for _, mf := range families {
+		for _, m := range mf.GetMetric() {
+			switch mf.GetName() {
+			case "muster_broker_authentications_total":
+				c.auth[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+			case "muster_broker_token_refusals_total":
+				c.tokenRefusals = m.GetCounter().GetValue()
+			case "muster_broker_duplicate_identity_total":
+				c.duplicates = m.GetCounter().GetValue()
+			}
+		}
+	}
+	return c
 }
 
 // brokerTraffic is the traffic between two readings, per node over nodes;
@@ -59,12 +97,22 @@ func brokerTraffic(before, after brokerCounters, nodes int) *BrokerTraffic {
 		return nil
 	}
 	t := &BrokerTraffic{
-		MsgsIn:        after.msgsIn - before.msgsIn,
-		MsgsOut:       after.msgsOut - before.msgsOut,
-		BytesIn:       after.bytesIn - before.bytesIn,
-		BytesOut:      after.bytesOut - before.bytesOut,
-		Connections:   after.conns - before.conns,
-		SlowConsumers: after.slow - before.slow,
+		MsgsIn:            after.msgsIn - before.msgsIn,
+		MsgsOut:           after.msgsOut - before.msgsOut,
+		BytesIn:           after.bytesIn - before.bytesIn,
+		BytesOut:          after.bytesOut - before.bytesOut,
+		Connections:       after.conns - before.conns,
+		SlowConsumers:     after.slow - before.slow,
+		TokenRefusals:     after.tokenRefusals - before.tokenRefusals,
+		DuplicateRefusals: after.duplicates - before.duplicates,
+	}
+	for result, n := range after.auth {
+		if d := n - before.auth[result]; d > 0 {
+			if t.Authentications == nil {
+				t.Authentications = map[string]float64{}
+			}
+			t.Authentications[result] = d
+		}
 	}
 	if nodes > 0 {
 		n := float64(nodes)
