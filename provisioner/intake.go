@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 )
 
@@ -150,21 +149,5 @@ func (in *intake) report(log logrus.FieldLogger, queueSize int) {
 		}
 		log.WithFields(logrus.Fields{"source": src, "dropped": fresh[src], "dropped_total": now[src], "pending_limit": in.pendingMsgs}).
 			Warnf("intake full: dropped %d %s messages the provisioner could not read in time (their nodes are taken when they announce again; pending limit is twice queue_size %d)", fresh[src], src, queueSize)
-	}
-}
-
-// intakeCollector exports the intake's drops as
-// muster_provisioner_intake_dropped_total{source}.
-type intakeCollector struct {
-	desc    *prometheus.Desc
-	dropped func() map[string]int64
-}
-
-func (c intakeCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
-
-func (c intakeCollector) Collect(ch chan<- prometheus.Metric) {
-	d := c.dropped()
-	for _, src := range intakeSources {
-		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(d[src]), src)
 	}
 }

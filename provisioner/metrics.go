@@ -101,15 +101,16 @@ func newMetrics(queueDepth func() float64, states func() map[State]int, intakeDr
 	m.policyRejections = prometheus.NewCounterVec(prometheus.CounterOpts(opts("policy_rejections_total", "CSRs and certificates refused by the provisioner's policy, by reason.")), []string{"reason"})
 	heldG := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("held_nodes", "Nodes held for an operator's approval.")),
 		func() float64 { return float64(states()[StateHeld]) })
-	byState := stateCollector{
+	// muster_provisioner_nodes: every state has a series.
+	byState := labelCollector[State, int]{
 		desc: prometheus.NewDesc(prometheus.BuildFQName(metricsNamespace, metricsSubsystem, "nodes"),
 			"Nodes this provisioner knows, by state.", []string{"state"}, nil),
-		states: states,
+		kind: prometheus.GaugeValue, labels: allStates, read: states,
 	}
-	intakeC := intakeCollector{
+	intakeC := labelCollector[string, int64]{
 		desc: prometheus.NewDesc(prometheus.BuildFQName(metricsNamespace, metricsSubsystem, "intake_dropped_total"),
 			"Announcements and events dropped before the provisioner read them, because its intake was full (a slow consumer), by source.", []string{"source"}, nil),
-		dropped: intakeDropped,
+		kind: prometheus.CounterValue, labels: intakeSources, read: intakeDropped,
 	}
 	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("queue_depth", "Nodes waiting in the queue.")), queueDepth)
 	capG := prometheus.NewGauge(prometheus.GaugeOpts(opts("queue_capacity", "Size of the queue.")))
@@ -156,20 +157,22 @@ func newMetrics(queueDepth func() float64, states func() map[State]int, intakeDr
 	return m, nil
 }
 
-// stateCollector exposes muster_provisioner_nodes{state}, read at scrape
-// time. Every state has a series, 0 while no node is in it.
-type stateCollector struct {
+// labelCollector exposes one series per label value, read at scrape time:
+// every value of labels has a series, 0 while read has nothing for it.
+type labelCollector[K ~string, V int | int64] struct {
 	desc   *prometheus.Desc
-	states func() map[State]int
+	kind   prometheus.ValueType
+	labels []K
+	read   func() map[K]V
 }
 
 // Describe implements prometheus.Collector.
-func (c stateCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+func (c labelCollector[K, V]) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 
 // Collect implements prometheus.Collector.
-func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
-	counts := c.states()
-	for _, s := range allStates {
-		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(counts[s]), string(s))
+func (c labelCollector[K, V]) Collect(ch chan<- prometheus.Metric) {
+	values := c.read()
+	for _, l := range c.labels {
+		ch <- prometheus.MustNewConstMetric(c.desc, c.kind, float64(values[l]), string(l))
 	}
 }
