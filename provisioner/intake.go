@@ -148,6 +148,6 @@ func (in *intake) report(log logrus.FieldLogger, queueSize int) {
 			continue
 		}
 		log.WithFields(logrus.Fields{"source": src, "dropped": fresh[src], "dropped_total": now[src], "pending_limit": in.pendingMsgs}).
-			Warnf("intake full: dropped %d %s messages the provisioner could not read in time (their nodes are taken when they announce again; pending limit is twice queue_size %d)", fresh[src], src, queueSize)
+			Warnf("intake full: dropped %d %s messages the provisioner could not read in time; their nodes are taken when they announce again (the intake holds %d messages a subject, twice queue_size %d but at least %d: a larger queue_size holds more)", fresh[src], src, in.pendingMsgs, queueSize, intakeMinPending)
 	}
 }
