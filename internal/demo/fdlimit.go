@@ -20,11 +20,16 @@ func filesPerAgent(o Options) int {
 
 // filesNeeded is the file descriptors a fleet of o needs at its peak: its
 // agents' with a tenth more (a closed connection's server end goes
-// a moment after the agent has dialled its next), the helper processes'
-// pipes (three per worker) and the reserve.
+// a moment after the agent has dialled its next) and the rest.
 func filesNeeded(o Options) int {
 	per := filesPerAgent(o)
-	return per*o.Nodes + per*o.Nodes/10 + 3*o.Workers*max(o.Provisioners, 1) + fileReserve
+	return per*o.Nodes + per*o.Nodes/10 + filesBesideAgents(o)
+}
+
+// filesBesideAgents is the helper processes' pipes (three per worker) and
+// the reserve.
+func filesBesideAgents(o Options) int {
+	return 3*o.Workers*max(o.Provisioners, 1) + fileReserve
 }
 
 // openFileLimit returns this process's limit on open files (RLIMIT_NOFILE,
@@ -52,7 +57,7 @@ func checkFileLimit(o Options) error {
 	if o.AgentBin != "" {
 		how = "each agent process holds its broker connection and its process handle here"
 	}
-	fit := (int(limit) - fileReserve - 3*o.Workers*max(o.Provisioners, 1)) * 10 / (11 * per)
+	fit := (int(limit) - filesBesideAgents(o)) * 10 / (11 * per)
 	return fmt.Errorf("%d agents need about %d open files (%d each: %s), and this process may open %d (RLIMIT_NOFILE): raise the limit (ulimit -n) or run at most %d agents (in-process agents, muster bench --transport inprocess, need none)",
 		o.Nodes, need, per, how, limit, max(fit, 0))
 }
