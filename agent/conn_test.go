@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats-server/v2/server"
 	"github.com/nats-io/nats.go"
 
 	"github.com/muster-io/muster/agent/config"
@@ -117,31 +118,49 @@ func TestNewRejectsBadFailoverOptions(t *testing.T) {
 	}
 }
 
-// TestConnectTimeout: a connection attempt may take the alive interval,
-// within bounds, and every connection of the agent uses it.
+// TestConnectTimeout: a connection attempt may take three alive intervals,
+// within bounds, at first, and every connection of the agent connects
+// through its patience, over TCP or in process.
 func TestConnectTimeout(t *testing.T) {
 	for _, tc := range []struct {
-		alive, want time.Duration
+		alive, want, dial time.Duration
 	}{
-		{30 * time.Millisecond, 2 * time.Second},
-		{2 * time.Second, 2 * time.Second},
-		{DefaultAliveInterval, DefaultAliveInterval},
-		{10 * time.Minute, 30 * time.Second},
+		{30 * time.Millisecond, 2 * time.Second, 2 * time.Second},
+		{2 * time.Second, 6 * time.Second, 2 * time.Second},
+		{DefaultAliveInterval, 30 * time.Second, DefaultAliveInterval},
+		{30 * time.Second, time.Minute, 30 * time.Second},
+		{10 * time.Minute, time.Minute, time.Minute},
 	} {
 		l := link{alive: tc.alive}
 		if got := l.connectTimeout(); got != tc.want {
 			t.Errorf("alive %s: connect timeout %s, want %s", tc.alive, got, tc.want)
 		}
+		if got := l.dialTimeout(); got != tc.dial {
+			t.Errorf("alive %s: dial timeout %s, want %s", tc.alive, got, tc.dial)
+		}
 		log, _ := captureLog()
 		a := &Agent{log: log}
-		var o nats.Options
-		for _, opt := range a.baseOptions(l, nil, nil, nil) {
-			if err := opt(&o); err != nil {
-				t.Fatal(err)
+		for _, inProcess := range []nats.InProcessConnProvider{nil, &server.Server{}} {
+			p := newPatience(l, inProcess, log)
+			var o nats.Options
+			for _, opt := range a.baseOptions(l, p, nil, nil, nil) {
+				if err := opt(&o); err != nil {
+					t.Fatal(err)
+				}
 			}
-		}
-		if o.Timeout != tc.want {
-			t.Errorf("alive %s: nats connect timeout %s, want %s", tc.alive, o.Timeout, tc.want)
+			if o.Timeout != tc.want || p.timeout() != tc.want {
+				t.Errorf("alive %s: nats connect timeout %s, first attempt's %s, want %s", tc.alive, o.Timeout, p.timeout(), tc.want)
+			}
+			if o.CustomDialer != p || p.dialer.Timeout != tc.dial {
+				t.Errorf("alive %s: dialer %T (TCP connect %s), want the patience (%s)", tc.alive, o.CustomDialer, p.dialer.Timeout, tc.dial)
+			}
+			var want nats.InProcessConnProvider
+			if inProcess != nil {
+				want = p
+			}
+			if o.InProcessServer != want {
+				t.Errorf("alive %s, in-process %t: provider %T", tc.alive, inProcess != nil, o.InProcessServer)
+			}
 		}
 	}
 }

@@ -38,14 +38,14 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 		agents:         []string{protocol.AgentDiscovery, protocol.AgentRPCUtil, protocol.AgentProvision},
 	}
 	connected, reconnected := make(chan struct{}, 1), make(chan struct{}, 1)
-	opts := append(a.baseOptions(a.provisioningLink(), connected, reconnected, nil), nats.RetryOnFailedConnect(true))
+	link := a.provisioningLink()
+	opts := append(a.baseOptions(link, newPatience(link, a.inProcess, a.log), connected, reconnected, nil), nats.RetryOnFailedConnect(true))
 	if a.prov.Token != "" {
 		// The broker admits unprovisioned nodes only with a valid token.
 		opts = append(opts, nats.Token(a.prov.Token))
 	}
 	urls := nats.DefaultURL
 	if a.inProcess != nil {
-		opts = append(opts, nats.InProcessServer(a.inProcess))
 		if len(a.prov.Brokers) > 0 {
 			urls, _ = urlList(a.prov.Brokers)
 		}
@@ -111,6 +111,7 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 		expiry = t.C
 	}
 	link := a.productionLink(cfg)
+	pat := newPatience(link, a.inProcess, a.log)
 	refused, rounds := 0, 0
 	for {
 		if ctx.Err() != nil {
@@ -122,10 +123,7 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 		}
 		connected, reconnected := make(chan struct{}, 1), make(chan struct{}, 1)
 		closed := make(chan struct{}, 1)
-		opts := append(a.baseOptions(link, connected, reconnected, closed), nats.MaxReconnects(10))
-		if a.inProcess != nil {
-			opts = append(opts, nats.InProcessServer(a.inProcess))
-		}
+		opts := append(a.baseOptions(link, pat, connected, reconnected, closed), nats.MaxReconnects(10))
 		// Mutual TLS, also over in-process connections: the broker puts a
 		// node in PRODUCTION only for a verified certificate.
 		tc, err := productionTLS(cfg.Value(config.KeyCertificate), cfg.Value(config.KeyKey), cfg.Value(config.KeyCA))
