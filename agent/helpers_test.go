@@ -68,6 +68,12 @@ func newCA(t *testing.T) (*ca.CA, string) {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
+	return newEnvWith(t, nil)
+}
+
+// newEnvWith is newEnv with the broker's options changed by change first.
+func newEnvWith(t *testing.T, change func(*server.Options)) *env {
+	t.Helper()
 	c, caFile := newCA(t)
 	is, err := c.Issue("broker", []string{"127.0.0.1", "localhost"})
 	if err != nil {
@@ -93,6 +99,9 @@ func newEnv(t *testing.T) *env {
 			ClientAuth:   tls.VerifyClientCertIfGiven,
 			ClientCAs:    pool,
 		},
+	}
+	if change != nil {
+		change(opts)
 	}
 	srv := startServer(t, opts)
 	port := srv.Addr().(*net.TCPAddr).Port

@@ -39,7 +39,13 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 	}
 	connected, reconnected := make(chan struct{}, 1), make(chan struct{}, 1)
 	link := a.provisioningLink()
-	opts := append(a.baseOptions(link, newPatience(link, a.inProcess, a.log), connected, reconnected, nil), nats.RetryOnFailedConnect(true))
+	// A node waiting to be provisioned keeps trying, also through
+	// refusals: nats.go otherwise closes the connection for good after the
+	// same authorization error twice from one broker, and a broker refuses
+	// a node for a while when it still holds the connection of an attempt
+	// the node gave up, or before the node's token is valid by its clock.
+	opts := append(a.baseOptions(link, newPatience(link, a.inProcess, a.log), connected, reconnected, nil),
+		nats.RetryOnFailedConnect(true), nats.IgnoreAuthErrorAbort())
 	if a.prov.Token != "" {
 		// The broker admits unprovisioned nodes only with a valid token.
 		opts = append(opts, nats.Token(a.prov.Token))
