@@ -17,7 +17,8 @@ import (
 )
 
 // listen starts a loopback listener that hands every connection it accepts
-// to serve, closed at cleanup with every connection still open.
+// to serve, closed at cleanup with every connection still open; it returns
+// the listener's host:port.
 func listen(t *testing.T, serve func(net.Conn)) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -54,7 +55,7 @@ func listen(t *testing.T, serve func(net.Conn)) string {
 			}()
 		}
 	}()
-	return "nats://" + l.Addr().String()
+	return l.Addr().String()
 }
 
 // slowBroker is a real nats-server behind a proxy that takes delay before
@@ -62,11 +63,11 @@ func listen(t *testing.T, serve func(net.Conn)) string {
 // handshakes, which accepts at once and answers late.
 func slowBroker(t *testing.T, delay time.Duration) string {
 	t.Helper()
-	return delayed(t, strings.TrimPrefix(natstest.Server(t, false), "nats://"), delay)
+	return "nats://" + delayed(t, strings.TrimPrefix(natstest.Server(t, false), "nats://"), delay)
 }
 
 // delayed is a proxy to the broker at backend (host:port) that passes a new
-// connection on after delay; it returns the proxy's nats:// URL.
+// connection on after delay; it returns the proxy's host:port.
 func delayed(t *testing.T, backend string, delay time.Duration) string {
 	t.Helper()
 	return listen(t, func(c net.Conn) {
@@ -141,8 +142,8 @@ func TestPatienceGrowsWithABusyBroker(t *testing.T) {
 // reached leaves it as it is; the timeout never passes its cap.
 func TestPatienceOnlyGrowsForTimeouts(t *testing.T) {
 	const base = 50 * time.Millisecond
-	silent := listen(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
-	closing := listen(t, func(c net.Conn) { c.Close() })
+	silent := "nats://" + listen(t, func(c net.Conn) { _, _ = io.Copy(io.Discard, c) })
+	closing := "nats://" + listen(t, func(c net.Conn) { c.Close() })
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -181,15 +182,7 @@ func TestPatienceOnlyGrowsForTimeouts(t *testing.T) {
 // TestPatienceInProcess: in-process connections go through the patience
 // too, and a completed connect process leaves it at its base.
 func TestPatienceInProcess(t *testing.T) {
-	s, err := server.NewServer(&server.Options{DontListen: true, NoLog: true, NoSigs: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Start()
-	t.Cleanup(s.Shutdown)
-	if !s.ReadyForConnections(10 * time.Second) {
-		t.Fatal("nats-server not ready")
-	}
+	s := startServer(t, &server.Options{DontListen: true, NoLog: true, NoSigs: true})
 	p := patienceOf(time.Second, s)
 	p.current = 4 * time.Second
 	nc, err := nats.Connect("", nats.InProcessServer(p), nats.SetCustomDialer(p), nats.NoReconnect())
@@ -215,7 +208,7 @@ func TestAgentWaitsForABusyBroker(t *testing.T) {
 	nc := e.client(t)
 	events := record(t, nc, protocol.LifecyclePrefix+".>")
 	// The shortest alive interval gives the shortest first attempt: 2 s.
-	url := "tls://" + strings.TrimPrefix(delayed(t, strings.TrimPrefix(e.url, "tls://"), minConnectTimeout+time.Second), "nats://")
+	url := "tls://" + delayed(t, strings.TrimPrefix(e.url, "tls://"), minConnectTimeout+time.Second)
 	log, buf := captureLog()
 	startAgent(t, Options{Identity: id, StateDir: t.TempDir(), Logger: log, AliveInterval: MinAliveInterval, ReconnectWait: 50 * time.Millisecond,
 		Provisioning: ProvisioningSettings{Brokers: []string{url}, CAFile: e.caFile, Enabled: true, TrustedKeys: testTrusted}})
