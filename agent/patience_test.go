@@ -249,3 +249,24 @@ func TestProvisioningOutlastsRefusals(t *testing.T) {
 		t.Errorf("%d refusals left", n+1)
 	}
 }
+
+// TestProvisioningSaysWhyItWaits: a node its broker keeps refusing logs,
+// every other metadata interval, that it is not connected and why.
+func TestProvisioningSaysWhyItWaits(t *testing.T) {
+	const id = "refused2"
+	r := &refuser{id: id}
+	r.left.Store(1 << 30)
+	e := newEnvWith(t, func(o *server.Options) { o.CustomClientAuthentication = r })
+	log, buf := captureLog()
+	startAgent(t, Options{Identity: id, StateDir: t.TempDir(), Logger: log, MetadataInterval: 20 * time.Millisecond,
+		ReconnectWait: 10 * time.Millisecond, ReconnectMaxWait: 20 * time.Millisecond,
+		Provisioning: ProvisioningSettings{Brokers: []string{e.url}, CAFile: e.caFile, Enabled: true, TrustedKeys: testTrusted}})
+	eventually(t, "a warning with the refusal", func() bool {
+		for _, line := range strings.Split(buf.String(), "\n") {
+			if strings.Contains(line, "not connected to a provisioning broker yet") && strings.Contains(strings.ToLower(line), "authorization violation") {
+				return true
+			}
+		}
+		return false
+	})
+}

@@ -235,6 +235,16 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 		}
 	}()
 	arrDelay, arrLeft := a.arrRepeat, arrivalRepeats
+	// A node waiting to be provisioned that cannot reach a broker says so,
+	// with the last error, every other metadata interval: nats.go reports
+	// only the first failed attempt, and a broker's refusal never.
+	var waitC <-chan time.Time
+	var waitTimer *time.Timer
+	if s.mode == ModeProvisioning {
+		waitTimer = time.NewTimer(2 * a.mdInterval)
+		defer waitTimer.Stop()
+		waitC = waitTimer.C
+	}
 	announced := false
 	for {
 		select {
@@ -245,7 +255,14 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 		case <-expiry:
 			a.log.Warn("certificate expired; falling back to provisioning mode")
 			return outFallback
+		case <-waitC:
+			s.notConnected(nc)
+			waitTimer.Reset(2 * a.mdInterval)
 		case <-connected:
+			if waitTimer != nil {
+				waitTimer.Stop()
+				waitC = nil
+			}
 			if announced {
 				continue
 			}
@@ -318,6 +335,16 @@ func (s *session) loop(ctx context.Context, nc *nats.Conn, msgs <-chan *nats.Msg
 			}
 		}
 	}
+}
+
+// notConnected logs that the session has no broker yet, for how long, and
+// the last attempt's error if nats.go still holds it.
+func (s *session) notConnected(nc *nats.Conn) {
+	e := s.a.log.WithField("waited", time.Since(s.started).Round(time.Second).String())
+	if err := nc.LastError(); err != nil {
+		e = e.WithError(err)
+	}
+	e.Warn("not connected to a provisioning broker yet")
 }
 
 // arrival is the provisioned event of this production session: the same ID
