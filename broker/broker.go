@@ -128,7 +128,7 @@ func New(cfg Config, log *logrus.Entry) (*Broker, error) {
 		StoreDir:   cfg.StoreDir,
 		TLSConfig:  tlsConfig,
 		TLSVerify:  false,
-		TLSTimeout: 5,
+		TLSTimeout: cfg.TLSTimeout,
 		// nats-server pings a new client 2 s after it connected; a client
 		// still waiting for the PONG of its CONNECT then reads that PING
 		// instead and gives up (nats.go: "expected 'PONG', got 'PING'").

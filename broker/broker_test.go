@@ -226,6 +226,9 @@ func TestConfigValidate(t *testing.T) {
 		{"bad level", func(c *Config) { c.LogLevel = "loud" }, []string{`loglevel "loud"`}},
 		{"zero payload", func(c *Config) { c.MaxPayload = 0 }, []string{`max_payload "0"`}},
 		{"huge payload", func(c *Config) { c.MaxPayload = MaxMaxPayload + 1 }, []string{"max_payload"}},
+		{"short tls timeout", func(c *Config) { c.TLSTimeout = 0.1 }, []string{`tls_timeout "0.1"`}},
+		{"long tls timeout", func(c *Config) { c.TLSTimeout = MaxTLSTimeout + 1 }, []string{"tls_timeout"}},
+		{"zero tls timeout", func(c *Config) { c.TLSTimeout = 0 }, []string{"tls_timeout"}},
 		{"every problem", func(c *Config) {
 			c.Listen, c.StoreDir, c.LogLevel, c.MaxPayload = "", "", "loud", -1
 		}, []string{"listen", "store_dir", "loglevel", "max_payload"}},
@@ -274,7 +277,7 @@ func TestLoadConfig(t *testing.T) {
 		check   func(t *testing.T, c Config)
 	}{
 		{"no file", "", "", func(t *testing.T, c Config) {
-			if c.Listen != DefaultListen || c.MaxPayload != DefaultMaxPayload {
+			if c.Listen != DefaultListen || c.MaxPayload != DefaultMaxPayload || c.TLSTimeout != DefaultTLSTimeout {
 				t.Errorf("defaults not applied: %+v", c)
 			}
 		}},
@@ -283,8 +286,8 @@ func TestLoadConfig(t *testing.T) {
 				t.Errorf("store_dir = %q", c.StoreDir)
 			}
 		}},
-		{"values", write("ok.yaml", "listen: 0.0.0.0:4333\nprovisioners: ["+pub+"]\nadmins: [ops.example.net]\nmax_payload: 2048\n"), "", func(t *testing.T, c Config) {
-			if c.Listen != "0.0.0.0:4333" || c.MaxPayload != 2048 || len(c.Provisioners) != 1 || c.Admins[0] != "ops.example.net" {
+		{"values", write("ok.yaml", "listen: 0.0.0.0:4333\nprovisioners: ["+pub+"]\nadmins: [ops.example.net]\nmax_payload: 2048\ntls_timeout: 2.5\n"), "", func(t *testing.T, c Config) {
+			if c.Listen != "0.0.0.0:4333" || c.MaxPayload != 2048 || c.TLSTimeout != 2.5 || len(c.Provisioners) != 1 || c.Admins[0] != "ops.example.net" {
 				t.Errorf("config = %+v", c)
 			}
 			if c.LogLevel != DefaultLogLevel {
@@ -1070,5 +1073,42 @@ func TestNoEarlyPingOnSlowConnect(t *testing.T) {
 	line, err := bufio.NewReader(tc).ReadString('\n')
 	if err != nil || line != "PONG\r\n" {
 		t.Fatalf("first line from the broker after a slow CONNECT: %q (%v), want PONG", line, err)
+	}
+}
+
+// TestTLSTimeout checks that tls_timeout reaches nats-server: a client
+// that opens a connection and never starts its TLS handshake is closed
+// by the broker once the timeout passes. The default (30 s) would outlast
+// the read deadline below.
+func TestTLSTimeout(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.TLSTimeout = MinTLSTimeout
+	b, err := New(cfg, testLog())
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	t.Cleanup(b.Shutdown)
+	u, err := url.Parse(b.ClientURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := net.DialTimeout("tcp", u.Host, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	raw.SetDeadline(time.Now().Add(15 * time.Second))
+	r := bufio.NewReader(raw)
+	info, err := r.ReadString('\n')
+	if err != nil || !strings.HasPrefix(info, "INFO ") {
+		t.Fatalf("no INFO: %q %v", info, err)
+	}
+	_, err = r.ReadByte()
+	var ne net.Error
+	if err == nil || errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("the broker kept a connection without a TLS handshake open: %v", err)
 	}
 }

@@ -23,6 +23,13 @@ const (
 	DefaultStoreDir   = "./muster-broker-data"
 	DefaultLogLevel   = "info"
 	DefaultMaxPayload = 1024 * 1024
+	// DefaultTLSTimeout is how long a client's TLS handshake may take, in
+	// seconds: as long as an agent's first connection attempt at its
+	// default alive interval, so a broker busy with a site's handshakes
+	// does not give up on ones its clients still wait for.
+	DefaultTLSTimeout = 30
+	// MinTLSTimeout and MaxTLSTimeout bound tls_timeout, in seconds.
+	MinTLSTimeout, MaxTLSTimeout float64 = 0.5, 120
 	// MaxMaxPayload is the largest max_payload accepted (the nats-server
 	// default for max_pending, which must not be smaller).
 	MaxMaxPayload = 64 * 1024 * 1024
@@ -86,6 +93,9 @@ type Config struct {
 	LogFile string `yaml:"logfile"`
 	// MaxPayload is the largest message a client may publish, in bytes.
 	MaxPayload int `yaml:"max_payload"`
+	// TLSTimeout is how long a client's TLS handshake may take, in
+	// seconds (nats-server's tls timeout).
+	TLSTimeout float64 `yaml:"tls_timeout"`
 	// Cluster joins this broker to a NATS cluster; off unless
 	// cluster.listen is set.
 	Cluster ClusterConfig `yaml:"cluster"`
@@ -145,6 +155,7 @@ func DefaultConfig() Config {
 		StoreDir:   DefaultStoreDir,
 		LogLevel:   DefaultLogLevel,
 		MaxPayload: DefaultMaxPayload,
+		TLSTimeout: DefaultTLSTimeout,
 	}
 }
 
@@ -237,6 +248,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxPayload <= 0 || c.MaxPayload > MaxMaxPayload {
 		bad("max_payload", c.MaxPayload, "must be between 1 and %d bytes", MaxMaxPayload)
+	}
+	if !(c.TLSTimeout >= MinTLSTimeout && c.TLSTimeout <= MaxTLSTimeout) {
+		bad("tls_timeout", c.TLSTimeout, "must be between %g and %g seconds", MinTLSTimeout, MaxTLSTimeout)
 	}
 	c.validateCluster(bad)
 	return errors.Join(errs...)
