@@ -198,6 +198,7 @@ by. The run checks that no node was provisioned twice, whichever provisioner did
 	f.BoolVar(&asJSON, "json", false, "print the result as JSON (no progress)")
 	f.StringVar(&cpuProf, "cpuprofile", "", "write a CPU profile of the whole run to this file (go tool pprof)")
 	f.StringVar(&memProf, "memprofile", "", "write a heap profile taken after the run (what stays live after cleanup; after --heap-settle when set) to this file")
+	f.BoolVar(&o.RestartBroker, "restart-broker", false, "once every node is in production, restart the broker on the same address (an upgrade) and report how soon the nodes are connected again; needs --transport tcp")
 	f.DurationVar(&o.HeapSettle, "heap-settle", 0, "after cleanup, keep collecting for up to this long until the live heap stops falling (no fall over 1% for 5 s), and report it: deadline timers of closed in-process connections keep part of the fleet live for a few seconds; 0 skips")
 	f.StringVar(&logLevel, "loglevel", "", "show component logs at this level (default: none)")
 	return cmd

@@ -136,6 +136,10 @@ type Options struct {
 	// connections (net.Pipe) keep part of the torn-down fleet reachable
 	// for a few seconds. Zero or negative skips it.
 	HeapSettle time.Duration
+	// RestartBroker, once every node is in production, restarts the broker
+	// on the same address and measures how soon the nodes are connected
+	// again (Result.Restart). TCP only.
+	RestartBroker bool
 }
 
 // Identity registry kinds.
@@ -259,6 +263,9 @@ func (o *Options) Validate() error {
 	}
 	if o.Processes && o.Transport != TransportTCP {
 		bad("transport", o.Transport, "agent processes connect over tcp")
+	}
+	if o.RestartBroker && o.Transport != TransportTCP {
+		bad("restart-broker", o.RestartBroker, "needs --transport tcp: in-process connections cannot reach a new broker")
 	}
 	if o.AgentBin != "" && !o.Processes {
 		bad("agent-bin", o.AgentBin, "only used with --processes")
@@ -462,6 +469,9 @@ type Result struct {
 	// be measured: FloorError says why).
 	Floor      *Floor `json:"floor,omitempty"`
 	FloorError string `json:"floor_error,omitempty"`
+
+	// Restart is the broker restart after provisioning (--restart-broker).
+	Restart *BrokerRestart `json:"broker_restart,omitempty"`
 }
 
 // cpuPerNode is the CPU a node cost the machine in this run: its busy time
@@ -474,8 +484,12 @@ func (r *Result) cpuPerNode() float64 {
 	return r.CPUMillisPerNode + r.ChildCPUMillisPerNode + r.AgentCPUMillisPerNode
 }
 
-// OK reports whether every node was provisioned exactly once.
-func (r *Result) OK() bool { return r.NotProvisioned == 0 && r.Duplicates == 0 }
+// OK reports whether every node was provisioned exactly once, and came
+// back after a broker restart when there was one.
+func (r *Result) OK() bool {
+	back := r.Restart == nil || r.Restart.Reconnected >= r.Restart.Nodes
+	return r.NotProvisioned == 0 && r.Duplicates == 0 && back
+}
 
 // recorder collects what the fleet's callbacks report.
 type recorder struct {
@@ -895,6 +909,14 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		case <-t.C:
 		}
 		t.Stop()
+	}
+	if o.RestartBroker && ctx.Err() == nil && rec.productionCount() == o.Nodes {
+		if o.Progress != nil {
+			fmt.Fprintf(o.Progress, "restarting the broker under %d nodes in production\n", o.Nodes)
+		}
+		if res.Restart, err = restartPhase(ctx, f, o.Nodes, o.Timeout); err != nil {
+			return err
+		}
 	}
 	metrics, gatherErr := gatherMetrics(f.Provisioners()...)
 	fullGC()

@@ -52,6 +52,8 @@ func TestOptionsValidate(t *testing.T) {
 		{"ha with a file registry", Options{Nodes: 5, HA: provisioner.HAClaims, Registry: RegistryFile}, []string{"registry file", "JetStream"}},
 		{"kv registry without ha", Options{Nodes: 5, Registry: RegistryKV}, []string{"registry kv"}},
 		{"ha with known nodes", Options{Nodes: 5, HA: provisioner.HAClaims, KnownNodes: 3}, []string{"known-nodes 3"}},
+		{"restart over tcp", Options{Nodes: 5, Transport: TransportTCP, RestartBroker: true}, nil},
+		{"restart in process", Options{Nodes: 5, Transport: TransportInProcess, RestartBroker: true}, []string{"restart-broker", "--transport tcp"}},
 		{"every problem", Options{Nodes: -1, Workers: -2, Transport: "x"}, []string{"nodes -1", "workers -2", "transport x"}},
 	}
 	for _, tc := range cases {
@@ -131,14 +133,16 @@ func TestRunAccounting(t *testing.T) {
 		failEvery int
 		ha        string
 		provs     int
+		restart   bool
 	}{
-		{"inprocess storm", 30, TransportInProcess, ArrivalStorm, 0, 5, "", 0},
-		{"tcp ramp", 20, TransportTCP, ArrivalRamp, 200, 4, "", 0},
+		{"inprocess storm", 30, TransportInProcess, ArrivalStorm, 0, 5, "", 0, false},
+		// This case restarts the broker under the provisioned fleet too.
+		{"tcp ramp", 20, TransportTCP, ArrivalRamp, 200, 4, "", 0, true},
 		// Several provisioners sharing their state through JetStream:
 		// each node is provisioned once whichever provisioner took it,
 		// and the figures add up over all of them.
-		{"claims, three provisioners", 30, TransportInProcess, ArrivalStorm, 0, 5, provisioner.HAClaims, 3},
-		{"leader, two provisioners", 20, TransportTCP, ArrivalStorm, 0, 4, provisioner.HALeader, 2},
+		{"claims, three provisioners", 30, TransportInProcess, ArrivalStorm, 0, 5, provisioner.HAClaims, 3, false},
+		{"leader, two provisioners", 20, TransportTCP, ArrivalStorm, 0, 4, provisioner.HALeader, 2, false},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -154,7 +158,7 @@ func TestRunAccounting(t *testing.T) {
 				WrapHelper: func(h helper.Helper) helper.Helper {
 					return &flakyHelper{h: h, fail: fail, failed: map[string]bool{}}
 				},
-				HA: tc.ha, Provisioners: tc.provs,
+				HA: tc.ha, Provisioners: tc.provs, RestartBroker: tc.restart,
 			}
 			if tc.ha == "" && tc.arrival == ArrivalStorm {
 				// This case also waits for the heap to settle.
@@ -169,7 +173,45 @@ func TestRunAccounting(t *testing.T) {
 			checkFloor(t, r, 10)
 			checkProvisioners(t, r, tc.ha, max(tc.provs, 1))
 			checkHeapSettle(t, r, o.HeapSettle)
+			checkRestart(t, r, tc.restart)
 		})
+	}
+}
+
+// checkRestart checks the broker restart's figures: every node back, once,
+// and nothing refused; no figures when there was no restart.
+func checkRestart(t *testing.T, r *Result, restarted bool) {
+	t.Helper()
+	rs := r.Restart
+	if !restarted {
+		if rs != nil {
+			t.Errorf("restart figures without a restart: %+v", rs)
+		}
+		return
+	}
+	if rs == nil {
+		t.Fatal("no restart figures")
+	}
+	if rs.Nodes != r.Nodes || rs.Reconnected != r.Nodes || !r.OK() {
+		t.Errorf("%d of %d nodes back after the restart (OK %t)", rs.Reconnected, rs.Nodes, r.OK())
+	}
+	if rs.DownSeconds <= 0 || rs.Back50 < 0 || rs.Back90 < rs.Back50 || rs.Back99 < rs.Back90 || rs.BackAll < rs.Back99 {
+		t.Errorf("restart times: down %v, back %v / %v / %v / %v", rs.DownSeconds, rs.Back50, rs.Back90, rs.Back99, rs.BackAll)
+	}
+	b := rs.Broker
+	if b == nil {
+		t.Fatal("no traffic of the new broker")
+	}
+	if b.Authentications["production"] < float64(r.Nodes) || b.Authentications["unprovisioned"] != 0 || b.TokenRefusals != 0 || b.DuplicateRefusals != 0 {
+		t.Errorf("new broker: authentications %v, refused %v for the token and %v as duplicates", b.Authentications, b.TokenRefusals, b.DuplicateRefusals)
+	}
+	if b.ConnectionsPerNode < 1 {
+		t.Errorf("new broker: %v connections per node", b.ConnectionsPerNode)
+	}
+	var out strings.Builder
+	r.Print(&out)
+	if !strings.Contains(out.String(), "broker restart") || !strings.Contains(out.String(), fmt.Sprintf("%d of %d nodes connected again", r.Nodes, r.Nodes)) {
+		t.Errorf("table lacks the restart:\n%s", out.String())
 	}
 }
 

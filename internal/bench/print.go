@@ -92,6 +92,20 @@ func (r *Result) Print(w io.Writer) {
 			b.MsgsInPerNode, b.MsgsOutPerNode, b.BytesInPerNode/1024, b.BytesOutPerNode/1024, b.ConnectionsPerNode, b.SlowConsumers)
 		p("broker authentications", "%s; refused: %.0f for the token, %.0f for an identity already connected", kv(b.Authentications), b.TokenRefusals, b.DuplicateRefusals)
 	}
+	if rs := r.Restart; rs != nil {
+		back := func(v float64) string {
+			if v < 0 {
+				return "never"
+			}
+			return fmt.Sprintf("%.2fs", v)
+		}
+		p("broker restart", "%d of %d nodes connected again; down %.2fs, then 50%% back in %s, 90%% %s, 99%% %s, all %s; %.3f ms CPU per node",
+			rs.Reconnected, rs.Nodes, rs.DownSeconds, back(rs.Back50), back(rs.Back90), back(rs.Back99), back(rs.BackAll), rs.CPUMillisPerNode)
+		if b := rs.Broker; b != nil {
+			p("  new broker", "%.2f connections per node; authentications %s; refused: %.0f for the token, %.0f for an identity already connected",
+				b.ConnectionsPerNode, kv(b.Authentications), b.TokenRefusals, b.DuplicateRefusals)
+		}
+	}
 	p("peak RSS", "%.0f MB (this process)", r.PeakRSSMB)
 	if r.IdleAgents > 0 {
 		p("memory per idle agent", "%.1f KB heap, %.1f goroutines (%d idle agents)", r.IdleAgentHeapBytes/1024, r.IdleAgentGoroutines, r.IdleAgents)

@@ -10,6 +10,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -136,6 +137,7 @@ type Fleet struct {
 	ca       *ca.CA
 	caDir    string
 	broker   *broker.Broker
+	bcfg     broker.Config
 	brokerUp bool
 	prepared bool
 	specs    []procSpec // process mode: each agent's command line and environment
@@ -338,6 +340,7 @@ func (f *Fleet) prepare() error {
 	bcfg.TLS.Cert, bcfg.TLS.Key, bcfg.TLS.CA = srvCert, srvKey, caFile
 	bcfg.Provisioners = []string{pub}
 	bcfg.Admins = []string{AdminCN}
+	f.bcfg = bcfg
 	f.broker, err = broker.New(bcfg, f.log.WithField("component", "broker"))
 	if err != nil {
 		return err
@@ -355,6 +358,36 @@ func (f *Fleet) StartBroker() error {
 		return fmt.Errorf("start broker: %w", err)
 	}
 	f.brokerUp = true
+	return nil
+}
+
+// RestartBroker stops the broker and starts a new one on the same address
+// with the same configuration, as an upgrade does: every connection drops,
+// the broker forgets who was connected, and the fleet and the provisioner
+// connect again. TCP fleets only: in-process connections belong to the
+// server that stopped.
+func (f *Fleet) RestartBroker() error {
+	if f.opts.InProcess {
+		return errors.New("restart broker: in-process connections cannot reach a new server")
+	}
+	if !f.brokerUp {
+		return errors.New("restart broker: not started")
+	}
+	u, err := url.Parse(f.broker.ClientURL())
+	if err != nil {
+		return fmt.Errorf("restart broker: %w", err)
+	}
+	f.broker.Shutdown()
+	cfg := f.bcfg
+	cfg.Listen = u.Host
+	b, err := broker.New(cfg, f.log.WithField("component", "broker"))
+	if err != nil {
+		return fmt.Errorf("restart broker: %w", err)
+	}
+	if err := b.Start(); err != nil {
+		return fmt.Errorf("restart broker: %w", err)
+	}
+	f.broker = b
 	return nil
 }
 
