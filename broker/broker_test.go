@@ -1041,20 +1041,7 @@ func TestProductionEventsInProvisioningJetStream(t *testing.T) {
 // sends CONNECT, stays silent for 3 s, then sends PING.
 func TestNoEarlyPingOnSlowConnect(t *testing.T) {
 	b := startBroker(t)
-	u, err := url.Parse(b.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := net.DialTimeout("tcp", u.Host, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer raw.Close()
-	raw.SetDeadline(time.Now().Add(15 * time.Second))
-	info, err := bufio.NewReader(raw).ReadString('\n')
-	if err != nil || !strings.HasPrefix(info, "INFO ") {
-		t.Fatalf("no INFO: %q %v", info, err)
-	}
+	raw, u, _ := dialRaw(t, b)
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(b.CAPEM())
 	tc := tls.Client(raw, &tls.Config{RootCAs: pool, ServerName: u.Hostname()})
@@ -1091,6 +1078,20 @@ func TestTLSTimeout(t *testing.T) {
 		t.Fatalf("Start: %v", err)
 	}
 	t.Cleanup(b.Shutdown)
+	_, _, r := dialRaw(t, b)
+	_, err = r.ReadByte()
+	var ne net.Error
+	if err == nil || errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("the broker kept a connection without a TLS handshake open: %v", err)
+	}
+}
+
+// dialRaw opens a plain TCP connection to b's client port, with a 15 s
+// deadline, and reads the broker's INFO line; it returns the connection,
+// the client URL and the reader holding what followed the INFO. The
+// connection is closed when the test ends.
+func dialRaw(t *testing.T, b *Broker) (net.Conn, *url.URL, *bufio.Reader) {
+	t.Helper()
 	u, err := url.Parse(b.ClientURL())
 	if err != nil {
 		t.Fatal(err)
@@ -1099,16 +1100,12 @@ func TestTLSTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer raw.Close()
+	t.Cleanup(func() { raw.Close() })
 	raw.SetDeadline(time.Now().Add(15 * time.Second))
 	r := bufio.NewReader(raw)
 	info, err := r.ReadString('\n')
 	if err != nil || !strings.HasPrefix(info, "INFO ") {
 		t.Fatalf("no INFO: %q %v", info, err)
 	}
-	_, err = r.ReadByte()
-	var ne net.Error
-	if err == nil || errors.As(err, &ne) && ne.Timeout() {
-		t.Fatalf("the broker kept a connection without a TLS handshake open: %v", err)
-	}
+	return raw, u, r
 }
