@@ -73,7 +73,8 @@ type Options struct {
 	DeferBackoff time.Duration
 	// Logger receives the components' logs (default: discarded).
 	Logger *logrus.Logger
-	// OnProvisioned, when set, is called each time a node reaches production.
+	// OnProvisioned, when set, is called once per node, the first time
+	// it reaches production, before ProductionCount counts it.
 	OnProvisioned func(identity string, at time.Time)
 	// OnNodeDone, when set, receives every provisioner outcome.
 	OnNodeDone func(identity string, outcome provisioner.Outcome, stage provisioner.Stage, err error)
@@ -752,16 +753,24 @@ func (o observer) ModeChanged(identity string, m agent.Mode, at time.Time) {
 		return
 	}
 	o.f.mu.Lock()
-	if _, seen := o.f.production[identity]; !seen {
-		o.f.production[identity] = at
+	_, seen := o.f.production[identity]
+	o.f.mu.Unlock()
+	if seen {
+		return
 	}
+	// The callback runs before the node is counted, so that whoever
+	// WaitProduction releases finds it already called for every node
+	// (the demo's progress line ends at n/n). An agent's mode changes
+	// one at a time, so the node cannot be counted twice meanwhile.
+	if o.f.opts.OnProvisioned != nil {
+		o.f.opts.OnProvisioned(identity, at)
+	}
+	o.f.mu.Lock()
+	o.f.production[identity] = at
 	o.f.mu.Unlock()
 	select {
 	case o.f.prodCh <- struct{}{}:
 	default:
-	}
-	if o.f.opts.OnProvisioned != nil {
-		o.f.opts.OnProvisioned(identity, at)
 	}
 }
 
