@@ -535,14 +535,15 @@ func (r *recorder) modeChanged(id string, m agent.Mode, at time.Time) {
 	first := r.prodConns[id] == 1
 	if first {
 		r.production[id] = at
+		// Under r.mu, so that a count that includes the node includes
+		// it on the progress line too (the meter has its own lock).
+		if r.bar != nil {
+			r.bar.Add(1)
+		}
 	}
-	bar := r.bar
 	r.mu.Unlock()
 	if !first {
 		return
-	}
-	if bar != nil {
-		bar.Add(1)
 	}
 	select {
 	case r.newProd <- struct{}{}:
