@@ -11,7 +11,9 @@ import (
 	"testing"
 
 	"github.com/nats-io/nkeys"
+	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/muster-io/muster/broker"
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/logging"
 	"github.com/muster-io/muster/provisioner"
@@ -53,11 +55,60 @@ func registered(t *testing.T) map[string]bool {
 	return names
 }
 
+// brokerRegistered returns the metric families a running broker's
+// collector serves.
+func brokerRegistered(t *testing.T) map[string]bool {
+	t.Helper()
+	cfg := broker.DefaultConfig()
+	cfg.Listen = "127.0.0.1:0"
+	cfg.StoreDir = t.TempDir()
+	b, err := broker.New(cfg, logging.Discard().WithField("component", "test"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Shutdown)
+	reg := prometheus.NewPedanticRegistry()
+	if err := reg.Register(broker.NewCollector(b)); err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := map[string]bool{}
+	for _, mf := range mfs {
+		names[mf.GetName()] = true
+	}
+	return names
+}
+
 var metricName = regexp.MustCompile(`\bmuster_[a-z0-9_]+`)
 
+// TestDashboardQueriesUseRegisteredMetrics checks every dashboard against
+// the metrics its component registers: each query names only registered
+// metrics, and the dashboard uses at least tc.least of them.
 func TestDashboardQueriesUseRegisteredMetrics(t *testing.T) {
-	names := registered(t)
-	raw, err := os.ReadFile("muster-provisioner.json")
+	cases := []struct {
+		file, prefix string
+		names        func(*testing.T) map[string]bool
+		least        int
+	}{
+		{"muster-provisioner.json", "muster_provisioner_", registered, 10},
+		{"muster-broker.json", "muster_broker_", brokerRegistered, 12},
+	}
+	for _, tc := range cases {
+		t.Run(tc.file, func(t *testing.T) {
+			checkDashboard(t, tc.file, tc.prefix, tc.names(t), tc.least)
+		})
+	}
+}
+
+// checkDashboard checks the dashboard in file against names.
+func checkDashboard(t *testing.T, file, prefix string, names map[string]bool, least int) {
+	raw, err := os.ReadFile(file)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,16 +153,16 @@ func TestDashboardQueriesUseRegisteredMetrics(t *testing.T) {
 			}
 			used[base] = true
 			if !names[base] {
-				t.Errorf("dashboard query %q uses %s, which the provisioner does not register", e, m)
+				t.Errorf("dashboard query %q uses %s, which is not registered", e, m)
 			}
 		}
 	}
-	if len(used) < 10 {
-		t.Fatalf("only %d metrics found in the dashboard queries", len(used))
+	if len(used) < least {
+		t.Fatalf("only %d metrics found in the dashboard queries, want at least %d", len(used), least)
 	}
 	var unused []string
 	for n := range names {
-		if strings.HasPrefix(n, "muster_provisioner_") && !used[n] {
+		if strings.HasPrefix(n, prefix) && !used[n] {
 			unused = append(unused, n)
 		}
 	}
