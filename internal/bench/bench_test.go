@@ -205,8 +205,8 @@ func checkRestart(t *testing.T, r *Result, restarted bool) {
 	if b.Authentications["production"] < float64(r.Nodes) || b.Authentications["unprovisioned"] != 0 || b.TokenRefusals != 0 || b.DuplicateRefusals != 0 {
 		t.Errorf("new broker: authentications %v, refused %v for the token and %v as duplicates", b.Authentications, b.TokenRefusals, b.DuplicateRefusals)
 	}
-	if b.ConnectionsPerNode < 1 {
-		t.Errorf("new broker: %v connections per node", b.ConnectionsPerNode)
+	if b.ConnectionsPerNode < 1 || b.Unauthenticated != 0 {
+		t.Errorf("new broker: %v connections per node, %d closed before authenticating", b.ConnectionsPerNode, b.Unauthenticated)
 	}
 	var out strings.Builder
 	r.Print(&out)

@@ -36,6 +36,11 @@ type BrokerTraffic struct {
 	Authentications   map[string]float64 `json:"authentications,omitempty"`
 	TokenRefusals     float64            `json:"token_refusals"`
 	DuplicateRefusals float64            `json:"duplicate_refusals"`
+	// Unauthenticated counts the connections accepted that had not
+	// authenticated (nor been refused) by the end: closed before their
+	// CONNECT, mostly TLS handshakes that failed or ran past the broker's
+	// tls_timeout, or still handshaking.
+	Unauthenticated int64 `json:"closed_before_authenticating"`
 }
 
 // brokerCounters is a reading of the counters BrokerTraffic is made of.
@@ -106,14 +111,17 @@ func brokerTraffic(before, after brokerCounters, nodes int) *BrokerTraffic {
 		TokenRefusals:     after.tokenRefusals - before.tokenRefusals,
 		DuplicateRefusals: after.duplicates - before.duplicates,
 	}
+	var authenticated float64
 	for result, n := range after.auth {
 		if d := n - before.auth[result]; d > 0 {
 			if t.Authentications == nil {
 				t.Authentications = map[string]float64{}
 			}
 			t.Authentications[result] = d
+			authenticated += d
 		}
 	}
+	t.Unauthenticated = max(0, t.Connections-int64(authenticated))
 	if nodes > 0 {
 		n := float64(nodes)
 		t.MsgsInPerNode = float64(t.MsgsIn) / n
