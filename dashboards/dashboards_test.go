@@ -16,6 +16,7 @@ import (
 	"github.com/muster-io/muster/broker"
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/internal/testbroker"
 	"github.com/muster-io/muster/provisioner"
 )
 
@@ -44,37 +45,25 @@ func registered(t *testing.T) map[string]bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mfs, err := p.Registry().Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	names := map[string]bool{}
-	for _, mf := range mfs {
-		names[mf.GetName()] = true
-	}
-	return names
+	return familyNames(t, p.Registry())
 }
 
 // brokerRegistered returns the metric families a running broker's
 // collector serves.
 func brokerRegistered(t *testing.T) map[string]bool {
 	t.Helper()
-	cfg := broker.DefaultConfig()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.StoreDir = t.TempDir()
-	b, err := broker.New(cfg, logging.Discard().WithField("component", "test"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(b.Shutdown)
+	b := testbroker.Start(t)
 	reg := prometheus.NewPedanticRegistry()
 	if err := reg.Register(broker.NewCollector(b)); err != nil {
 		t.Fatal(err)
 	}
-	mfs, err := reg.Gather()
+	return familyNames(t, reg)
+}
+
+// familyNames gathers g and returns the names of its metric families.
+func familyNames(t *testing.T, g prometheus.Gatherer) map[string]bool {
+	t.Helper()
+	mfs, err := g.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,25 +8,12 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/sirupsen/logrus"
-
-	"github.com/muster-io/muster/broker"
-	"github.com/muster-io/muster/internal/logging"
 	"github.com/muster-io/muster/internal/nodestate"
+	"github.com/muster-io/muster/internal/testbroker"
 )
 
 func TestNodesFromKV(t *testing.T) {
-	cfg := broker.DefaultConfig()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.StoreDir = t.TempDir()
-	b, err := broker.New(cfg, logrus.NewEntry(logging.Discard()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(b.Shutdown)
+	b := testbroker.Start(t)
 	seed := b.DevPKI().ProvisionerSeed
 	nkOpt, err := nats.NkeyOptionFromSeed(seed)
 	if err != nil {

@@ -9,25 +9,14 @@ import (
 
 	"github.com/nats-io/nats.go"
 
-	"github.com/muster-io/muster/broker"
-	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/internal/testbroker"
 )
 
 // TestBrokerTrafficCountsUnauthenticated: a client that connects and
 // goes away before its TLS handshake is counted as a connection that
 // closed before authenticating; one that is refused is not.
 func TestBrokerTrafficCountsUnauthenticated(t *testing.T) {
-	cfg := broker.DefaultConfig()
-	cfg.Listen = "127.0.0.1:0"
-	cfg.StoreDir = t.TempDir()
-	b, err := broker.New(cfg, logging.Discard().WithField("component", "test"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := b.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(b.Shutdown)
+	b := testbroker.Start(t)
 	before := readBrokerCounters(b)
 
 	u, err := url.Parse(b.ClientURL())
