@@ -18,6 +18,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/patience"
 	"github.com/muster-io/muster/internal/pki"
 )
 
@@ -278,7 +279,7 @@ func (l link) backoff(n int) time.Duration {
 // l.alive. p connects (over TCP, or in process when it has a provider)
 // and times each attempt; nats.go's own timeout is set to its first
 // timeout but is not the one that applies.
-func (a *Agent) baseOptions(l link, p *patience, connected, reconnected, closed chan<- struct{}) []nats.Option {
+func (a *Agent) baseOptions(l link, p *patience.Patience, connected, reconnected, closed chan<- struct{}) []nats.Option {
 	log := a.log
 	opts := []nats.Option{
 		nats.Name(a.id),
@@ -310,7 +311,7 @@ func (a *Agent) baseOptions(l link, p *patience, connected, reconnected, closed 
 	if !l.shuffle {
 		opts = append(opts, nats.DontRandomize())
 	}
-	if p.inProcess != nil {
+	if p.InProcess() {
 		opts = append(opts, nats.InProcessServer(p))
 	}
 	return opts

@@ -18,6 +18,7 @@ import (
 
 	"github.com/muster-io/muster/agent/config"
 	"github.com/muster-io/muster/internal/ca"
+	"github.com/muster-io/muster/internal/patience"
 	"github.com/muster-io/muster/internal/pki"
 )
 
@@ -141,18 +142,18 @@ func TestConnectTimeout(t *testing.T) {
 		log, _ := captureLog()
 		a := &Agent{log: log}
 		for _, inProcess := range []nats.InProcessConnProvider{nil, &server.Server{}} {
-			p := newPatience(l, inProcess, log)
+			p := patience.New(l.connectTimeout(), l.dialTimeout(), inProcess, log)
 			var o nats.Options
 			for _, opt := range a.baseOptions(l, p, nil, nil, nil) {
 				if err := opt(&o); err != nil {
 					t.Fatal(err)
 				}
 			}
-			if o.Timeout != tc.want || p.timeout() != tc.want {
-				t.Errorf("alive %s: nats connect timeout %s, first attempt's %s, want %s", tc.alive, o.Timeout, p.timeout(), tc.want)
+			if o.Timeout != tc.want || p.Timeout() != tc.want {
+				t.Errorf("alive %s: nats connect timeout %s, first attempt's %s, want %s", tc.alive, o.Timeout, p.Timeout(), tc.want)
 			}
-			if o.CustomDialer != p || p.dialer.Timeout != tc.dial {
-				t.Errorf("alive %s: dialer %T (TCP connect %s), want the patience (%s)", tc.alive, o.CustomDialer, p.dialer.Timeout, tc.dial)
+			if o.CustomDialer != p || p.DialTimeout() != tc.dial {
+				t.Errorf("alive %s: dialer %T (TCP connect %s), want the patience (%s)", tc.alive, o.CustomDialer, p.DialTimeout(), tc.dial)
 			}
 			var want nats.InProcessConnProvider
 			if inProcess != nil {

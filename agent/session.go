@@ -12,6 +12,7 @@ import (
 	"github.com/nats-io/nuid"
 
 	"github.com/muster-io/muster/agent/config"
+	"github.com/muster-io/muster/internal/patience"
 	"github.com/muster-io/muster/internal/protocol"
 )
 
@@ -44,7 +45,7 @@ func (a *Agent) runProvisioning(ctx context.Context, d Decision) (outcome, error
 	// same authorization error twice from one broker, and a broker refuses
 	// a node for a while when it still holds the connection of an attempt
 	// the node gave up, or before the node's token is valid by its clock.
-	opts := append(a.baseOptions(link, newPatience(link, a.inProcess, a.log), connected, reconnected, nil),
+	opts := append(a.baseOptions(link, patience.New(link.connectTimeout(), link.dialTimeout(), a.inProcess, a.log), connected, reconnected, nil),
 		nats.RetryOnFailedConnect(true), nats.IgnoreAuthErrorAbort())
 	if a.prov.Token != "" {
 		// The broker admits unprovisioned nodes only with a valid token.
@@ -117,7 +118,7 @@ func (a *Agent) runProduction(ctx context.Context, d Decision) (outcome, error) 
 		expiry = t.C
 	}
 	link := a.productionLink(cfg)
-	pat := newPatience(link, a.inProcess, a.log)
+	pat := patience.New(link.connectTimeout(), link.dialTimeout(), a.inProcess, a.log)
 	refused, rounds := 0, 0
 	for {
 		if ctx.Err() != nil {

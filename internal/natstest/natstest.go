@@ -23,12 +23,12 @@ import (
 // its client URL.
 func Server(t testing.TB, js bool) string {
 	t.Helper()
-	return start(t, &server.Options{Host: "127.0.0.1", Port: -1, JetStream: js, StoreDir: t.TempDir(), NoLog: true, NoSigs: true}).ClientURL()
+	return Start(t, &server.Options{Host: "127.0.0.1", Port: -1, JetStream: js, StoreDir: t.TempDir(), NoLog: true, NoSigs: true}).ClientURL()
 }
 
-// start starts a server, shut down at cleanup, and waits until it takes
+// Start starts a server with opts, shut down at cleanup, and waits until it takes
 // connections.
-func start(t testing.TB, opts *server.Options) *server.Server {
+func Start(t testing.TB, opts *server.Options) *server.Server {
 	t.Helper()
 	s, err := server.NewServer(opts)
 	if err != nil {
@@ -139,7 +139,7 @@ func Cluster(t testing.TB, n int) []string {
 	servers := make([]*server.Server, n)
 	urls := make([]string, n)
 	for i := range servers {
-		s := start(t, &server.Options{
+		s := Start(t, &server.Options{
 			ServerName: fmt.Sprintf("s%d", i), Host: "127.0.0.1", Port: -1,
 			JetStream: true, StoreDir: t.TempDir(), NoLog: true, NoSigs: true,
 			Cluster: server.ClusterOpts{Name: "natstest", Host: "127.0.0.1", Port: ports[i]},
