@@ -28,6 +28,7 @@ import (
 
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/logging"
+	"github.com/muster-io/muster/internal/patience"
 	"github.com/muster-io/muster/internal/protocol"
 	"github.com/muster-io/muster/internal/token"
 )
@@ -738,6 +739,16 @@ func (p *Provisioner) Run(ctx context.Context) error {
 	return srvErr
 }
 
+// connectTimeout is how long the provisioner's first attempt to connect
+// to a broker may take, from TCP connect to the broker's first PONG;
+// attempts that run out of it get longer (internal/patience). dialTimeout
+// bounds the TCP connect itself, so a dead broker is passed over as fast
+// as with nats.go's default.
+const (
+	connectTimeout = 5 * time.Second
+	dialTimeout    = 2 * time.Second
+)
+
 func (p *Provisioner) connect() (*nats.Conn, bool, error) {
 	if p.connOverride != nil {
 		return p.connOverride, false, nil
@@ -747,6 +758,11 @@ func (p *Provisioner) connect() (*nats.Conn, bool, error) {
 		nats.MaxReconnects(-1),
 		nats.RetryOnFailedConnect(true),
 		nats.ReconnectWait(time.Second),
+		// A broker restarted under a fleet does every node's handshake
+		// at once; an attempt that runs out of time gives the next one
+		// longer instead of queueing behind the fleet again.
+		nats.Timeout(connectTimeout),
+		nats.SetCustomDialer(patience.New(connectTimeout, dialTimeout, nil, p.log)),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
 				p.log.WithError(err).Warn("disconnected from broker")
