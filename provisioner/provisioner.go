@@ -740,12 +740,13 @@ func (p *Provisioner) Run(ctx context.Context) error {
 }
 
 // connectTimeout is how long the provisioner's first attempt to connect
-// to a broker may take, from TCP connect to the broker's first PONG;
-// attempts that run out of it get longer (internal/patience). dialTimeout
+// to a broker may take, from TCP connect to the broker's first PONG:
+// the broker's default tls_timeout, and the agents' default first attempt.
+// Attempts that run out of it get longer (internal/patience). dialTimeout
 // bounds the TCP connect itself, so a dead broker is passed over as fast
 // as with nats.go's default.
 const (
-	connectTimeout = 5 * time.Second
+	connectTimeout = 30 * time.Second
 	dialTimeout    = 2 * time.Second
 )
 
