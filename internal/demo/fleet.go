@@ -914,9 +914,16 @@ func (f *Fleet) AdminConn() (*nats.Conn, error) {
 	)
 }
 
+// pingResend is how often PingProduction broadcasts its ping again while
+// nodes have not answered.
+const pingResend = time.Second
+
 // PingProduction broadcasts rpcutil ping on the production side's main
 // collective over mutual TLS and returns the identities that answered
-// within wait.
+// within wait. The ping goes out again every pingResend (with a new
+// request ID: agents refuse a replayed one) while some have not answered:
+// an agent counts as in production once its subscriptions are sent, and
+// a broadcast can reach the broker before them.
 func (f *Fleet) PingProduction(ctx context.Context, wait time.Duration) ([]string, error) {
 	nc, err := f.AdminConn()
 	if err != nil {
@@ -928,25 +935,42 @@ func (f *Fleet) PingProduction(ctx context.Context, wait time.Duration) ([]strin
 	if err != nil {
 		return nil, err
 	}
-	req := protocol.Request{
-		Protocol: protocol.RequestProtocol, ID: nats.NewInbox()[len("_INBOX."):], Sender: AdminCN,
-		Agent: protocol.AgentRPCUtil, Action: protocol.ActionPing, Time: time.Now().UTC(), TTL: 60,
+	ping := func() error {
+		req := protocol.Request{
+			Protocol: protocol.RequestProtocol, ID: nats.NewInbox()[len("_INBOX."):], Sender: AdminCN,
+			Agent: protocol.AgentRPCUtil, Action: protocol.ActionPing, Time: time.Now().UTC(), TTL: 60,
+		}
+		b, err := protocol.Marshal(&req)
+		if err != nil {
+			return err
+		}
+		return nc.PublishRequest(protocol.BroadcastSubject(protocol.DefaultMainCollective, protocol.AgentRPCUtil), inbox, b)
 	}
-	b, err := protocol.Marshal(&req)
-	if err != nil {
-		return nil, err
-	}
-	if err := nc.PublishRequest(protocol.BroadcastSubject(protocol.DefaultMainCollective, protocol.AgentRPCUtil), inbox, b); err != nil {
+	if err := ping(); err != nil {
 		return nil, err
 	}
 	seen := map[string]bool{}
 	deadline := time.Now().Add(wait)
-	for len(seen) < len(f.ids) {
-		left := time.Until(deadline)
-		if left <= 0 || ctx.Err() != nil {
+	resend := time.Now().Add(pingResend)
+	for len(seen) < len(f.ids) && ctx.Err() == nil {
+		now := time.Now()
+		if !now.Before(deadline) {
 			break
 		}
-		msg, err := sub.NextMsg(left)
+		if !now.Before(resend) {
+			if err := ping(); err != nil {
+				return nil, err
+			}
+			resend = now.Add(pingResend)
+		}
+		next := min(time.Until(deadline), time.Until(resend))
+		if next <= 0 {
+			continue
+		}
+		msg, err := sub.NextMsg(next)
+		if errors.Is(err, nats.ErrTimeout) {
+			continue
+		}
 		if err != nil {
 			break
 		}
