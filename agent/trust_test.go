@@ -22,13 +22,7 @@ import (
 	"github.com/muster-io/muster/internal/token"
 )
 
-func captureLog() (*logrus.Entry, *syncbuf.Buffer) {
-	buf := &syncbuf.Buffer{}
-	l := logrus.New()
-	l.SetOutput(buf)
-	l.SetLevel(logrus.InfoLevel)
-	return logrus.NewEntry(l), buf
-}
+func captureLog() (*logrus.Entry, *syncbuf.Buffer) { return syncbuf.Logger(logrus.InfoLevel) }
 
 // newEnvNamed is newEnv with a broker certificate for hosts only.
 func newEnvNamed(t *testing.T, hosts ...string) *env {

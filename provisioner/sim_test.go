@@ -474,13 +474,7 @@ func (h *testHelper) sign(req *helper.Request, csr []byte) (*helper.Reply, error
 }
 
 // debugLogger captures everything at debug level.
-func debugLogger() (*logrus.Entry, *syncbuf.Buffer) {
-	buf := &syncbuf.Buffer{}
-	l := logrus.New()
-	l.SetOutput(buf)
-	l.SetLevel(logrus.DebugLevel)
-	return logrus.NewEntry(l), buf
-}
+func debugLogger() (*logrus.Entry, *syncbuf.Buffer) { return syncbuf.Logger(logrus.DebugLevel) }
 
 // observed records observer callbacks.
 type observed struct {

@@ -15,13 +15,7 @@ import (
 	"github.com/muster-io/muster/internal/syncbuf"
 )
 
-func captureLog() (*logrus.Entry, *syncbuf.Buffer) {
-	buf := &syncbuf.Buffer{}
-	l := logrus.New()
-	l.SetOutput(buf)
-	l.SetLevel(logrus.InfoLevel)
-	return logrus.NewEntry(l), buf
-}
+func captureLog() (*logrus.Entry, *syncbuf.Buffer) { return syncbuf.Logger(logrus.InfoLevel) }
 
 // slowBroker is a real nats-server behind a proxy that takes delay before
 // it passes a new connection on: a broker busy with a backlog of

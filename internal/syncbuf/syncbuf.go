@@ -5,6 +5,8 @@ package syncbuf
 import (
 	"bytes"
 	"sync"
+
+	"github.com/sirupsen/logrus"
 )
 
 // Buffer is a bytes.Buffer whose Write and String may be called from
@@ -26,4 +28,14 @@ func (b *Buffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+// Logger returns a logger at level that writes to a new Buffer, and the
+// Buffer: a test's view of what a component logged.
+func Logger(level logrus.Level) (*logrus.Entry, *Buffer) {
+	buf := &Buffer{}
+	l := logrus.New()
+	l.SetOutput(buf)
+	l.SetLevel(level)
+	return logrus.NewEntry(l), buf
 }

@@ -4,6 +4,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/sirupsen/logrus"
 )
 
 // TestConcurrentWrites: every write from several goroutines is kept
@@ -24,5 +26,14 @@ func TestConcurrentWrites(t *testing.T) {
 	wg.Wait()
 	if n := strings.Count(b.String(), "line\n"); n != 800 {
 		t.Fatalf("%d lines, want 800", n)
+	}
+}
+
+func TestLogger(t *testing.T) {
+	log, buf := Logger(logrus.InfoLevel)
+	log.Debug("quiet")
+	log.WithField("k", "v").Info("loud")
+	if s := buf.String(); strings.Contains(s, "quiet") || !strings.Contains(s, "loud") || !strings.Contains(s, "k=v") {
+		t.Errorf("logged %q: want the info line only", s)
 	}
 }
