@@ -90,7 +90,7 @@ func (r *Result) Print(w io.Writer) {
 	if b := r.Broker; b != nil {
 		p("broker traffic", "per node %.1f msgs in, %.1f out, %.1f KB in, %.1f KB out, %.2f connections; %d slow consumers",
 			b.MsgsInPerNode, b.MsgsOutPerNode, b.BytesInPerNode/1024, b.BytesOutPerNode/1024, b.ConnectionsPerNode, b.SlowConsumers)
-		p("broker authentications", "%s; refused: %.0f for the token, %.0f for an identity already connected; %d closed before authenticating", kv(b.Authentications), b.TokenRefusals, b.DuplicateRefusals, b.Unauthenticated)
+		p("broker authentications", "%s", b.authentications())
 	}
 	if rs := r.Restart; rs != nil {
 		back := func(v float64) string {
@@ -102,8 +102,7 @@ func (r *Result) Print(w io.Writer) {
 		p("broker restart", "%d of %d nodes connected again; down %.2fs, then 50%% back in %s, 90%% %s, 99%% %s, all %s; %.3f ms CPU per node",
 			rs.Reconnected, rs.Nodes, rs.DownSeconds, back(rs.Back50), back(rs.Back90), back(rs.Back99), back(rs.BackAll), rs.CPUMillisPerNode)
 		if b := rs.Broker; b != nil {
-			p("  new broker", "%.2f connections per node; authentications %s; refused: %.0f for the token, %.0f for an identity already connected; %d closed before authenticating",
-				b.ConnectionsPerNode, kv(b.Authentications), b.TokenRefusals, b.DuplicateRefusals, b.Unauthenticated)
+			p("  new broker", "%.2f connections per node; authentications %s", b.ConnectionsPerNode, b.authentications())
 		}
 	}
 	p("peak RSS", "%.0f MB (this process)", r.PeakRSSMB)
@@ -157,4 +156,11 @@ func kv[V int | float64](m map[string]V) string {
 		parts[i] = fmt.Sprintf("%s=%v", k, m[k])
 	}
 	return strings.Join(parts, " ")
+}
+
+// authentications is the broker's authentications by result, its
+// refusals and the connections that never got as far, as one line.
+func (b *BrokerTraffic) authentications() string {
+	return fmt.Sprintf("%s; refused: %.0f for the token, %.0f for an identity already connected; %d closed before authenticating",
+		kv(b.Authentications), b.TokenRefusals, b.DuplicateRefusals, b.Unauthenticated)
 }
