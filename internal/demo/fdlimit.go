@@ -10,10 +10,14 @@ const fileReserve = 256
 // filesPerAgent is how many file descriptors each agent holds in this
 // process while it runs: none in-process (pipes), two over TCP (both ends
 // of its connection live here), two in process mode (the broker's end of
-// the agent's connection and the pidfd of its process).
+// the agent's connection and the pidfd of its process), one with a fleet
+// host (the broker's end; the host checks its own limit).
 func filesPerAgent(o Options) int {
-	if o.InProcess && o.AgentBin == "" {
+	switch {
+	case o.InProcess && o.AgentBin == "":
 		return 0
+	case len(o.FleetHost) > 0:
+		return 1
 	}
 	return 2
 }
@@ -54,8 +58,11 @@ func checkFileLimit(o Options) error {
 		return nil
 	}
 	how := "over TCP both ends of each agent's connection live in this process"
-	if o.AgentBin != "" {
+	switch {
+	case o.AgentBin != "":
 		how = "each agent process holds its broker connection and its process handle here"
+	case len(o.FleetHost) > 0:
+		how = "the broker's end of each agent's connection lives in this process"
 	}
 	fit := (int(limit) - filesBesideAgents(o)) * 10 / (11 * per)
 	return fmt.Errorf("%d agents need about %d open files (%d each: %s), and this process may open %d (RLIMIT_NOFILE): raise the limit (ulimit -n) or run at most %d agents (in-process agents, muster bench --transport inprocess, need none)",

@@ -110,6 +110,14 @@ type Options struct {
 	// (this binary) over TCP + TLS instead of in this process; they
 	// restart by re-executing themselves. Not with InProcess.
 	AgentBin string
+	// FleetHost, when set, is the command line of a fleet host (`muster
+	// bench fleet-host`; the program first, then its arguments): every
+	// agent then runs in that one other process over TCP + TLS instead of
+	// in this process, and this process holds only the provisioning side.
+	// FleetHostEnv is added to its environment. Not with InProcess or
+	// AgentBin.
+	FleetHost    []string
+	FleetHostEnv []string
 	// FileRegistry keeps the provisioner's identity registry in files
 	// under Dir (its state_dir, as a deployment has it) instead of in
 	// memory.
@@ -158,6 +166,7 @@ type Fleet struct {
 	provConns   []*nats.Conn
 	watchConn   *nats.Conn
 	procs       []*agentProc
+	host        *fleetHost
 	stopping    bool
 	closeHelper func() error
 	wg          sync.WaitGroup
@@ -226,6 +235,9 @@ func New(opts Options) (*Fleet, error) {
 		}
 	default:
 		return nil, fmt.Errorf("ha mode %q: must be single, claims or leader", opts.HA)
+	}
+	if len(opts.FleetHost) > 0 && (opts.InProcess || opts.AgentBin != "") {
+		return nil, errors.New("a fleet host runs the agents over TCP in one process: FleetHost excludes InProcess and AgentBin")
 	}
 	if err := checkFileLimit(opts); err != nil {
 		return nil, err
@@ -478,6 +490,13 @@ func (f *Fleet) Prepare() error {
 		f.prepared = true
 		return nil
 	}
+	if len(f.opts.FleetHost) > 0 {
+		if err := f.prepareHost(url, issuer, provKey); err != nil {
+			return err
+		}
+		f.prepared = true
+		return nil
+	}
 	var inProcess nats.InProcessConnProvider
 	if f.opts.InProcess {
 		inProcess = f.broker.Server()
@@ -571,6 +590,9 @@ func (f *Fleet) Start(ctx context.Context) error {
 		return f.startProcessFleet(ctx)
 	}
 	f.started = time.Now()
+	if f.host != nil {
+		return f.startHost()
+	}
 	if f.opts.AgentDelay == nil {
 		for i := range f.agents {
 			f.runAgent(ctx, i)
@@ -1002,6 +1024,7 @@ func (f *Fleet) Close() error {
 		f.cancel()
 	}
 	f.stopProcesses(10 * time.Second)
+	f.stopHost(10 * time.Second)
 	f.wg.Wait()
 	if f.watchConn != nil {
 		f.watchConn.Close()

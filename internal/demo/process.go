@@ -235,11 +235,19 @@ func (f *Fleet) ProcessStats() (ProcessStats, error) {
 	return st, nil
 }
 
-// AgentPIDs returns the process IDs of the running agent processes.
+// AgentPIDs returns the process IDs of the running agent processes, or of
+// the fleet host.
 func (f *Fleet) AgentPIDs() []int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	pids := make([]int, 0, len(f.procs))
+	pids := make([]int, 0, len(f.procs)+1)
+	if h := f.host; h != nil {
+		select {
+		case <-h.done:
+		default:
+			pids = append(pids, h.cmd.Process.Pid)
+		}
+	}
 	for _, p := range f.procs {
 		select {
 		case <-p.done:
