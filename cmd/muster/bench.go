@@ -14,6 +14,7 @@ import (
 
 	"github.com/muster-io/muster/helper"
 	"github.com/muster-io/muster/internal/bench"
+	"github.com/muster-io/muster/internal/demo"
 	"github.com/muster-io/muster/internal/logging"
 )
 
@@ -71,6 +72,14 @@ re-executing itself, as on a real machine), for a like-for-like comparison with 
 process per node; the agents' CPU and memory are read from /proc. The binary is --agent-bin, or
 built with "go build" from the source tree the command runs in.
 
+--fleet-process runs every agent in one other process instead (this binary, "muster bench
+fleet-host", started before the clock; TCP + TLS, each agent with its own connection). This process
+then holds only the provisioning side, broker and provisioner, and the report gives its CPU per node
+with its helpers' as "provisioning side": the nodes/min a provisioning host with this machine's
+cores would carry with the agents on their own machines. (The broker here is the production broker
+too: the figure includes the broker's side of every production connection.) --processes gives the
+same line.
+
 An exec'd or persistent helper gets MUSTER_CA_DIR (the fleet's CA: ca.pem and ca-key.pem),
 MUSTER_BROKER (the production broker), MUSTER_BIN and MUSTER_HELPER_BIN (muster-helper beside this
 binary, which the example helpers sign with) in its environment, so the built-in helper
@@ -99,6 +108,7 @@ by. The run checks that no node was provisioned twice, whichever provisioner did
   muster bench --nodes 2000 --helper exec --helper-cmd "muster helper cfssl"
   muster bench --nodes 5000 --arrival ramp --rate 500
   muster bench --nodes 100 --processes --workers 8 --helper exec --helper-cmd bin/muster-helper
+  muster bench --nodes 10000 --fleet-process --state-dir /dev/shm
   muster bench --nodes 10000 --state-dir /dev/shm
   muster bench --nodes 3000 --known-nodes 90000
   muster bench --nodes 3000 --ha claims --provisioners 2 --workers 8`,
@@ -116,6 +126,13 @@ by. The run checks that no node was provisioned twice, whichever provisioner did
 			}
 			o.Logger = log
 			o.NoFloor = !floor
+			if o.FleetProcess {
+				self, err := os.Executable()
+				if err != nil {
+					return fmt.Errorf("fleet process: %w", err)
+				}
+				o.FleetCommand = []string{self, "bench", "fleet-host"}
+			}
 			switch {
 			case procs > 0:
 				// This process only: helpers and agent processes keep
@@ -187,6 +204,7 @@ by. The run checks that no node was provisioned twice, whichever provisioner did
 	f.DurationVar(&o.DeferBackoff, "defer-backoff", 2*time.Second, "how long a failed node waits before it is taken again")
 	f.DurationVar(&o.Timeout, "timeout", 10*time.Minute, "give up on the provisioning phase after this long")
 	f.BoolVar(&o.Processes, "processes", false, "run every agent as its own muster-agent process over TCP + TLS (restart by re-exec), like real machines")
+	f.BoolVar(&o.FleetProcess, "fleet-process", false, "run every agent in one other process (this binary) over TCP + TLS, so the report gives the provisioning side's CPU apart from the fleet's")
 	f.StringVar(&o.AgentBin, "agent-bin", "", "muster-agent binary for --processes (default: build it with go build into a temporary directory)")
 	f.StringVar(&o.Registry, "registry", "", "provisioner identity registry: file (its state_dir under --state-dir, as deployed; the default) or memory; kv (JetStream, the only one) with --ha claims or leader")
 	f.StringVar(&o.HA, "ha", "single", "provisioners' ha.mode: single, claims (active-active, each node under a claim) or leader (one active, the others standing by); claims and leader share state through the broker's JetStream")
@@ -201,5 +219,23 @@ by. The run checks that no node was provisioned twice, whichever provisioner did
 	f.BoolVar(&o.RestartBroker, "restart-broker", false, "once every node is in production, restart the broker on the same address (an upgrade) and report how soon the nodes are connected again; needs --transport tcp")
 	f.DurationVar(&o.HeapSettle, "heap-settle", 0, "after cleanup, keep collecting for up to this long until the live heap stops falling (no fall over 1% for 5 s), and report it: deadline timers of closed in-process connections keep part of the fleet live for a few seconds; 0 skips")
 	f.StringVar(&logLevel, "loglevel", "", "show component logs at this level (default: none)")
+	cmd.AddCommand(newBenchFleetHostCmd())
 	return cmd
+}
+
+// newBenchFleetHostCmd is the fleet host of --fleet-process: started by
+// bench, never by hand (hidden). It reads its agents' spec on standard
+// input and writes their events on standard output.
+func newBenchFleetHostCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:    "fleet-host",
+		Short:  "Run the simulated agents of muster bench --fleet-process (started by bench)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return demo.ServeFleetHost(ctx, cmd.InOrStdin(), cmd.OutOrStdout(), cmd.ErrOrStderr())
+		},
+	}
 }

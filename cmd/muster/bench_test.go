@@ -3,10 +3,76 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 )
+
+// TestMain lets `muster bench --fleet-process`, run by the tests, start this
+// test binary as its fleet host: with the arguments "bench fleet-host" it
+// is the muster command, otherwise it runs the tests.
+func TestMain(m *testing.M) {
+	if len(os.Args) == 3 && os.Args[1] == "bench" && os.Args[2] == "fleet-host" {
+		root := newRootCmd()
+		root.SetArgs(os.Args[1:])
+		if err := root.Execute(); err != nil {
+			fmt.Fprintln(os.Stderr, "muster:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestBenchFleetProcess runs --fleet-process from the command line: the
+// command starts its own binary as the fleet host ("bench fleet-host") and
+// reports the provisioning side.
+func TestBenchFleetProcess(t *testing.T) {
+	cmd := newBenchCmd()
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&out)
+	cmd.SetArgs([]string{"--nodes", "3", "--workers", "2", "--state-dir", t.TempDir(), "--fleet-process", "--floor=false", "--json"})
+	if err := cmd.Execute(); err != nil {
+		t.Fatalf("bench: %v\n%s", err, out.String())
+	}
+	var r struct {
+		Provisioned      int     `json:"provisioned"`
+		Transport        string  `json:"transport"`
+		FleetProcess     bool    `json:"fleet_process"`
+		AgentCPU         float64 `json:"agent_cpu_seconds"`
+		ProvisioningSide *struct {
+			MillisPerNode float64 `json:"cpu_ms_per_node"`
+			NodesPerMin   float64 `json:"nodes_per_min"`
+		} `json:"provisioning_side"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
+		t.Fatalf("report is not JSON: %v\n%s", err, out.String())
+	}
+	if r.Provisioned != 3 || !r.FleetProcess || r.Transport != "tcp" || r.AgentCPU <= 0 || r.ProvisioningSide == nil || r.ProvisioningSide.NodesPerMin <= 0 {
+		t.Errorf("report %+v\n%s", r, out.String())
+	}
+}
+
+// TestBenchFleetHostCommand: the hidden fleet-host command reads its spec
+// on standard input and answers ready; an input that ends then stops it.
+func TestBenchFleetHostCommand(t *testing.T) {
+	cmd := newRootCmd()
+	var out, errOut bytes.Buffer
+	cmd.SetIn(strings.NewReader(`{"brokers":["tls://127.0.0.1:1"],"provisioner_key":"U","ca":"x","agents":[]}`))
+	cmd.SetOut(&out)
+	cmd.SetErr(&errOut)
+	cmd.SetArgs([]string{"bench", "fleet-host"})
+	if err := cmd.Execute(); err != nil {
+		t.Fatalf("fleet-host: %v\n%s", err, errOut.String())
+	}
+	if got := strings.TrimSpace(out.String()); got != `{"event":"ready"}` {
+		t.Errorf("fleet-host wrote %q", got)
+	}
+}
 
 // TestBenchCommand runs the bench command end to end with a few nodes and
 // checks its JSON report and that --gomaxprocs reaches the run.

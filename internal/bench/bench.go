@@ -99,6 +99,17 @@ type Options struct {
 	// AgentBin is the muster-agent binary for Processes; empty: built with
 	// `go build` into a temporary directory.
 	AgentBin string
+	// FleetProcess runs every agent in one other process, the fleet host
+	// (FleetCommand), over TCP + TLS, so that this process's CPU is the
+	// provisioning side's (broker, provisioner; helpers are counted apart)
+	// and the fleet's is read from /proc. It implies transport tcp and
+	// skips the idle phase.
+	FleetProcess bool
+	// FleetCommand is the fleet host's command line (`muster bench
+	// fleet-host`: the program, then its arguments), FleetEnv what it
+	// gets in its environment besides this process's.
+	FleetCommand []string
+	FleetEnv     []string
 	// StateDir is the directory under which each phase's fleet (CA, agent
 	// state directories) gets a fresh temporary directory, removed after
 	// the phase; default: the system temporary directory. Agents write
@@ -164,7 +175,7 @@ func (o *Options) Validate() error {
 	}
 	if o.Transport == "" {
 		o.Transport = TransportInProcess
-		if o.Processes {
+		if o.Processes || o.FleetProcess {
 			o.Transport = TransportTCP
 		}
 	}
@@ -267,6 +278,16 @@ func (o *Options) Validate() error {
 	if o.RestartBroker && o.Transport != TransportTCP {
 		bad("restart-broker", o.RestartBroker, "needs --transport tcp: in-process connections cannot reach a new broker")
 	}
+	if o.FleetProcess {
+		switch {
+		case o.Processes:
+			bad("fleet-process", o.FleetProcess, "excludes --processes: the agents run in one process or one each")
+		case o.Transport != TransportTCP:
+			bad("transport", o.Transport, "the fleet process's agents connect over tcp")
+		case len(o.FleetCommand) == 0:
+			bad("fleet-process", o.FleetProcess, "needs the fleet host's command")
+		}
+	}
 	if o.AgentBin != "" && !o.Processes {
 		bad("agent-bin", o.AgentBin, "only used with --processes")
 	}
@@ -359,6 +380,9 @@ type Result struct {
 	StateDir string `json:"state_dir"`
 	// Processes says every agent was its own muster-agent process.
 	Processes bool `json:"processes"`
+	// FleetProcess says every agent ran in one other process, the fleet
+	// host.
+	FleetProcess bool `json:"fleet_process"`
 	// Registry is where the provisioner kept its identity registry (file,
 	// memory, or kv in the ha modes), KnownNodes how many identities it
 	// held before the run.
@@ -413,9 +437,15 @@ type Result struct {
 	AgentCPUSeconds       float64 `json:"agent_cpu_seconds,omitempty"`
 	AgentCPUMillisPerNode float64 `json:"agent_cpu_ms_per_node,omitempty"`
 	AgentProcessRSSMB     float64 `json:"agent_process_rss_mb,omitempty"`
-	IdleAgents            int     `json:"idle_agents"`
-	IdleAgentHeapBytes    float64 `json:"idle_agent_heap_bytes"`
-	IdleAgentGoroutines   float64 `json:"idle_agent_goroutines"`
+	// FleetProcessRSSMB is the fleet host's resident memory once every
+	// node is in production (FleetProcess), for all its agents.
+	FleetProcessRSSMB float64 `json:"fleet_process_rss_mb,omitempty"`
+	// ProvisioningSide is what the provisioning side alone cost, when the
+	// agents ran outside this process (Processes or FleetProcess).
+	ProvisioningSide    *ProvisioningSide `json:"provisioning_side,omitempty"`
+	IdleAgents          int               `json:"idle_agents"`
+	IdleAgentHeapBytes  float64           `json:"idle_agent_heap_bytes"`
+	IdleAgentGoroutines float64           `json:"idle_agent_goroutines"`
 	// Live heap (HeapAlloc after two GCs: bytes of reachable objects, not
 	// the spans holding them) and goroutines before the provisioning
 	// phase's fleet is built (the baseline), once every node is in
@@ -472,6 +502,30 @@ type Result struct {
 
 	// Restart is the broker restart after provisioning (--restart-broker).
 	Restart *BrokerRestart `json:"broker_restart,omitempty"`
+}
+
+// ProvisioningSide is the CPU this process (broker and provisioner) and its
+// helpers spent per node: what a provisioning host carries when the
+// agents run on their own machines, and the nodes/min that would give on
+// this machine's cores. Here the broker is the production broker too, so
+// it includes the broker's side of every production connection, which a
+// deployment's production brokers carry.
+type ProvisioningSide struct {
+	MillisPerNode float64 `json:"cpu_ms_per_node"`
+	Cores         int     `json:"cores"`
+	NodesPerMin   float64 `json:"nodes_per_min"`
+}
+
+// provisioningSide fills in ProvisioningSide from the run's CPU figures.
+func (r *Result) provisioningSide() {
+	if !r.Processes && !r.FleetProcess || r.Provisioned == 0 {
+		return
+	}
+	ms := r.CPUMillisPerNode + r.ChildCPUMillisPerNode
+	if ms <= 0 {
+		return
+	}
+	r.ProvisioningSide = &ProvisioningSide{MillisPerNode: ms, Cores: r.Machine.CPUs, NodesPerMin: float64(r.Machine.CPUs) * 60000 / ms}
 }
 
 // cpuPerNode is the CPU a node cost the machine in this run: its busy time
@@ -619,6 +673,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if idle == 0 {
 		idle = o.Nodes
 	}
+	if o.FleetProcess {
+		idle = 0 // the idle phase measures agents in this process
+		res.FleetProcess = true
+	}
 	if o.Processes {
 		idle = 0 // the idle phase measures in-process agents
 		res.Processes = true
@@ -721,6 +779,9 @@ func fleetOptions(o Options, nodes int, dir string) demo.Options {
 		FileRegistry:     o.Registry == RegistryFile,
 		HA:               o.HA,
 		Provisioners:     o.Provisioners,
+	}
+	if o.FleetProcess {
+		fo.FleetHost, fo.FleetHostEnv = o.FleetCommand, o.FleetEnv
 	}
 	if o.Helper != HelperBuiltin {
 		fo.HelperCommand = o.HelperCmd
@@ -861,8 +922,8 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ruBefore)
 	_ = syscall.Getrusage(syscall.RUSAGE_CHILDREN, &chBefore)
 	// Live children before the agents start: a persistent helper (agent
-	// processes are counted on their own).
-	liveBefore := liveChildrenCPU()
+	// processes and the fleet host are counted on their own).
+	liveBefore := liveChildrenCPU(f.AgentPIDs()...)
 	m0 := readMachineTimes()
 	b0 := readBrokerCounters(f.Broker())
 	if err := f.Start(ctx); err != nil {
@@ -896,6 +957,15 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 		if ps.Processes > 0 {
 			res.AgentProcessRSSMB = ps.RSSBytes / float64(ps.Processes) / (1 << 20)
 		}
+	}
+	if o.FleetProcess {
+		hs, ok, err := f.HostStats()
+		if err != nil || !ok {
+			return fmt.Errorf("fleet process: not running at the end of the run (%v)", err)
+		}
+		res.AgentProcesses = hs.Processes
+		res.AgentCPUSeconds = hs.CPUSeconds
+		res.FleetProcessRSSMB = hs.RSSBytes / (1 << 20)
 	}
 	if o.Progress != nil {
 		rec.mu.Lock()
@@ -932,6 +1002,7 @@ func provisionPhase(ctx context.Context, o Options, res *Result) error {
 	res.CPUSeconds = cpuSeconds(ruAfter) - cpuSeconds(ruBefore)
 	res.ChildCPUSeconds = cpuSeconds(chAfter) - cpuSeconds(chBefore) + helperLive.Seconds()
 	fill(res, rec, metrics)
+	res.provisioningSide()
 	if res.Floor != nil && res.Floor.NodesPerMin > 0 {
 		res.Floor.Efficiency = res.NodesPerMin / res.Floor.NodesPerMin
 		if all := res.cpuPerNode(); all > 0 {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -36,6 +37,10 @@ func TestOptionsValidate(t *testing.T) {
 		{"unknown key type", Options{Nodes: 1, KeyType: "dsa"}, []string{"key-type dsa"}},
 		{"processes", Options{Nodes: 5, Processes: true}, nil},
 		{"processes in-process", Options{Nodes: 5, Processes: true, Transport: TransportInProcess}, []string{"transport inprocess", "tcp"}},
+		{"fleet process", Options{Nodes: 5, FleetProcess: true, FleetCommand: []string{"muster", "bench", "fleet-host"}}, nil},
+		{"fleet process without command", Options{Nodes: 5, FleetProcess: true}, []string{"fleet-process true", "command"}},
+		{"fleet process in-process", Options{Nodes: 5, FleetProcess: true, FleetCommand: []string{"x"}, Transport: TransportInProcess}, []string{"transport inprocess", "tcp"}},
+		{"fleet process and processes", Options{Nodes: 5, FleetProcess: true, FleetCommand: []string{"x"}, Processes: true}, []string{"excludes --processes"}},
 		{"agent-bin without processes", Options{Nodes: 5, AgentBin: "/bin/true"}, []string{"agent-bin /bin/true"}},
 		{"missing state dir", Options{Nodes: 5, StateDir: "/nonexistent/muster"}, []string{"state-dir /nonexistent/muster"}},
 		{"memory registry", Options{Nodes: 5, Registry: RegistryMemory}, nil},
@@ -429,26 +434,9 @@ func TestRunProcesses(t *testing.T) {
 		t.Skip("builds muster-agent and starts processes")
 	}
 	const nodes = 4
-	fail := map[string]bool{demo.Identity(1): true}
-	o := Options{
-		Nodes: nodes, Workers: 2, Processes: true, StateDir: t.TempDir(),
-		Timeout: 2 * time.Minute, DeferBackoff: 50 * time.Millisecond, Settle: 200 * time.Millisecond,
-		WrapHelper: func(h helper.Helper) helper.Helper {
-			return &flakyHelper{h: h, fail: fail, failed: map[string]bool{}}
-		},
-	}
-	r, err := Run(context.Background(), o)
-	if err != nil {
-		t.Fatalf("Run: %v", err)
-	}
+	r := runFailingOne(t, Options{Nodes: nodes, Processes: true}, demo.Identity(1))
 	if !r.Processes || r.Transport != TransportTCP || r.ProductionConnections != "TCP + mutual TLS" {
 		t.Errorf("processes %v transport %s production %q", r.Processes, r.Transport, r.ProductionConnections)
-	}
-	if r.Provisioned != nodes || !r.OK() || r.Outcomes["provisioned"] != nodes {
-		t.Errorf("provisioned %d (outcomes %v), not provisioned %d, duplicates %d", r.Provisioned, r.Outcomes, r.NotProvisioned, r.Duplicates)
-	}
-	if r.Outcomes["failed"] != len(fail) || r.FailedByStage["helper"] != len(fail) || r.Errors["helper"] != float64(len(fail)) {
-		t.Errorf("failures: outcomes %v, by stage %v, errors %v; want %d at helper", r.Outcomes, r.FailedByStage, r.Errors, len(fail))
 	}
 	if r.AgentProcesses != nodes || r.AgentCPUSeconds <= 0 || r.AgentProcessRSSMB <= 0 {
 		t.Errorf("agent processes %d, CPU %v s, RSS %v MB", r.AgentProcesses, r.AgentCPUSeconds, r.AgentProcessRSSMB)
@@ -457,6 +445,71 @@ func TestRunProcesses(t *testing.T) {
 		t.Errorf("goroutines %d after cleanup, %d before: leak", r.GoroutinesAfterCleanup, r.GoroutinesBefore)
 	}
 	checkFloor(t, r, 11) // with the agent's two process starts
+}
+
+// TestRunFleetProcess runs the agents in a fleet host (this test binary,
+// see TestMain) and checks the same accounting, the fleet's CPU apart from
+// this process's, and the provisioning side's figure.
+func TestRunFleetProcess(t *testing.T) {
+	r := runFailingOne(t, Options{
+		Nodes: 4, FleetProcess: true, FleetCommand: []string{os.Args[0]}, FleetEnv: []string{fleetHostTestEnv + "=1"},
+	}, demo.Identity(2))
+	if !r.FleetProcess || r.Processes || r.Transport != TransportTCP || r.IdleAgents != 0 {
+		t.Errorf("fleet process %v, processes %v, transport %s, idle agents %d", r.FleetProcess, r.Processes, r.Transport, r.IdleAgents)
+	}
+	if r.ProductionReconnects != 0 {
+		t.Errorf("%d production reconnects", r.ProductionReconnects)
+	}
+	if r.TimeToProduction.P50 <= 0 || r.TimeToProduction.Max < r.TimeToProduction.P50 || r.NodesPerMin <= 0 {
+		t.Errorf("time to production %+v, %v nodes/min", r.TimeToProduction, r.NodesPerMin)
+	}
+	// The built-in helper runs in this process: no helper CPU, and none
+	// of the fleet host's (it was alive before the clock started).
+	if r.ChildCPUSeconds != 0 {
+		t.Errorf("helper processes' CPU %v s, want 0 with the built-in helper", r.ChildCPUSeconds)
+	}
+	if r.AgentProcesses != 1 || r.AgentCPUSeconds <= 0 || r.FleetProcessRSSMB <= 0 {
+		t.Errorf("fleet process: %d processes, CPU %v s, RSS %v MB", r.AgentProcesses, r.AgentCPUSeconds, r.FleetProcessRSSMB)
+	}
+	ps := r.ProvisioningSide
+	if ps == nil || ps.Cores != r.Machine.CPUs || ps.MillisPerNode != r.CPUMillisPerNode+r.ChildCPUMillisPerNode || ps.NodesPerMin <= 0 {
+		t.Fatalf("provisioning side %+v (CPU %v + %v ms/node)", ps, r.CPUMillisPerNode, r.ChildCPUMillisPerNode)
+	}
+	var out strings.Builder
+	r.Print(&out)
+	for _, want := range []string{"all in one other process, the fleet host", "fleet process ", "provisioning side "} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("report lacks %q:\n%s", want, out.String())
+		}
+	}
+	if r.GoroutinesAfterCleanup > r.GoroutinesBefore+2 {
+		t.Errorf("goroutines %d after cleanup, %d before: leak", r.GoroutinesAfterCleanup, r.GoroutinesBefore)
+	}
+	checkFloor(t, r, 10)
+}
+
+// runFailingOne runs o (Nodes and where the agents run set by the caller)
+// with 2 workers and a helper that fails fail's first attempt, and checks
+// that every node was provisioned exactly once and the failure counted at
+// the helper stage.
+func runFailingOne(t *testing.T, o Options, fail string) *Result {
+	t.Helper()
+	o.Workers, o.StateDir = 2, t.TempDir()
+	o.Timeout, o.DeferBackoff, o.Settle = 2*time.Minute, 50*time.Millisecond, 200*time.Millisecond
+	o.WrapHelper = func(h helper.Helper) helper.Helper {
+		return &flakyHelper{h: h, fail: map[string]bool{fail: true}, failed: map[string]bool{}}
+	}
+	r, err := Run(context.Background(), o)
+	if err != nil {
+		t.Fatalf("Run: %v", err)
+	}
+	if r.Provisioned != o.Nodes || !r.OK() || r.Outcomes["provisioned"] != o.Nodes {
+		t.Errorf("provisioned %d (outcomes %v), not provisioned %d, duplicates %d", r.Provisioned, r.Outcomes, r.NotProvisioned, r.Duplicates)
+	}
+	if r.Outcomes["failed"] != 1 || r.FailedByStage["helper"] != 1 || r.Errors["helper"] != 1 {
+		t.Errorf("failures: outcomes %v, by stage %v, errors %v; want 1 at helper", r.Outcomes, r.FailedByStage, r.Errors)
+	}
+	return r
 }
 
 func TestAgentBinaryChecks(t *testing.T) {

@@ -45,6 +45,9 @@ func (r *Result) Print(w io.Writer) {
 	if r.Processes {
 		p("agents", "one muster-agent process each (TCP + TLS, restart by re-exec)")
 	}
+	if r.FleetProcess {
+		p("agents", "all in one other process, the fleet host (TCP + TLS each)")
+	}
 	p("provisioned", "%d of %d (%d not provisioned)", r.Provisioned, r.Nodes, r.NotProvisioned)
 	if len(r.ProvisionedBy) > 1 {
 		by := make([]string, len(r.ProvisionedBy))
@@ -75,6 +78,18 @@ func (r *Result) Print(w io.Writer) {
 	if r.Processes {
 		p("agent processes", "%.2fs CPU (%.3f ms/node, /proc), %.1f MB RSS each (%d processes, idle in production)",
 			r.AgentCPUSeconds, r.AgentCPUMillisPerNode, r.AgentProcessRSSMB, r.AgentProcesses)
+	}
+	if r.FleetProcess {
+		per := 0.0
+		if r.Nodes > 0 {
+			per = r.FleetProcessRSSMB * 1024 / float64(r.Nodes)
+		}
+		p("fleet process", "%.2fs CPU (%.3f ms/node, /proc), %.0f MB RSS (%.1f KB per agent, in production)",
+			r.AgentCPUSeconds, r.AgentCPUMillisPerNode, r.FleetProcessRSSMB, per)
+	}
+	if ps := r.ProvisioningSide; ps != nil {
+		p("provisioning side", "%.3f ms CPU per node (this process and its helpers): %.0f nodes/min on %d cores with the agents on their own machines",
+			ps.MillisPerNode, ps.NodesPerMin, ps.Cores)
 	}
 	switch {
 	case r.Floor != nil:
