@@ -226,11 +226,17 @@ func (f *Fleet) prepareHost(brokerURL string, issuer *token.Issuer, provKey stri
 	h.enc = json.NewEncoder(h.stdin)
 	f.wg.Add(1)
 	go f.readHost(h, out, known)
-	if err := h.enc.Encode(spec); err != nil {
-		return fmt.Errorf("fleet host spec: %w%s", err, h.logTail())
-	}
 	t := time.NewTimer(hostReadyTimeout)
 	defer t.Stop()
+	if err := h.enc.Encode(spec); err != nil {
+		// Most likely the host exited first: say so, with its log.
+		select {
+		case <-h.done:
+			return fmt.Errorf("fleet host exited before it was ready: %v%s", h.err, h.logTail())
+		case <-t.C:
+			return fmt.Errorf("fleet host spec: %w%s", err, h.logTail())
+		}
+	}
 	select {
 	case <-h.ready:
 		return nil
