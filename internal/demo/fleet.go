@@ -483,15 +483,12 @@ func (f *Fleet) Prepare() error {
 	for i := 0; i < f.opts.Nodes; i++ {
 		f.ids = append(f.ids, Identity(i))
 	}
-	if f.opts.AgentBin != "" {
-		if err := f.prepareProcesses(url, issuer, provKey); err != nil {
-			return err
+	if f.opts.AgentBin != "" || len(f.opts.FleetHost) > 0 {
+		prepare := f.prepareProcesses
+		if f.opts.AgentBin == "" {
+			prepare = f.prepareHost
 		}
-		f.prepared = true
-		return nil
-	}
-	if len(f.opts.FleetHost) > 0 {
-		if err := f.prepareHost(url, issuer, provKey); err != nil {
+		if err := prepare(url, issuer, provKey); err != nil {
 			return err
 		}
 		f.prepared = true
@@ -503,29 +500,16 @@ func (f *Fleet) Prepare() error {
 	}
 	now := time.Now()
 	for i, id := range f.ids {
-		tok, _, err := issuer.Create(token.Scope{Identity: id, Batch: "demo"}, now, 24*time.Hour)
+		tok, err := nodeToken(issuer, id, now)
 		if err != nil {
-			return fmt.Errorf("token for %s: %w", id, err)
+			return err
 		}
-		a, err := agent.New(agent.Options{
-			Identity: id,
-			StateDir: filepath.Join(f.dir, "agents", id),
-			Provisioning: agent.ProvisioningSettings{
-				Brokers:     agentBrokers,
-				Token:       tok,
-				TrustedKeys: []string{provKey},
-				CAPEM:       f.ca.CertificatePEM(),
-				Enabled:     true,
-			},
-			Facts:            f.opts.Facts(i),
-			Version:          "demo",
-			Logger:           f.log.WithFields(logrus.Fields{"component": "agent", "identity": id}),
-			MetadataInterval: f.opts.MetadataInterval,
-			Observer:         observer{f},
-			InProcess:        inProcess,
-		})
+		a, err := newSimAgent(simAgent{
+			Identity: id, StateDir: f.AgentDir(id), Token: tok, Facts: f.opts.Facts(i),
+		}, simTrust{brokers: agentBrokers, provKey: provKey, caPEM: f.ca.CertificatePEM()},
+			f.opts.MetadataInterval, f.log, observer{f}, inProcess)
 		if err != nil {
-			return fmt.Errorf("agent %s: %w", id, err)
+			return err
 		}
 		f.agents = append(f.agents, a)
 		if f.tokens == nil {
@@ -535,6 +519,51 @@ func (f *Fleet) Prepare() error {
 	}
 	f.prepared = true
 	return nil
+}
+
+// nodeToken is the provisioning token the fleet gives node id: scoped to
+// it, valid for a day from now.
+func nodeToken(issuer *token.Issuer, id string, now time.Time) (string, error) {
+	tok, _, err := issuer.Create(token.Scope{Identity: id, Batch: "demo"}, now, 24*time.Hour)
+	if err != nil {
+		return "", fmt.Errorf("token for %s: %w", id, err)
+	}
+	return tok, nil
+}
+
+// simTrust is what every simulated agent of a fleet is given: its
+// provisioning brokers (none in-process), the provisioner key it trusts
+// and the CA it verifies brokers with.
+type simTrust struct {
+	brokers []string
+	provKey string
+	caPEM   []byte
+}
+
+// newSimAgent builds one simulated agent, in this process or in a fleet
+// host, as every fleet runs them: the real agent, provisioning enabled.
+func newSimAgent(sa simAgent, tr simTrust, metadata time.Duration, log *logrus.Logger, obs agent.Observer, inProcess nats.InProcessConnProvider) (*agent.Agent, error) {
+	a, err := agent.New(agent.Options{
+		Identity: sa.Identity,
+		StateDir: sa.StateDir,
+		Provisioning: agent.ProvisioningSettings{
+			Brokers:     tr.brokers,
+			Token:       sa.Token,
+			TrustedKeys: []string{tr.provKey},
+			CAPEM:       tr.caPEM,
+			Enabled:     true,
+		},
+		Facts:            sa.Facts,
+		Version:          "demo",
+		Logger:           log.WithFields(logrus.Fields{"component": "agent", "identity": sa.Identity}),
+		MetadataInterval: metadata,
+		Observer:         obs,
+		InProcess:        inProcess,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("agent %s: %w", sa.Identity, err)
+	}
+	return a, nil
 }
 
 // newProvisioner builds one of the fleet's provisioners, with its own

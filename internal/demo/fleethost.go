@@ -16,8 +16,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/sirupsen/logrus"
-
 	"github.com/muster-io/muster/agent"
 	"github.com/muster-io/muster/internal/logging"
 	"github.com/muster-io/muster/internal/procfs"
@@ -54,12 +52,13 @@ type hostSpec struct {
 	CA               string        `json:"ca"`
 	MetadataInterval time.Duration `json:"metadata_interval"`
 	LogLevel         string        `json:"log_level"`
-	Agents           []hostAgent   `json:"agents"`
+	Agents           []simAgent    `json:"agents"`
 }
 
-// hostAgent is one agent of the spec. Delay is how long after the start
-// it runs (Options.AgentDelay).
-type hostAgent struct {
+// simAgent is one simulated agent: in a fleet host's spec, and as a fleet
+// builds its in-process agents. Delay is how long after the start it runs
+// (Options.AgentDelay; fleet host only).
+type simAgent struct {
 	Identity string            `json:"identity"`
 	StateDir string            `json:"state_dir"`
 	Token    string            `json:"token"`
@@ -179,20 +178,20 @@ func (f *Fleet) prepareHost(brokerURL string, issuer *token.Issuer, provKey stri
 		CA:               string(f.ca.CertificatePEM()),
 		MetadataInterval: f.opts.MetadataInterval,
 		LogLevel:         f.log.GetLevel().String(),
-		Agents:           make([]hostAgent, 0, len(f.ids)),
+		Agents:           make([]simAgent, 0, len(f.ids)),
 	}
 	now := time.Now()
 	known := make(map[string]bool, len(f.ids))
 	for i, id := range f.ids {
-		tok, _, err := issuer.Create(token.Scope{Identity: id, Batch: "demo"}, now, 24*time.Hour)
+		tok, err := nodeToken(issuer, id, now)
 		if err != nil {
-			return fmt.Errorf("token for %s: %w", id, err)
+			return err
 		}
 		var delay time.Duration
 		if f.opts.AgentDelay != nil {
 			delay = f.opts.AgentDelay(i)
 		}
-		spec.Agents = append(spec.Agents, hostAgent{
+		spec.Agents = append(spec.Agents, simAgent{
 			Identity: id, StateDir: f.AgentDir(id), Token: tok, Facts: f.opts.Facts(i), Delay: delay,
 		})
 		known[id] = true
@@ -408,25 +407,11 @@ func ServeFleetHost(ctx context.Context, in io.Reader, out, logs io.Writer) erro
 	defer cancel()
 	w := &hostWriter{w: bufio.NewWriter(out), cancel: cancel}
 	agents := make([]*agent.Agent, len(spec.Agents))
+	trust := simTrust{brokers: spec.Brokers, provKey: spec.ProvisionerKey, caPEM: []byte(spec.CA)}
 	for i, sa := range spec.Agents {
-		a, err := agent.New(agent.Options{
-			Identity: sa.Identity,
-			StateDir: sa.StateDir,
-			Provisioning: agent.ProvisioningSettings{
-				Brokers:     spec.Brokers,
-				Token:       sa.Token,
-				TrustedKeys: []string{spec.ProvisionerKey},
-				CAPEM:       []byte(spec.CA),
-				Enabled:     true,
-			},
-			Facts:            sa.Facts,
-			Version:          "demo",
-			Logger:           log.WithFields(logrus.Fields{"component": "agent", "identity": sa.Identity}),
-			MetadataInterval: spec.MetadataInterval,
-			Observer:         w,
-		})
+		a, err := newSimAgent(sa, trust, spec.MetadataInterval, log, w, nil)
 		if err != nil {
-			return fmt.Errorf("agent %s: %w", sa.Identity, err)
+			return err
 		}
 		agents[i] = a
 	}

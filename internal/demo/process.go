@@ -89,9 +89,9 @@ func (f *Fleet) prepareProcesses(brokerURL string, issuer *token.Issuer, provKey
 		if err != nil {
 			return fmt.Errorf("agent %s: %w", id, err)
 		}
-		tok, _, err := issuer.Create(token.Scope{Identity: id, Batch: "demo"}, now, 24*time.Hour)
+		tok, err := nodeToken(issuer, id, now)
 		if err != nil {
-			return fmt.Errorf("agent %s: token: %w", id, err)
+			return err
 		}
 		f.specs = append(f.specs, procSpec{
 			args: append(args, "--provisioner-key", provKey),
